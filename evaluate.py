@@ -1,0 +1,21 @@
+"""Accuracy and mean pointwise MI of the base model and, with eval.model_path, a trained model.
+
+    python evaluate.py task=gsm8k eval.model_path=outputs/2026-11-21/10-00-00/model
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from mipo.cli import setup
+from mipo.evaluation import evaluate, format_table
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    output_dir = setup(cfg)
+    results = evaluate(cfg, output_dir, model_path=cfg.eval.model_path)
+    print(format_table(results))
+
+
+if __name__ == "__main__":
+    main()

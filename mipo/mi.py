@@ -1,0 +1,345 @@
+"""Pointwise (conditional) mutual information between prompts and responses under a model.
+
+MIPO (Nam, Li & Jaques, "Maximizing Mutual Information Between Prompt and Response Improves
+LLM Performance With No Additional Data", arXiv 2603.19294, Sec. 3) pairs a positive
+y+ ~ pi_ref(.|x) with a negative y- ~ pi_ref(.|x') sampled for a *different* prompt x', and
+shows that DPO on such pairs maximises the pointwise mutual information under the frozen base
+model pi_ref:
+
+    pmi(x; y) = log pi_ref(y|x) - log pi_ref(y),    pi_ref(y) = E_{x' ~ p(x)} [ pi_ref(y|x') ]
+
+and, for personalization, where a prompt is a user context c plus a query q and only the
+context is swapped, the pointwise *conditional* MI
+
+    pmi(c; y | q) = log pi_ref(y|c, q) - log E_{c' ~ p(c)} [ pi_ref(y|c', q) ].
+
+The marginal is an expectation over prompts, estimated here by a Monte Carlo average over K
+alternative prompts. ``pointwise_mi`` is the single place that equation is computed;
+``conditional_pointwise_mi`` names the conditional quantity and calls it, and
+``estimate_pmi`` scores (prompt, response) rows with a model and feeds the result to it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from mipo.logprobs import Messages, score_responses
+
+
+# --------------------------------------------------------------------------------------------
+# The equation
+# --------------------------------------------------------------------------------------------
+
+def pointwise_mi(
+    logp_y_given_x: torch.Tensor,
+    logp_y_given_others: torch.Tensor,
+    include_positive: bool = False,
+) -> torch.Tensor:
+    """Pointwise mutual information pmi(x; y) with a K-sample Monte Carlo marginal.
+
+    The paper's (arXiv 2603.19294, Sec. 3) pmi(x; y) = log pi(y|x) - log pi(y), with the
+    marginal pi(y) = E_{x'}[pi(y|x')] over prompts, is estimated from K other prompts
+    x'_1..x'_K drawn from the prompt distribution:
+
+        plain (``include_positive=False``):
+            pmi_K(x; y) = log pi(y|x) - log( (1/K) sum_k pi(y|x'_k) )
+
+        InfoNCE (``include_positive=True``), the marginal also averages over x itself:
+            pmi_K+(x; y) = log pi(y|x) - log( (1/(K+1)) [pi(y|x) + sum_k pi(y|x'_k)] )
+
+    Both are computed with logsumexp in float64, so log-probs of long responses (-1e4, -1e5)
+    neither underflow nor overflow.
+
+    Bias. The plain form is the log of an unbiased estimate of pi(y). By Jensen,
+    E[log mean_k pi(y|x'_k)] <= log E[pi(y|x')] = log pi(y), so the estimated marginal is biased
+    low and pmi_K is biased *high*; the bias is O(1/K) and vanishes as K grows (consistent).
+    The InfoNCE form is bounded, pmi_K+ <= log(K+1) for every row, and the mean of pmi_K+ over
+    (x, y) ~ p(x) pi(y|x) with x'_k drawn from p(x) is a *lower* bound on I(X; Y) (van den Oord
+    et al., 2018; Poole et al., 2019), tight only as K -> infinity. Use the plain form to
+    estimate pmi itself and the InfoNCE form when a conservative, bounded score is wanted.
+
+    Relation to MIPO's DPO. The paper's single-negative construction is the K = 1 case: with one
+    alternative prompt x' the marginal pi(y) is estimated by pi(y|x') alone, and
+
+        pmi_1(x; y) = log pi(y|x) - log pi(y|x'),
+
+    the log-likelihood ratio that separates y's own prompt from the prompt of a MIPO negative,
+    i.e. the implicit reward margin DPO learns on a MIPO pair, where the negative comes from
+    one random other prompt.
+
+    Args:
+        logp_y_given_x: log pi(y_i | x_i), response log-probs under each row's own prompt.
+            Shape (N,).
+        logp_y_given_others: log pi(y_i | x'_{i,k}) under K alternative prompts per row (for
+            the conditional variant, the same query with other or no user contexts). The
+            order of the K columns does not matter. Shape (N, K), K >= 1.
+        include_positive: average the marginal over x itself as well (InfoNCE form).
+
+    Returns:
+        (N,) float64 tensor of per-row pmi estimates on the device of ``logp_y_given_x``,
+        differentiable w.r.t. both inputs. Rows whose response has probability 0 under every
+        prompt (all log-probs -inf) are undefined (NaN).
+    """
+    logp_y_given_x = torch.as_tensor(logp_y_given_x)
+    logp_y_given_others = torch.as_tensor(logp_y_given_others)
+    if logp_y_given_x.dim() != 1:
+        raise ValueError(
+            f"logp_y_given_x must have shape (N,), got {tuple(logp_y_given_x.shape)}; "
+            "pass one log pi(y|x) per row (flatten a (N, 1) tensor with .squeeze(-1))")
+    if logp_y_given_others.dim() != 2:
+        hint = (" (for a single alternative prompt per row, use logp_y_given_others[:, None])"
+                if logp_y_given_others.dim() == 1 else "")
+        raise ValueError(
+            f"logp_y_given_others must have shape (N, K), got {tuple(logp_y_given_others.shape)}{hint}")
+    n, k = logp_y_given_others.shape
+    if n != logp_y_given_x.shape[0]:
+        raise ValueError(
+            f"logp_y_given_x has {logp_y_given_x.shape[0]} rows but logp_y_given_others has {n}: "
+            "row i of both must score the same response y_i")
+    if k < 1:
+        raise ValueError("logp_y_given_others has K = 0 columns: the marginal needs at least one other prompt")
+    if not (logp_y_given_x.is_floating_point() and logp_y_given_others.is_floating_point()):
+        raise TypeError(
+            f"log-probs must be floating point, got {logp_y_given_x.dtype} and {logp_y_given_others.dtype}")
+
+    logp_x = logp_y_given_x.to(torch.float64)  # (N,)
+    logp_others = logp_y_given_others.to(device=logp_x.device, dtype=torch.float64)  # (N, K)
+    if include_positive:
+        logp_others = torch.cat([logp_x[:, None], logp_others], dim=1)  # (N, K+1)
+    # log of the mean of pi(y|x'_k) over the columns: the Monte Carlo estimate of log pi(y)
+    log_marginal = torch.logsumexp(logp_others, dim=1) - math.log(logp_others.shape[1])  # (N,)
+    return logp_x - log_marginal
+
+
+def conditional_pointwise_mi(
+    logp_y_given_cq: torch.Tensor,
+    logp_y_given_other_contexts: torch.Tensor,
+    include_positive: bool = False,
+) -> torch.Tensor:
+    """Pointwise conditional MI pmi(c; y | q) between a user context c and a response y given a query q.
+
+    For personalization (arXiv 2603.19294) a prompt is a user context c (profile, history,
+    preferences) plus a query q, and MIPO's negative is generated from the same query with a
+    different (or no) context. The quantity it maximises is
+
+        pmi(c; y | q) = log pi(y|c, q) - log E_{c'}[ pi(y|c', q) ],
+
+    i.e. ``pointwise_mi`` where every alternative prompt shares the query q and only the
+    context is swapped (another user's context) or removed (c' = empty). This function is that
+    call under the name of the quantity it measures; see ``pointwise_mi`` for the estimator,
+    its bias and the InfoNCE form.
+
+    Args:
+        logp_y_given_cq: log pi(y_i | c_i, q_i). Shape (N,).
+        logp_y_given_other_contexts: log pi(y_i | c'_{i,k}, q_i) for K alternative contexts
+            with the same query. Shape (N, K).
+        include_positive: also average the marginal over c_i itself (InfoNCE form).
+
+    Returns:
+        (N,) float64 tensor of per-row pmi(c; y | q) estimates.
+    """
+    return pointwise_mi(logp_y_given_cq, logp_y_given_other_contexts, include_positive=include_positive)
+
+
+# --------------------------------------------------------------------------------------------
+# The estimator on a model
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class MIEstimate:
+    """Per-row pmi estimates of (prompt, response) rows under a model, and their mean.
+
+    ``other_indices[i][k]`` says which alternative prompt gave ``logp_y_given_others[i][k]``:
+    an index into the rows' ``prompts`` when the alternatives were drawn from the other rows,
+    or into ``alternatives[i]`` when alternatives were given.
+    """
+
+    mean: float  # mean pmi over rows
+    stderr: float  # standard error of the mean over rows: std (ddof=1) / sqrt(N); NaN for N = 1
+    values: list[float]  # (N,) per-row pmi
+    logp_y_given_x: list[float]  # (N,) log pi(y_i | x_i)
+    logp_y_given_others: list[list[float]]  # (N, K) log pi(y_i | x'_{i,k})
+    other_indices: list[list[int]]  # (N, K) which alternative was used for each of K
+    k: int
+    include_positive: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict of every field (``json.dumps`` writes a NaN stderr as NaN)."""
+        return asdict(self)
+
+
+def _prompt_key(messages: Messages) -> str:
+    """A hashable key under which two prompts are equal iff their messages are."""
+    return json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not all(
+        isinstance(m, dict) for m in messages
+    ):
+        raise TypeError(
+            f"{where} must be a chat message list like [{{'role': 'user', 'content': ...}}], "
+            f"got {type(messages).__name__}: {messages!r:.80}")
+
+
+def _sample_other_rows(keys: list[str], k: int, rng: np.random.Generator) -> list[list[int]]:
+    """For each row, K distinct other prompts from the rows, never the row's own prompt.
+
+    Rows that share a prompt count as one candidate (several responses per prompt must not
+    weight that prompt more in the marginal over prompts); the index returned for a candidate
+    is the first row that holds it.
+    """
+    first_row: dict[str, int] = {}
+    for i, key in enumerate(keys):
+        first_row.setdefault(key, i)
+    unique_rows = list(first_row.values())  # (U,) row index of each distinct prompt
+    position = {key: u for u, key in enumerate(first_row)}  # prompt key -> its index in unique_rows
+    if len(unique_rows) - 1 < k:
+        raise ValueError(
+            f"row 0 (like every row) has {len(unique_rows) - 1} distinct other prompts among the {len(keys)} rows "
+            f"({len(unique_rows)} distinct prompts in all) but k={k}: lower k, add rows with more "
+            "distinct prompts, or pass alternatives")
+    other_indices = []
+    for key in keys:
+        own = position[key]
+        # K distinct positions among the U-1 other prompts, shifted past the row's own
+        draws = rng.choice(len(unique_rows) - 1, size=k, replace=False)
+        other_indices.append([unique_rows[int(u) + (u >= own)] for u in draws])
+    return other_indices
+
+
+def _sample_alternatives(
+    prompts: Sequence[Messages], alternatives: Sequence[Sequence[Messages]], k: int, rng: np.random.Generator
+) -> list[list[int]]:
+    """For each row i, K distinct prompts among ``alternatives[i]`` that differ from ``prompts[i]``.
+
+    Duplicates within ``alternatives[i]`` count once (the index of the first is returned), and
+    an alternative identical to the row's own prompt is skipped.
+    """
+    other_indices = []
+    for i, (messages, candidates) in enumerate(zip(prompts, alternatives)):
+        own = _prompt_key(messages)
+        seen: set[str] = set()
+        distinct = []  # index into candidates of each distinct usable alternative
+        for j, candidate in enumerate(candidates):
+            _check_messages(candidate, f"alternatives[{i}][{j}]")
+            key = _prompt_key(candidate)
+            if key != own and key not in seen:
+                seen.add(key)
+                distinct.append(j)
+        if len(distinct) < k:
+            raise ValueError(
+                f"row {i} has {len(distinct)} distinct alternatives that differ from its own prompt "
+                f"(of {len(candidates)} given) but k={k}: give at least k distinct alternatives per row or lower k")
+        draws = rng.choice(len(distinct), size=k, replace=False)
+        other_indices.append([distinct[int(u)] for u in draws])
+    return other_indices
+
+
+def estimate_pmi(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[Messages],
+    responses: Sequence[str],
+    k: int = 8,
+    seed: int = 0,
+    alternatives: Sequence[Sequence[Messages]] | None = None,
+    include_positive: bool = False,
+    batch_size: int = 8,
+    max_length: int = 2048,
+    max_prompt_length: int = 1536,
+    kernel: str = "auto",
+    desc: str | None = "MI",
+) -> MIEstimate:
+    """Estimate pmi(x_i; y_i) under ``model`` for every (prompt, response) row (see ``pointwise_mi``).
+
+    Each row needs log pi(y_i|x_i) and log pi(y_i|x'_{i,k}) for K alternative prompts. All
+    N * (K + 1) of them are scored in one call to ``score_responses`` (flattened, scored,
+    reshaped), so batching and length-sorting are shared across rows and alternatives.
+
+    Where the alternatives come from:
+
+    * ``alternatives=None``: the other rows' prompts, i.e. the empirical prompt distribution.
+      For row i, K distinct prompts are drawn without replacement among the rows' distinct
+      prompts other than x_i (both row i and any row with an identical prompt are excluded;
+      rows sharing a prompt count once). This estimates pmi(x; y).
+    * ``alternatives[i]``: row i's candidates, e.g. the same query with other users' contexts
+      or with the context removed; this estimates the conditional pmi(c; y | q) (see
+      ``conditional_pointwise_mi``). K distinct candidates are drawn per row; duplicates and
+      candidates identical to ``prompts[i]`` are not used.
+
+    Args:
+        model: causal LM, usually the frozen reference pi_ref.
+        tokenizer: its tokenizer, with a chat template.
+        prompts: chat message lists [{"role": "user", "content": ...}]. Length N.
+        responses: response strings, ``responses[i]`` scored under ``prompts[i]``. Length N.
+        k: number of alternative prompts per row (K >= 1). Larger K lowers the bias of the
+            plain estimator (and tightens the InfoNCE bound) at K + 1 forward passes per row.
+        seed: seeds the one ``numpy.random.Generator`` that draws the alternatives.
+        alternatives: per-row candidate prompts (length N), or None to draw from the rows.
+        include_positive: InfoNCE form (marginal also averages over x_i; pmi <= log(K+1)).
+        batch_size, max_length, max_prompt_length, kernel: passed to ``score_responses``.
+        desc: progress-bar label, None to hide it.
+
+    Returns:
+        An ``MIEstimate`` with per-row values, their mean and standard error, the log-probs
+        and which alternatives were used.
+
+    Raises:
+        ValueError: lengths disagree, k < 1, or a row has fewer than k distinct alternatives.
+    """
+    n = len(prompts)
+    if len(responses) != n:
+        raise ValueError(f"{n} prompts but {len(responses)} responses: give one response per prompt")
+    if n == 0:
+        raise ValueError("no rows to estimate pmi on: prompts and responses are empty")
+    if k < 1:
+        raise ValueError(f"k must be >= 1 (the number of alternative prompts per row), got {k}")
+    for i, messages in enumerate(prompts):
+        _check_messages(messages, f"prompts[{i}]")
+    rng = np.random.default_rng(seed)
+
+    if alternatives is None:
+        keys = [_prompt_key(messages) for messages in prompts]
+        other_indices = _sample_other_rows(keys, k, rng)
+        other_prompts = [[prompts[j] for j in row] for row in other_indices]
+    else:
+        if len(alternatives) != n:
+            raise ValueError(
+                f"alternatives has {len(alternatives)} entries but there are {n} rows: "
+                "give one list of candidate prompts per row")
+        other_indices = _sample_alternatives(prompts, alternatives, k, rng)
+        other_prompts = [[alternatives[i][j] for j in row] for i, row in enumerate(other_indices)]
+
+    # Flatten: row i occupies positions i*(K+1) .. i*(K+1)+K, its own prompt first.
+    flat_prompts: list[Messages] = []
+    flat_responses: list[str] = []
+    for i in range(n):
+        flat_prompts.append(prompts[i])
+        flat_prompts.extend(other_prompts[i])
+        flat_responses.extend([responses[i]] * (k + 1))
+    logps = score_responses(
+        model, tokenizer, flat_prompts, flat_responses, batch_size=batch_size, max_length=max_length,
+        max_prompt_length=max_prompt_length, kernel=kernel, desc=desc,
+    ).view(n, k + 1)  # (N, K+1)
+    logp_y_given_x, logp_y_given_others = logps[:, 0], logps[:, 1:]  # (N,), (N, K)
+
+    values = pointwise_mi(logp_y_given_x, logp_y_given_others, include_positive=include_positive)  # (N,)
+    mean = values.mean().item()
+    stderr = (values.std(correction=1) / math.sqrt(n)).item() if n > 1 else float("nan")
+    return MIEstimate(
+        mean=mean,
+        stderr=stderr,
+        values=values.tolist(),
+        logp_y_given_x=logp_y_given_x.tolist(),
+        logp_y_given_others=logp_y_given_others.tolist(),
+        other_indices=other_indices,
+        k=k,
+        include_positive=include_positive,
+    )

@@ -1,0 +1,77 @@
+"""Negative prompts x' for MIPO pairs: the rejected response is y- ~ pi_base(.|x').
+
+Strategies (the Hydra group ``negatives``):
+
+- ``random``: x' is another training prompt. By default the response already sampled for
+  that prompt is reused as y- (``reuse_positives: true``): y+_sigma(i) ~ pi(.|x_sigma(i)) has
+  exactly the distribution of a fresh sample from pi(.|x'), and generating once per prompt
+  halves the sampling cost. sigma is a derangement, so no prompt gets its own response back.
+- ``partial``: x' is x with information removed, by the task (one sentence of a math or
+  science question dropped; the user's context dropped for personalization). Rows where the
+  task can remove nothing are dropped.
+- ``random_context``: personalization only: the same query with another user's context.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from mipo.tasks import Example, Task
+
+STRATEGIES = ("random", "partial", "random_context")
+
+
+def derangement(keys: list[str], rng: random.Random) -> list[int]:
+    """A permutation sigma of range(len(keys)) with keys[sigma(i)] != keys[i] for every i.
+
+    ``keys`` are what must differ (prompt texts, user contexts), so that duplicates in the
+    data cannot hand a row its own prompt back. Rejection sampling: for distinct keys the
+    acceptance rate tends to 1/e, so a few tries suffice.
+    """
+    n = len(keys)
+    if n < 2 or len(set(keys)) < 2:
+        raise ValueError(f"a derangement needs at least 2 distinct prompts, got {len(set(keys))}")
+    most_common = max(keys.count(k) for k in set(keys))
+    if most_common > n - most_common:
+        raise ValueError(f"{most_common} of {n} rows share one prompt: no permutation can give each row a different one")
+    for _ in range(10_000):
+        sigma = list(range(n))
+        rng.shuffle(sigma)
+        if all(keys[sigma[i]] != keys[i] for i in range(n)):
+            return sigma
+    raise RuntimeError("could not draw a derangement in 10000 tries; the prompts are too repetitive")
+
+
+@dataclass
+class NegativePlan:
+    """Which prompt x'_i each kept row i is contrasted with."""
+
+    examples: list[Example]  # the rows kept, x_i
+    negatives: list[Example]  # x'_i, aligned with ``examples``
+    source_index: list[int] | None  # random: sigma(i), the row whose response y- is reused
+    dropped: int = 0  # rows for which the strategy had nothing to remove
+
+
+def plan_negatives(task: Task, examples: list[Example], strategy: str, rng: random.Random) -> NegativePlan:
+    """Pick the negative prompt x' of every example according to ``strategy``."""
+    if strategy == "random":
+        sigma = derangement([e.question if e.context is None else f"{e.context}\n{e.question}" for e in examples], rng)
+        return NegativePlan(examples, [examples[j] for j in sigma], sigma)
+    if strategy == "partial":
+        kept, negatives = [], []
+        for example in examples:
+            reduced = task.partial(example, rng)
+            if reduced is not None:
+                kept.append(example)
+                negatives.append(reduced)
+        if not kept:
+            raise ValueError(f"negatives=partial: task {task.name!r} could remove information from none of the {len(examples)} prompts")
+        return NegativePlan(kept, negatives, None, dropped=len(examples) - len(kept))
+    if strategy == "random_context":
+        if any(e.context is None for e in examples):
+            raise ValueError(f"negatives=random_context needs a personalization task whose prompts carry a user context; "
+                             f"task {task.name!r} has prompts without one (use negatives=random or partial)")
+        sigma = derangement([e.context for e in examples], rng)  # type: ignore[misc]
+        return NegativePlan(examples, [task.with_context(e, examples[j].context) for e, j in zip(examples, sigma)], None)
+    raise ValueError(f"unknown negatives.strategy {strategy!r}; expected one of {STRATEGIES}")

@@ -1,0 +1,109 @@
+"""The preference-pairs file: JSONL in the conversational format that TRL and OpenRLHF read.
+
+One line per pair::
+
+    {"prompt":   [{"role": "user", "content": "..."}],        # x
+     "chosen":   [{"role": "assistant", "content": "..."}],   # y+ ~ pi_base(.|x)
+     "rejected": [{"role": "assistant", "content": "..."}],   # y- ~ pi_base(.|x')
+     "negative_prompt": [{"role": "user", "content": "..."}], # x'
+     "strategy": "random", "task": "gsm8k", "uid": "gsm8k/test/17", "answer": "18",
+     "seed": 0, "model": "...", "sampling": {"temperature": 0.1, "top_p": 0.9, ...}}
+
+Only ``prompt``, ``chosen`` and ``rejected`` are required to train; the rest is metadata.
+``chosen``/``rejected`` may also be plain strings (TRL's "standard" format).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from mipo.files import atomic_path
+
+Messages = list[dict[str, str]]
+REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
+
+
+@dataclass
+class PreferencePair:
+    prompt: Messages
+    chosen: str
+    rejected: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "prompt": self.prompt,
+            "chosen": [{"role": "assistant", "content": self.chosen}],
+            "rejected": [{"role": "assistant", "content": self.rejected}],
+            **self.metadata,
+        }
+
+
+class PairsFileError(ValueError):
+    """A pairs file that cannot be read; the message names the file, line and field."""
+
+
+def write_pairs(path: str | os.PathLike, pairs: Iterable[PreferencePair]) -> None:
+    """Write pairs as JSONL, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair.to_json(), ensure_ascii=False) + "\n")
+
+
+def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
+    """Read and validate a pairs file. Raises ``PairsFileError`` naming file, line and field."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"pairs file {path} does not exist (run sample.py first, or set data.pairs_path)")
+    pairs = []
+    with open(path) as f:
+        for line_number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PairsFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise PairsFileError(f"{where}: expected a JSON object with fields {REQUIRED_FIELDS}, got {type(row).__name__}")
+            for name in REQUIRED_FIELDS:
+                if name not in row:
+                    raise PairsFileError(f"{where}: field {name!r} is missing (expected fields {REQUIRED_FIELDS})")
+            prompt = _prompt_messages(row["prompt"], where)
+            chosen = _response_text(row["chosen"], where, "chosen")
+            rejected = _response_text(row["rejected"], where, "rejected")
+            metadata = {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}
+            pairs.append(PreferencePair(prompt, chosen, rejected, metadata))
+    if not pairs:
+        raise PairsFileError(f"{path}: the file holds no pairs")
+    return pairs
+
+
+def _prompt_messages(value: Any, where: str) -> Messages:
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise PairsFileError(f"{where}: field 'prompt' must be a non-empty list of messages or a string, got {value!r:.80}")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
+            raise PairsFileError(f"{where}: field 'prompt'[{i}] must be an object with 'role' and 'content'")
+        if not isinstance(message["content"], str):
+            raise PairsFileError(f"{where}: field 'prompt'[{i}].content must be a string")
+    if not any(m["content"].strip() for m in value if m["role"] != "assistant"):
+        raise PairsFileError(f"{where}: field 'prompt' is empty (expected a non-empty user message)")
+    return value
+
+
+def _response_text(value: Any, where: str, name: str) -> str:
+    if isinstance(value, list):
+        if len(value) != 1 or not isinstance(value[0], dict) or value[0].get("role") != "assistant":
+            raise PairsFileError(f"{where}: field {name!r} must be a list with one assistant message")
+        value = value[0].get("content")
+    if not isinstance(value, str):
+        raise PairsFileError(f"{where}: field {name!r} must be a string or an assistant message, got {type(value).__name__}")
+    return value

@@ -1,0 +1,104 @@
+"""Reference-model log-probs, computed once with the frozen base model in fp32 and cached on disk.
+
+DPO needs log pi_ref(y+|x) and log pi_ref(y-|x) for every pair. They never change during
+training, so they are computed once, before training, and stored in
+``<cache_dir>/reference/<key>.pt``. The key hashes everything they depend on:
+
+- the identity of the reference weights (``mipo.models.model_identity``),
+- the tokenizer (vocabulary, special tokens, chat template),
+- the content of the pairs file (sha256),
+- ``max_length`` and ``max_prompt_length`` (truncation changes the sums),
+
+so a cache computed for other inputs is never reused. The file also stores those inputs and
+is checked against them on load. Writes are atomic. When the cache is valid the reference
+model is not even loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from mipo.files import atomic_path, sha256_file, stable_hash
+from mipo.logprobs import score_responses
+from mipo.models import load_model, model_identity, tokenizer_identity
+from mipo.pairs import read_pairs
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ReferenceLogps:
+    chosen: torch.Tensor  # (N,) float32, log pi_ref(y+|x)
+    rejected: torch.Tensor  # (N,) float32, log pi_ref(y-|x)
+    path: Path
+    cache_hit: bool
+
+
+def reference_inputs(model_cfg: Mapping[str, Any], tokenizer, pairs_path: str | Path,
+                     max_length: int, max_prompt_length: int) -> dict[str, Any]:
+    return {
+        "model": model_identity(model_cfg),
+        "tokenizer": tokenizer_identity(tokenizer),
+        "pairs_sha256": sha256_file(pairs_path),
+        "max_length": int(max_length),
+        "max_prompt_length": int(max_prompt_length),
+        "format": FORMAT_VERSION,
+    }
+
+
+def reference_cache_path(cache_dir: str | Path, inputs: Mapping[str, Any]) -> Path:
+    return Path(cache_dir) / "reference" / f"{stable_hash(dict(inputs), 20)}.pt"
+
+
+def load_cached(path: Path, inputs: Mapping[str, Any], num_pairs: int) -> ReferenceLogps | None:
+    """The cached log-probs at ``path`` if they exist and were computed for exactly ``inputs``."""
+    if not path.exists():
+        return None
+    try:
+        stored = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt file is recomputed, never trusted
+        log.warning("reference cache %s is unreadable (%s); recomputing", path, e)
+        return None
+    if stored.get("inputs") != dict(inputs) or stored["chosen"].shape != (num_pairs,):
+        log.warning("reference cache %s was computed for other inputs; recomputing", path)
+        return None
+    return ReferenceLogps(stored["chosen"], stored["rejected"], path, cache_hit=True)
+
+
+def reference_logps(
+    model_cfg: Mapping[str, Any],
+    tokenizer,
+    pairs_path: str | Path,
+    cache_dir: str | Path,
+    max_length: int,
+    max_prompt_length: int,
+    device: torch.device,
+    batch_size: int = 8,
+    kernel: str = "auto",
+) -> ReferenceLogps:
+    """log pi_ref(y+|x) and log pi_ref(y-|x) for every pair, from the cache or computed once."""
+    pairs = read_pairs(pairs_path)
+    inputs = reference_inputs(model_cfg, tokenizer, pairs_path, max_length, max_prompt_length)
+    path = reference_cache_path(cache_dir, inputs)
+    cached = load_cached(path, inputs, len(pairs))
+    if cached is not None:
+        log.info("reference cache hit: %s (the reference model is not loaded)", path)
+        return cached
+
+    log.info("reference cache miss: computing log pi_ref for %d pairs in fp32 -> %s", len(pairs), path)
+    model = load_model(model_cfg, device=device, dtype=torch.float32, cache_dir=cache_dir, vocab_size=len(tokenizer))
+    model.requires_grad_(False)
+    prompts = [p.prompt for p in pairs]
+    score = dict(batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length, kernel=kernel)
+    chosen = score_responses(model, tokenizer, prompts, [p.chosen for p in pairs], desc="reference log pi(y+|x)", **score)
+    rejected = score_responses(model, tokenizer, prompts, [p.rejected for p in pairs], desc="reference log pi(y-|x)", **score)
+    del model
+    with atomic_path(path) as tmp:
+        torch.save({"inputs": dict(inputs), "chosen": chosen, "rejected": rejected}, tmp)
+    return ReferenceLogps(chosen, rejected, path, cache_hit=False)

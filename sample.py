@@ -1,0 +1,21 @@
+"""Sample MIPO preference pairs (x, y+, y-) from the base model.
+
+    python sample.py task=gsm8k negatives=partial model=llama-3.2-1b-instruct
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from mipo.cli import log, setup
+from mipo.sampling import sample_pairs
+
+
+@hydra.main(version_base=None, config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    setup(cfg)
+    path = sample_pairs(cfg)
+    log.info("pairs: %s", path)
+
+
+if __name__ == "__main__":
+    main()

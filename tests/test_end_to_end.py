@@ -1,0 +1,109 @@
+"""The method end to end through the real entry points, on a tiny random Llama.
+
+sample.py -> train.py (twice: the second run must hit the reference cache) -> evaluate.py,
+each a subprocess composed with Hydra overrides, exactly as a user runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    return [
+        "model=tiny-llama", "task=arc_challenge", "data.source=offline",
+        "data.num_train=8", "data.num_eval=6", "data.max_length=768", "data.max_prompt_length=700",
+        "sampling.max_new_tokens=12", "sampling.batch_size=8",
+        "eval.max_new_tokens=12", "eval.mi_k=2", "eval.batch_size=6", "eval.score_batch_size=6",
+        "trainer.batch_size=4", "trainer.micro_batch_size=2", "trainer.lr=1e-3",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+
+
+def run_entry(script: str, overrides: list[str], run_dir: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    """Run an entry point; ``stdout`` of the result holds its stdout and stderr (Hydra logs to stdout)."""
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *overrides, f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
+    )
+    if expect_ok:
+        assert proc.returncode == 0 and "Error executing job" not in proc.stdout, proc.stdout[-3000:]
+    return proc
+
+
+def test_sample_train_evaluate(tmp_path: Path) -> None:
+    overrides = tiny_overrides(tmp_path)
+
+    run_entry("sample.py", overrides, tmp_path / "sample")
+    pairs_files = list((tmp_path / "cache" / "pairs").glob("*.jsonl"))
+    assert len(pairs_files) == 1
+    rows = [json.loads(line) for line in pairs_files[0].read_text().splitlines()]
+    assert len(rows) == 8
+    for row in rows:
+        assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"]
+        assert row["chosen"][0]["role"] == "assistant" and row["rejected"][0]["role"] == "assistant"
+        assert row["strategy"] == "random" and row["negative_prompt"] != row["prompt"]
+        assert row["sampling"] == {"temperature": 0.1, "top_p": 0.9, "max_new_tokens": 12}
+    # random negatives reuse another prompt's positive: every rejected is some row's chosen
+    chosen = [r["chosen"][0]["content"] for r in rows]
+    uid_to_chosen = {r["uid"]: r["chosen"][0]["content"] for r in rows}
+    assert all(r["rejected"][0]["content"] == uid_to_chosen[r["negative_uid"]] for r in rows)
+    assert all(r["negative_uid"] != r["uid"] for r in rows)
+    assert len(set(chosen)) > 1
+
+    first = run_entry("train.py", overrides, tmp_path / "train1")
+    assert "reference cache miss" in first.stdout
+    metrics = [json.loads(line) for line in (tmp_path / "train1" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2]
+    for key in ("loss", "reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected", "grad_norm"):
+        assert all(f"train/{key}" in m for m in metrics), key
+    assert abs(metrics[0]["train/loss"] - 0.6931) < 1e-3  # policy == reference at the first step
+    assert (tmp_path / "train1" / "model" / "config.json").exists()
+    assert (tmp_path / "train1" / ".hydra" / "config.yaml").exists()
+
+    second = run_entry("train.py", [*overrides, "loss.beta=0.5"], tmp_path / "train2")
+    assert "reference cache hit" in second.stdout
+    assert len(list((tmp_path / "cache" / "reference").glob("*.pt"))) == 1
+
+    evaluation = run_entry("evaluate.py", [*overrides, f"eval.model_path={tmp_path / 'train1' / 'model'}"],
+                           tmp_path / "eval")
+    results = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert set(results["models"]) == {"base", "trained"}
+    for row in results["models"].values():
+        assert 0.0 <= row["accuracy"] <= 1.0
+        assert row["mi_stderr"] >= 0
+    assert "| base |" in evaluation.stdout and "| trained |" in evaluation.stdout
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("task=no_such_task", "Could not find 'task/no_such_task'"),
+        ("negatives.strategy=bogus", "unknown negatives.strategy 'bogus'"),
+        ("model.name_or_path=./no/such/model", "no such file or directory"),
+    ],
+)
+def test_bad_configuration_is_reported_clearly(tmp_path: Path, override: str, message: str) -> None:
+    overrides = tiny_overrides(tmp_path)
+    if override.startswith("model.name_or_path"):
+        overrides = [o for o in overrides if not o.startswith("model=")] + ["model=llama-3.2-1b-instruct"]
+    proc = run_entry("sample.py", [*overrides, override], tmp_path / "run", expect_ok=False)
+    assert message in proc.stdout, proc.stdout[-2000:]
+
+
+def test_bad_pairs_file_names_file_line_and_field(tmp_path: Path) -> None:
+    bad = tmp_path / "pairs.jsonl"
+    good = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}
+    bad.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
+    proc = run_entry("train.py", [*tiny_overrides(tmp_path), f"data.pairs_path={bad}"], tmp_path / "run", expect_ok=False)
+    assert f"{bad}, line 2: field 'rejected' is missing" in proc.stdout, proc.stdout[-2000:]
