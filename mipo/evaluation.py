@@ -8,10 +8,15 @@ its standard error, and the mean pointwise MI of the responses,
 measured under the *reference* (base) model for both, which is the quantity MIPO maximises
 (``mipo/mi.py``). For personalization tasks the K alternatives x'_k keep the query and swap
 the user's context (the conditional MI pmi(c; y | q)).
+
+Each model's results are cached in ``<cache>/eval/<key>.json``, keyed by the evaluated
+model, the reference model, the evaluation prompts and settings: a sweep evaluates the base
+model once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -19,12 +24,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from mipo.files import write_json
+from mipo.files import stable_hash, write_json
 from mipo.generation import generate
 from mipo.mi import estimate_pmi
-from mipo.models import load_model, load_tokenizer, resolve_device
+from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
 from mipo.sampling import build_task, task_splits
 from mipo.tasks import Example, Task
 
@@ -39,7 +44,7 @@ def accuracy(correct: list[bool]) -> tuple[float, float]:
 
 
 def context_alternatives(task: Task, examples: list[Example], k: int, seed: int) -> list[list[list[dict]]] | None:
-    """For personalization: the same query under K other users' contexts (and under none)."""
+    """For personalization: the same query under K other users' contexts."""
     if any(e.context is None for e in examples):
         return None
     contexts = sorted({e.context for e in examples})
@@ -47,73 +52,113 @@ def context_alternatives(task: Task, examples: list[Example], k: int, seed: int)
     out = []
     for e in examples:
         others = [c for c in contexts if c != e.context]
-        chosen = rng.sample(others, min(len(others), k))
-        out.append([task.messages(task.with_context(e, c)) for c in chosen])
+        out.append([task.messages(task.with_context(e, c)) for c in rng.sample(others, min(len(others), k))])
     return out
 
 
-def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | None = None) -> dict[str, Any]:
-    """Evaluate the base model and (if given) the trained model; writes ``eval.json``, ``responses.jsonl``."""
+def eval_inputs(cfg: DictConfig, evaluated_model: str) -> dict[str, Any]:
+    """Everything one model's evaluation results depend on."""
+    settings = OmegaConf.to_container(cfg.eval, resolve=True)
+    settings.pop("model_path", None)
+    return {
+        "evaluated_model": evaluated_model,
+        "reference_model": model_identity(cfg.model),
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval", "max_length", "max_prompt_length")},
+        "eval": settings,
+        "seed": cfg.seed,
+        "format": 1,
+    }
+
+
+def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | None = None,
+             trained_id: str | None = None) -> dict[str, Any]:
+    """Evaluate the base model and (if ``model_path``) the trained model; writes ``eval.json``.
+
+    Args:
+        model_path: a trained model folder (Hugging Face format).
+        trained_id: what identifies that model in the cache (the pipeline passes its train
+            key); by default the folder's file names, sizes and times.
+    """
     output_dir = Path(output_dir)
-    device = resolve_device(cfg.device)
     task = build_task(cfg)
     _, eval_examples = task_splits(cfg, task)
     prompts = [task.messages(e) for e in eval_examples]
+
+    identities = {"base": model_identity(cfg.model)}
+    if model_path is not None:
+        identities["trained"] = f"trained:{trained_id}" if trained_id else model_identity({"name_or_path": str(model_path)})
+    cache_files = {name: Path(cfg.paths.cache_dir) / "eval" / f"{stable_hash(eval_inputs(cfg, identity), 20)}.json"
+                   for name, identity in identities.items()}
+    records = {name: json.loads(path.read_text()) for name, path in cache_files.items() if path.exists()}
+    for name in records:
+        log.info("evaluation of the %s model: cached, skipping (%s)", name, cache_files[name])
+
+    pending = [name for name in identities if name not in records]
+    if pending:
+        records.update(_evaluate_models(cfg, task, eval_examples, prompts, pending, model_path))
+        for name in pending:
+            write_json(cache_files[name], {"inputs": eval_inputs(cfg, identities[name]), **records[name]})
+
+    results: dict[str, Any] = {
+        "task": cfg.task.name, "num_eval": len(eval_examples), "mi_k": cfg.eval.mi_k,
+        "mi": "conditional pmi(c; y | q)" if eval_examples[0].context is not None else "pmi(x; y)",
+        "models": {name: records[name]["metrics"] for name in identities},
+        "mi_values": {name: records[name]["mi_values"] for name in identities},
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / "eval.json", results)
+    with open(output_dir / "responses.jsonl", "w") as f:
+        for i, e in enumerate(eval_examples):
+            row = {"uid": e.uid, "answer": e.answer, **{name: records[name]["responses"][i] for name in identities}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (output_dir / "eval_table.md").write_text(format_table(results) + "\n")
+    return results
+
+
+def _evaluate_models(cfg: DictConfig, task: Task, examples: list[Example], prompts: list, names: list[str],
+                     model_path: str | Path | None) -> dict[str, dict[str, Any]]:
+    """Generate with each named model, then score accuracy and MI under the reference model."""
+    device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     gen = dict(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                batch_size=cfg.eval.batch_size, seed=cfg.seed, max_prompt_length=cfg.data.max_prompt_length)
-
     base = load_model(cfg.model, device=device, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
-    responses = {"base": generate(base, tokenizer, prompts, desc="eval: base model", **gen)}
-    if model_path is not None:
+    responses: dict[str, list[str]] = {}
+    if "base" in names:
+        responses["base"] = generate(base, tokenizer, prompts, desc="eval: base model responses", **gen)
+    if "trained" in names:
         trained = load_model({"name_or_path": str(model_path), "dtype": cfg.model.dtype,
                               "attn_implementation": cfg.model.attn_implementation}, device=device)
-        responses["trained"] = generate(trained, tokenizer, prompts, desc="eval: trained model", **gen)
+        responses["trained"] = generate(trained, tokenizer, prompts, desc="eval: trained model responses", **gen)
         del trained
 
     # MI of each model's responses, always under the reference (base) model in fp32.
     reference = base if base.dtype == torch.float32 else load_model(
         cfg.model, device=device, dtype=torch.float32, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
-    alternatives = context_alternatives(task, eval_examples, cfg.eval.mi_k, cfg.seed)
-    results: dict[str, Any] = {"task": cfg.task.name, "num_eval": len(eval_examples), "mi_k": cfg.eval.mi_k,
-                               "mi": "conditional pmi(c; y | q)" if alternatives else "pmi(x; y)", "models": {}}
+    alternatives = context_alternatives(task, examples, cfg.eval.mi_k, cfg.seed)
+    records = {}
     for name, outs in responses.items():
         estimate = estimate_pmi(
             reference, tokenizer, prompts, outs, k=cfg.eval.mi_k, seed=cfg.seed, alternatives=alternatives,
             include_positive=cfg.eval.mi_include_positive, batch_size=cfg.eval.score_batch_size,
             max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, kernel=cfg.kernel,
-            desc=f"MI: {name} responses")
-        row: dict[str, Any] = {"mi_mean": estimate.mean, "mi_stderr": estimate.stderr}
+            desc=f"eval: MI of {name} responses")
+        metrics: dict[str, Any] = {"mi_mean": estimate.mean, "mi_stderr": estimate.stderr}
         if task.has_answers:
-            acc, se = accuracy([task.is_correct(r, e) for r, e in zip(outs, eval_examples)])
-            row.update(accuracy=acc, accuracy_stderr=se)
-        row["mean_response_chars"] = sum(map(len, outs)) / len(outs)
-        results["models"][name] = row
-        results.setdefault("mi_values", {})[name] = estimate.values
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(output_dir / "eval.json", results)
-    _write_responses(output_dir / "responses.jsonl", eval_examples, responses)
-    table = format_table(results)
-    (output_dir / "eval_table.md").write_text(table + "\n")
-    return results
-
-
-def _write_responses(path: Path, examples: list[Example], responses: dict[str, list[str]]) -> None:
-    import json
-
-    with open(path, "w") as f:
-        for i, e in enumerate(examples):
-            f.write(json.dumps({"uid": e.uid, "answer": e.answer, **{m: r[i] for m, r in responses.items()}},
-                               ensure_ascii=False) + "\n")
+            acc, se = accuracy([task.is_correct(r, e) for r, e in zip(outs, examples)])
+            metrics.update(accuracy=acc, accuracy_stderr=se)
+        metrics["mean_response_chars"] = sum(map(len, outs)) / len(outs)
+        records[name] = {"metrics": metrics, "responses": outs, "mi_values": estimate.values}
+    return records
 
 
 def format_table(results: dict[str, Any]) -> str:
     """A Markdown table: one row per model, accuracy and mean pointwise MI with standard errors."""
     has_acc = any("accuracy" in r for r in results["models"].values())
     header = "| model | " + ("accuracy | " if has_acc else "") + f"mean pointwise MI (nats, K={results['mi_k']}) |"
-    lines = [f"{results['task']}: {results['num_eval']} held-out prompts", "", header,
-             "|---|" + ("---|" if has_acc else "") + "---|"]
+    lines = [f"{results['task']}: {results['num_eval']} held-out prompts, {results['mi']} under the base model",
+             "", header, "|---|" + ("---|" if has_acc else "") + "---|"]
     for name, r in results["models"].items():
         acc = f"{100 * r['accuracy']:.1f}% ± {100 * r['accuracy_stderr']:.1f} | " if has_acc else ""
         lines.append(f"| {name} | {acc}{r['mi_mean']:.3f} ± {r['mi_stderr']:.3f} |")

@@ -46,6 +46,8 @@ def encode_pair(
     response, matters most), then the response from the right. Labels are the input ids on
     response tokens and ``IGNORE_INDEX`` on the prompt.
     """
+    if not 0 < max_prompt_length < max_length:
+        raise ValueError(f"need 0 < data.max_prompt_length < data.max_length, got {max_prompt_length} and {max_length}")
     if len(prompt_ids) + len(response_ids) > max_length:
         prompt_ids = prompt_ids[-max_prompt_length:]
         response_ids = response_ids[: max(max_length - len(prompt_ids), 1)]
@@ -101,8 +103,11 @@ def sequence_logps(
         config = getattr(model, "config", None)
         if getattr(config, "final_logit_softcapping", None):
             raise ValueError("fused_lm_head does not implement final-logit softcapping; set fused_lm_head=false")
+        # logits = scale * (h W^T) = (scale * h) W^T: Granite divides by logits_scaling, Cohere multiplies by logit_scale
+        scale = getattr(config, "logit_scale", None) or 1.0
+        scale /= getattr(config, "logits_scaling", None) or 1.0
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        hidden = hidden[:, :-1]  # (B, T-1, H)
+        hidden = hidden[:, :-1] * scale if scale != 1.0 else hidden[:, :-1]  # (B, T-1, H)
         positions = targets != IGNORE_INDEX  # (B, T-1)
         lm_head = model.get_output_embeddings()
         token_logps = hidden.new_zeros(targets.shape, dtype=torch.float32)  # (B, T-1)

