@@ -34,3 +34,10 @@ bench-kernel: $(STAMP)
 
 clean-cache:
 	rm -rf .cache/mipo
+
+# The small CPU version of the paper's sweep (README, "Reproducing the paper"): beta x negatives
+# on the demo's setting; results land in docs/sweep_cpu/.
+sweep-cpu: $(STAMP)
+	WANDB_MODE=disabled $(PY) pipeline.py -m experiment=demo_cpu loss.beta=0.01,0.1,0.5 negatives=random,partial \
+		hydra.sweep.dir=multirun/sweep_cpu
+	$(PY) aggregate.py multirun/sweep_cpu --out docs/sweep_cpu

@@ -42,7 +42,7 @@ def train_inputs(cfg: DictConfig, pairs_file: Path) -> dict[str, Any]:
     return {
         "pairs_sha256": sha256_file(pairs_file),
         "model": model_identity(cfg.model),
-        "model_dtype": cfg.model.dtype,
+        "train_dtype": cfg.model.get("train_dtype") or cfg.model.dtype,
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
         "trainer": trainer,
         "max_length": cfg.data.max_length,

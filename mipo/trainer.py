@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from mipo.files import write_json
 from mipo.logprobs import encode_pair, encode_prompt, encode_response, pad_batch, sequence_logps
 from mipo.losses import dpo_loss
-from mipo.models import load_model, load_tokenizer, resolve_device
+from mipo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
 from mipo.pairs import read_pairs
 from mipo.reference import reference_logps
 from mipo.sampling import pairs_path
@@ -56,7 +56,9 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             for response in (pair.chosen, pair.rejected)))
 
     # ---- policy and optimizer -----------------------------------------------------------------
-    policy = load_model(cfg.model, device=device, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
+    policy = load_model(cfg.model, device=device, dtype=cfg.model.get("train_dtype") or cfg.model.dtype,
+                        cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
+    autocast_dtype = resolve_autocast(tcfg.get("autocast"), device, policy.dtype)
     if tcfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
@@ -86,7 +88,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 break
             batch_index = order[batch_start : batch_start + tcfg.batch_size]
             metrics = _optimizer_step(policy, rows, batch_index, reference, tokenizer.pad_token_id,
-                                      tcfg.micro_batch_size, lcfg, cfg.kernel, cfg.fused_lm_head, device)
+                                      tcfg.micro_batch_size, lcfg, cfg.kernel, cfg.fused_lm_head, device,
+                                      autocast_dtype)
             metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), tcfg.max_grad_norm))
             metrics["lr"] = scheduler.get_last_lr()[0]
             optimizer.step()
@@ -116,8 +119,21 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
+def resolve_autocast(setting: str | None, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype the forward runs in under autocast, or None for no autocast.
+
+    ``auto``: bf16 on a GPU when the weights are fp32 (mixed precision: fp32 master weights and
+    optimizer states, bf16 matmuls), nothing on CPU, where bf16 matmuls are slow.
+    """
+    if setting in (None, "none", "null"):
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if device.type == "cuda" and weights_dtype == torch.float32 else None
+    return resolve_dtype(setting, device)
+
+
 def _optimizer_step(policy, rows, batch_index, reference, pad_token_id, micro_batch_size,
-                    lcfg, kernel, fused_lm_head, device) -> dict[str, float]:
+                    lcfg, kernel, fused_lm_head, device, autocast_dtype=None) -> dict[str, float]:
     """Forward and backward over the micro-batches of one optimizer step; returns its metrics."""
     totals: dict[str, float] = {}
     accumulation_steps = math.ceil(len(batch_index) / micro_batch_size)
@@ -126,7 +142,8 @@ def _optimizer_step(policy, rows, batch_index, reference, pad_token_id, micro_ba
         b = len(index)
         # chosen and rejected in one forward: rows [0, b) are y+, rows [b, 2b) are y-
         batch = pad_batch([rows[i][0] for i in index] + [rows[i][1] for i in index], pad_token_id).to(device)
-        logps = sequence_logps(policy, batch, kernel=kernel, fused_lm_head=fused_lm_head)  # (2b,)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            logps = sequence_logps(policy, batch, kernel=kernel, fused_lm_head=fused_lm_head)  # (2b,)
         policy_chosen_logps, policy_rejected_logps = logps[:b], logps[b:]
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             policy_chosen_logps, policy_rejected_logps,
