@@ -49,3 +49,35 @@ def stable_hash(obj: Any, length: int = 16) -> str:
     """A short hash of a JSON-serialisable object, independent of dict key order."""
     text = json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def read_jsonl(path: str | os.PathLike[str], error_type: type[ValueError] = ValueError) -> list[tuple[str, dict]]:
+    """Read a JSONL file into ``(location, row)`` pairs; blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        error_type (ValueError by default): a line is not valid JSON or not a JSON object, or
+            the file has no rows; the message names the file and the 1-based line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such JSONL file")
+    rows: list[tuple[str, dict]] = []
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path} line {line_number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise error_type(
+                    f"{where}: invalid JSON ({error.msg} at column {error.colno}); "
+                    "expected one JSON object per line"
+                ) from None
+            if not isinstance(row, dict):
+                raise error_type(f"{where}: expected a JSON object, got {type(row).__name__}")
+            rows.append((where, row))
+    if not rows:
+        raise error_type(f"{path}: the file has no rows (expected one JSON object per line)")
+    return rows

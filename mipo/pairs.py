@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from mipo.files import atomic_path
+from mipo.files import atomic_path, read_jsonl
 
 Messages = list[dict[str, str]]
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
@@ -60,27 +60,15 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
     if not path.exists():
         raise FileNotFoundError(f"pairs file {path} does not exist (run sample.py first, or set data.pairs_path)")
     pairs = []
-    with open(path) as f:
-        for line_number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PairsFileError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise PairsFileError(f"{where}: expected a JSON object with fields {REQUIRED_FIELDS}, got {type(row).__name__}")
-            for name in REQUIRED_FIELDS:
-                if name not in row:
-                    raise PairsFileError(f"{where}: field {name!r} is missing (expected fields {REQUIRED_FIELDS})")
-            prompt = _prompt_messages(row["prompt"], where)
-            chosen = _response_text(row["chosen"], where, "chosen")
-            rejected = _response_text(row["rejected"], where, "rejected")
-            metadata = {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}
-            pairs.append(PreferencePair(prompt, chosen, rejected, metadata))
-    if not pairs:
-        raise PairsFileError(f"{path}: the file holds no pairs")
+    for where, row in read_jsonl(path, error_type=PairsFileError):
+        for name in REQUIRED_FIELDS:
+            if name not in row:
+                raise PairsFileError(f"{where}: field {name!r} is missing (expected fields {REQUIRED_FIELDS})")
+        prompt = _prompt_messages(row["prompt"], where)
+        chosen = _response_text(row["chosen"], where, "chosen")
+        rejected = _response_text(row["rejected"], where, "rejected")
+        metadata = {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}
+        pairs.append(PreferencePair(prompt, chosen, rejected, metadata))
     return pairs
 
 

@@ -35,7 +35,6 @@ import dataclasses
 import hashlib
 import importlib.util
 import inspect
-import json
 import logging
 import os
 import random
@@ -43,6 +42,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
+
+from mipo.files import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -95,38 +96,6 @@ class Example:
 
 Row = tuple[str, dict[str, Any]]
 """A raw data row and a human-readable location (``"/path/gsm8k.jsonl line 17"``)."""
-
-
-def read_jsonl(path: str | os.PathLike[str]) -> list[Row]:
-    """Read a JSONL file into ``(location, row)`` pairs; blank lines are skipped.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: a line is not valid JSON or not a JSON object, or the file has no rows; the
-            message names the file and the 1-based line number.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such JSONL file")
-    rows: list[Row] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{where}: invalid JSON ({error.msg} at column {error.colno}); "
-                    "expected one JSON object per line"
-                ) from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            rows.append((where, row))
-    if not rows:
-        raise ValueError(f"{path}: the file has no rows (expected one JSON object per line)")
-    return rows
 
 
 def _field_error(where: str, field: str, problem: str, expected: str) -> ValueError:

@@ -106,4 +106,4 @@ def test_bad_pairs_file_names_file_line_and_field(tmp_path: Path) -> None:
     good = {"prompt": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b"}
     bad.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
     proc = run_entry("train.py", [*tiny_overrides(tmp_path), f"data.pairs_path={bad}"], tmp_path / "run", expect_ok=False)
-    assert f"{bad}, line 2: field 'rejected' is missing" in proc.stdout, proc.stdout[-2000:]
+    assert f"{bad} line 2: field 'rejected' is missing" in proc.stdout, proc.stdout[-2000:]
