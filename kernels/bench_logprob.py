@@ -365,16 +365,24 @@ def main(argv: Optional[list[str]] = None) -> Setup:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(DTYPES))
-    p.add_argument("--n", nargs="+", type=int, default=[4096, 16384], help="tokens (rows)")
-    p.add_argument("--v", nargs="+", type=int, default=[32000, 128256], help="vocabulary sizes")
-    p.add_argument("--h", type=int, default=4096, help="hidden size for the linear (lm-head) methods; 0 skips them")
+    p.add_argument("--dtype", nargs="+", default=None, choices=sorted(DTYPES),
+                   help="default: bf16 on GPU; fp32 bf16 on CPU")
+    p.add_argument("--n", nargs="+", type=int, default=None,
+                   help="tokens (rows); default 4096 16384 on GPU, 1024 4096 on CPU (the GPU sizes need ~30 GB)")
+    p.add_argument("--v", nargs="+", type=int, default=None, help="vocabulary sizes; default 32000 128256 on GPU, 32000 on CPU")
+    p.add_argument("--h", type=int, default=None,
+                   help="hidden size for the linear (lm-head) methods, 0 skips them; default 4096 on GPU, 256 on CPU")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--chunk-size", type=int, default=1024, help="rows per chunk for torch-chunked")
     p.add_argument("--linear-chunk-size", type=int, default=1024, help="tokens per chunk for linear_logprob")
     p.add_argument("--out", default=None, help="write results to this .md or .json file")
     args = p.parse_args(argv)
+    on_gpu = torch.device(args.device).type == "cuda"
+    for name, gpu_default, cpu_default in (("dtype", ["bf16"], ["fp32", "bf16"]), ("n", [4096, 16384], [1024, 4096]),
+                                           ("v", [32000, 128256], [32000]), ("h", 4096, 256)):
+        if getattr(args, name) is None:
+            setattr(args, name, gpu_default if on_gpu else cpu_default)
 
     device = torch.device(args.device)
     setup = Setup(device, args.repeats, args.warmup, args.chunk_size, args.linear_chunk_size)
