@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -43,17 +42,15 @@ def accuracy(correct: list[bool]) -> tuple[float, float]:
     return p, math.sqrt(p * (1 - p) / n)
 
 
-def context_alternatives(task: Task, examples: list[Example], k: int, seed: int) -> list[list[list[dict]]] | None:
-    """For personalization: the same query under K other users' contexts."""
+def context_alternatives(task: Task, examples: list[Example]) -> list[list[list[dict]]] | None:
+    """For personalization: each example's query under every other user's context.
+
+    ``estimate_pmi`` draws its K alternatives from these lists; ``None`` for tasks without contexts.
+    """
     if any(e.context is None for e in examples):
         return None
     contexts = sorted({e.context for e in examples})
-    rng = random.Random(seed)
-    out = []
-    for e in examples:
-        others = [c for c in contexts if c != e.context]
-        out.append([task.messages(task.with_context(e, c)) for c in rng.sample(others, min(len(others), k))])
-    return out
+    return [[task.messages(task.with_context(e, c)) for c in contexts if c != e.context] for e in examples]
 
 
 def eval_inputs(cfg: DictConfig, evaluated_model: str) -> dict[str, Any]:
@@ -136,7 +133,7 @@ def _evaluate_models(cfg: DictConfig, task: Task, examples: list[Example], promp
     # MI of each model's responses, always under the reference (base) model in fp32.
     reference = base if base.dtype == torch.float32 else load_model(
         cfg.model, device=device, dtype=torch.float32, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
-    alternatives = context_alternatives(task, examples, cfg.eval.mi_k, cfg.seed)
+    alternatives = context_alternatives(task, examples)
     records = {}
     for name, outs in responses.items():
         estimate = estimate_pmi(

@@ -107,3 +107,24 @@ def test_bad_pairs_file_names_file_line_and_field(tmp_path: Path) -> None:
     bad.write_text(json.dumps(good) + "\n" + json.dumps({"prompt": "hi", "chosen": "a"}) + "\n")
     proc = run_entry("train.py", [*tiny_overrides(tmp_path), f"data.pairs_path={bad}"], tmp_path / "run", expect_ok=False)
     assert f"{bad} line 2: field 'rejected' is missing" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.parametrize("strategy", ["partial", "random_context"])
+def test_personalization_pipeline_measures_conditional_mi(tmp_path: Path, strategy: str) -> None:
+    overrides = [o for o in tiny_overrides(tmp_path) if not o.startswith(("task=", "data.max"))] + [
+        "task=persistbench", f"negatives={strategy}", "data.max_length=1400", "data.max_prompt_length=1300"]
+    proc = run_entry("pipeline.py", overrides, tmp_path / "run")
+    pairs_file = next((tmp_path / "cache" / "pairs").glob("*.jsonl"))
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    assert len(rows) == 8 and all(r["strategy"] == strategy for r in rows)
+    for row in rows:
+        prompt, negative = row["prompt"][-1]["content"], row["negative_prompt"][-1]["content"]
+        assert negative != prompt
+        query = prompt.rsplit("\n\n", 1)[-1]
+        assert negative.endswith(query)  # same query: only the user's context was removed or swapped
+        if strategy == "partial":
+            assert negative == query
+    results = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert results["mi"] == "conditional pmi(c; y | q)"
+    assert "accuracy" not in results["models"]["base"]
+    assert "| base |" in proc.stdout
