@@ -51,5 +51,8 @@ def setup(cfg: DictConfig) -> Path:
     except ImportError:  # pragma: no cover
         pass
     out = run_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    # .hydra/config.yaml keeps the interpolations; this copy has every value resolved.
+    OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
     log.info("run directory: %s", out)
     return out

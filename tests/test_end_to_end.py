@@ -70,6 +70,8 @@ def test_sample_train_evaluate(tmp_path: Path) -> None:
     assert abs(metrics[0]["train/loss"] - 0.6931) < 1e-3  # policy == reference at the first step
     assert (tmp_path / "train1" / "model" / "config.json").exists()
     assert (tmp_path / "train1" / ".hydra" / "config.yaml").exists()
+    resolved = (tmp_path / "train1" / "config_resolved.yaml").read_text()
+    assert "micro_batch_size: 2" in resolved and "${" not in resolved
 
     second = run_entry("train.py", [*overrides, "loss.beta=0.5"], tmp_path / "train2")
     assert "reference cache hit" in second.stdout
@@ -91,6 +93,7 @@ def test_sample_train_evaluate(tmp_path: Path) -> None:
         ("task=no_such_task", "Could not find 'task/no_such_task'"),
         ("negatives.strategy=bogus", "unknown negatives.strategy 'bogus'"),
         ("model.name_or_path=./no/such/model", "no such file or directory"),
+        ("trainer.no_such_key=1", "Could not override 'trainer.no_such_key'"),
     ],
 )
 def test_bad_configuration_is_reported_clearly(tmp_path: Path, override: str, message: str) -> None:
