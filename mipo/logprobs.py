@@ -131,11 +131,18 @@ def score_responses(
     max_prompt_length: int = 1536,
     kernel: str = "auto",
     desc: str | None = "scoring",
+    share_prompts: bool = True,
 ) -> torch.Tensor:
     """log pi(responses[i] | prompts[i]) for every row, in batches, without gradients.
 
-    Rows are scored in order of length so that each batch pads little; the result is in the
-    input order. Returns (N,) float32 on the CPU.
+    With ``share_prompts`` (the default), rows that share a prompt are batched together and
+    each distinct prompt of a batch is run through the model once; its KV cache is then
+    expanded to the rows that continue it (``prefix_shared_logps``). The MI estimator scores
+    every prompt under K+1 responses and the reference cache every prompt under two, so this
+    removes most of the prompt tokens from the forward passes. ``share_prompts=False`` runs
+    every (prompt, response) row in full; both give the same numbers up to float rounding.
+
+    Returns (N,) float32 on the CPU, in the input order.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
@@ -147,15 +154,67 @@ def score_responses(
         if key not in prompt_cache:
             prompt_cache[key] = encode_prompt(tokenizer, messages)
         rows.append(encode_pair(prompt_cache[key], encode_response(tokenizer, response), max_length, max_prompt_length))
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
+    prompt_lengths = [sum(1 for label in labels if label == IGNORE_INDEX) for _, labels in rows]
+    if share_prompts:  # rows of one (truncated) prompt next to each other, longest prompts first
+        order = sorted(range(len(rows)), key=lambda i: (-prompt_lengths[i], rows[i][0][: prompt_lengths[i]]))
+    else:
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]), reverse=True)
     out = torch.empty(len(rows), dtype=torch.float32)
     was_training = model.training
     model.eval()
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, leave=False):
             index = order[start : start + batch_size]
-            batch = pad_batch([rows[i] for i in index], tokenizer.pad_token_id).to(device)
-            out[index] = sequence_logps(model, batch, kernel=kernel).float().cpu()
+            if share_prompts:
+                split = [(rows[i][0][: prompt_lengths[i]], rows[i][0][prompt_lengths[i]:]) for i in index]
+                logps = prefix_shared_logps(model, split, tokenizer.pad_token_id, kernel=kernel)
+            else:
+                batch = pad_batch([rows[i] for i in index], tokenizer.pad_token_id).to(device)
+                logps = sequence_logps(model, batch, kernel=kernel)
+            out[index] = logps.float().cpu()
     finally:
         model.train(was_training)
     return out
+
+
+def prefix_shared_logps(
+    model: torch.nn.Module, rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int, kernel: str = "auto"
+) -> torch.Tensor:
+    """log pi(response | prompt) for (prompt ids, response ids) rows, running each distinct prompt once.
+
+    1. The k distinct prompts, left-padded to (k, P), go through the model once with a KV cache;
+       the logits at their last position predict each response's first token.
+    2. The cache is expanded to the b rows (row r continues prompt ``which[r]``), and the
+       right-padded responses (b, R) run on top of it.
+    Position ids are given explicitly so that padding never shifts a token's position.
+
+    Returns (b,) float32 (no gradients are needed: this is for scoring).
+    """
+    device = next(model.parameters()).device
+    distinct: dict[tuple[int, ...], int] = {}
+    which = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt, _ in rows]
+    prompts = list(distinct)
+    width = max(map(len, prompts))
+    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
+    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for u, prompt in enumerate(prompts):  # left padding: every prompt ends in the last column
+        prompt_ids[u, width - len(prompt):] = torch.tensor(prompt)
+        prompt_mask[u, width - len(prompt):] = 1
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (k, P)
+    prefix = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
+                   use_cache=True, logits_to_keep=1)
+    which_t = torch.tensor(which, device=device)
+    cache = prefix.past_key_values
+    cache.reorder_cache(which_t)  # (k, ...) -> (b, ...)
+    first_logits = prefix.logits[which_t, -1]  # (b, V): predicts each response's first token
+
+    response_batch = pad_batch([(response, response) for _, response in rows], pad_token_id).to(device)
+    response_ids, response_mask = response_batch.input_ids, response_batch.attention_mask  # (b, R)
+    response_positions = prompt_mask.sum(-1)[which_t, None] + torch.arange(response_ids.shape[1], device=device)
+    continued = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask[which_t], response_mask], dim=1),
+                      position_ids=response_positions, past_key_values=cache, use_cache=False)
+    # token t of the response is predicted by the prompt's last position (t = 0) or response position t-1
+    logits = torch.cat([first_logits[:, None], continued.logits[:, :-1]], dim=1)  # (b, R, V)
+    targets = response_ids.masked_fill(response_mask == 0, IGNORE_INDEX)  # (b, R)
+    return logprob_gather(logits, targets, ignore_index=IGNORE_INDEX, impl=kernel).sum(-1)

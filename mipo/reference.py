@@ -99,10 +99,12 @@ def reference_logps(
     log.info("reference cache miss: computing log pi_ref for %d pairs in fp32 -> %s", len(pairs), path)
     model = load_model(model_cfg, device=device, dtype=torch.float32, cache_dir=cache_dir, vocab_size=len(tokenizer))
     model.requires_grad_(False)
+    # y+ and y- of a pair share the prompt x: one call lets score_responses run each prompt once
     prompts = [p.prompt for p in pairs]
-    score = dict(batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length, kernel=kernel)
-    chosen = score_responses(model, tokenizer, prompts, [p.chosen for p in pairs], desc="reference log pi(y+|x)", **score)
-    rejected = score_responses(model, tokenizer, prompts, [p.rejected for p in pairs], desc="reference log pi(y-|x)", **score)
+    logps = score_responses(model, tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs],
+                            batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length,
+                            kernel=kernel, desc="reference log pi(y|x)")
+    chosen, rejected = logps[: len(pairs)], logps[len(pairs):]
     del model
     with atomic_path(path) as tmp:
         torch.save({"inputs": dict(inputs), "chosen": chosen, "rejected": rejected}, tmp)

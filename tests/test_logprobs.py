@@ -244,3 +244,19 @@ def test_score_responses_restores_training_mode_and_needs_no_grad(model, tokeniz
 def test_score_responses_length_mismatch_raises(model, tokenizer):
     with pytest.raises(ValueError):
         score_responses(model, tokenizer, PROMPTS, RESPONSES[:-1], desc=None)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+@pytest.mark.parametrize("lengths", [(512, 256), (24, 16)])  # the second truncates prompts and responses
+def test_prompt_sharing_matches_full_rows(model, tokenizer, batch_size, lengths):
+    # every prompt scored under several responses, in shuffled order: the MI estimator's workload
+    rng = random.Random(batch_size)
+    prompts = [PROMPTS[rng.randrange(len(PROMPTS))] for _ in range(19)]
+    responses = [RESPONSES[rng.randrange(len(RESPONSES))] + " " * rng.randrange(3) for _ in range(19)]
+    max_length, max_prompt_length = lengths
+    shared = score_responses(model, tokenizer, prompts, responses, batch_size=batch_size, max_length=max_length,
+                             max_prompt_length=max_prompt_length, desc=None, share_prompts=True)
+    full = score_responses(model, tokenizer, prompts, responses, batch_size=batch_size, max_length=max_length,
+                           max_prompt_length=max_prompt_length, desc=None, share_prompts=False)
+    assert torch.allclose(shared, full, rtol=1e-5, atol=1e-4), (shared - full).abs().max()
+    assert full.std() > 1.0  # the rows really differ, so a mix-up of rows would show
