@@ -142,57 +142,45 @@ def test_changed_pairs_values_follow_the_new_file(tmp_path, pairs_path, tokenize
     assert abs(float(second.chosen[1] - first.chosen[1])) > 1e-3
 
 
-def test_cache_with_mismatched_inputs_is_recomputed(tmp_path, pairs_path, tokenizer):
-    cache_dir = tmp_path / "cache"
-    first = _ref(pairs_path, cache_dir, tokenizer)
-    stored = torch.load(first.path, weights_only=True)
+def _mismatched_inputs(path):
+    stored = torch.load(path, weights_only=True)
     stored["inputs"]["max_length"] = 12345  # computed "for other inputs"
     stored["chosen"] = torch.zeros(len(PAIRS))
     stored["rejected"] = torch.zeros(len(PAIRS))
-    torch.save(stored, first.path)
-
-    second = _ref(pairs_path, cache_dir, tokenizer)
-    assert second.cache_hit is False
-    assert second.path == first.path
-    torch.testing.assert_close(second.chosen, first.chosen)
-    torch.testing.assert_close(second.rejected, first.rejected)
-    # and the recomputed values replaced the bad file
-    assert _ref(pairs_path, cache_dir, tokenizer).cache_hit is True
-    _no_temp_files(cache_dir)
+    torch.save(stored, path)
 
 
-def test_cache_with_wrong_number_of_rows_is_recomputed(tmp_path, pairs_path, tokenizer):
-    cache_dir = tmp_path / "cache"
-    first = _ref(pairs_path, cache_dir, tokenizer)
-    stored = torch.load(first.path, weights_only=True)
+def _wrong_number_of_rows(path):
+    stored = torch.load(path, weights_only=True)
     stored["chosen"] = stored["chosen"][:2]
     stored["rejected"] = stored["rejected"][:2]
-    torch.save(stored, first.path)
-    second = _ref(pairs_path, cache_dir, tokenizer)
-    assert second.cache_hit is False
-    torch.testing.assert_close(second.chosen, first.chosen)
+    torch.save(stored, path)
 
 
-@pytest.mark.parametrize("garbage", [b"", b"not a torch file at all \x00\x01\x02" * 10])
-def test_corrupt_cache_file_is_recomputed(tmp_path, pairs_path, tokenizer, garbage):
+def _missing_rejected(path):
+    stored = torch.load(path, weights_only=True)
+    del stored["rejected"]
+    torch.save(stored, path)
+
+
+@pytest.mark.parametrize("corrupt", [
+    _mismatched_inputs,
+    _wrong_number_of_rows,
+    _missing_rejected,
+    lambda path: path.write_bytes(b""),
+    lambda path: path.write_bytes(b"not a torch file at all \x00\x01\x02" * 10),
+    lambda path: torch.save(torch.zeros(len(PAIRS)), path),  # readable, but not a reference cache
+], ids=["mismatched-inputs", "wrong-rows", "missing-rejected", "empty", "garbage", "non-dict"])
+def test_bad_cache_file_is_recomputed_and_replaced(tmp_path, pairs_path, tokenizer, corrupt):
     cache_dir = tmp_path / "cache"
     first = _ref(pairs_path, cache_dir, tokenizer)
-    first.path.write_bytes(garbage)
+    corrupt(first.path)
     second = _ref(pairs_path, cache_dir, tokenizer)
-    assert second.cache_hit is False
+    assert second.cache_hit is False and second.path == first.path
     torch.testing.assert_close(second.chosen, first.chosen)
     torch.testing.assert_close(second.rejected, first.rejected)
-    assert _ref(pairs_path, cache_dir, tokenizer).cache_hit is True
+    assert _ref(pairs_path, cache_dir, tokenizer).cache_hit is True  # the recomputed values replaced it
     _no_temp_files(cache_dir)
-
-
-def test_cache_file_holding_a_non_dict_is_recomputed(tmp_path, pairs_path, tokenizer):
-    cache_dir = tmp_path / "cache"
-    first = _ref(pairs_path, cache_dir, tokenizer)
-    torch.save(torch.zeros(len(PAIRS)), first.path)  # readable, but not a reference cache
-    second = _ref(pairs_path, cache_dir, tokenizer)
-    assert second.cache_hit is False
-    torch.testing.assert_close(second.chosen, first.chosen)
 
 
 def test_tokenizer_change_gives_another_cache_path(tmp_path, pairs_path, tokenizer):
