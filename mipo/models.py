@@ -60,11 +60,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_attn_implementation(requested: str, device: torch.device) -> str:
-    """``flash_attention_2`` when asked for or when ``auto`` and flash-attn runs here, else ``sdpa``."""
+def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``flash_attention_2`` when asked for, or for ``auto`` when flash-attn imports, a GPU is
+    present and the weights are bf16/fp16 (flash-attn has no fp32 kernels: the fp32 reference
+    model and fp32 master weights use ``sdpa``); else ``sdpa``."""
     if requested != "auto":
         return requested
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+    half = dtype in (None, torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
     return "sdpa"
 
@@ -185,7 +188,7 @@ def load_model(
     if dtype is None:
         dtype = str(_get(model_cfg, "dtype", "auto"))
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
-    attn = resolve_attn_implementation(str(_get(model_cfg, "attn_implementation", "auto")), device)
+    attn = resolve_attn_implementation(str(_get(model_cfg, "attn_implementation", "auto")), device, torch_dtype)
 
     if _get(model_cfg, "random_init", False):
         arch = _to_dict(_get(model_cfg, "config", {}))

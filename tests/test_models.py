@@ -229,3 +229,16 @@ def test_resolve_attn_implementation():
     assert resolve_attn_implementation("auto", CPU) == "sdpa"
     assert resolve_attn_implementation("eager", CPU) == "eager"
     assert resolve_attn_implementation("sdpa", torch.device("cuda")) == "sdpa"
+
+
+def test_flash_attention_only_for_half_precision_on_gpu(monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name == "flash_attn" else real_find_spec(name, *args))
+    cuda = torch.device("cuda")
+    assert resolve_attn_implementation("auto", cuda, torch.bfloat16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", cuda, torch.float16) == "flash_attention_2"
+    assert resolve_attn_implementation("auto", cuda, torch.float32) == "sdpa"  # no fp32 flash kernels
+    assert resolve_attn_implementation("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
