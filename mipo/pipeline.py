@@ -71,6 +71,8 @@ def train_stage(cfg: DictConfig, pairs_file: Path) -> Path:
 
 def run_pipeline(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Run the three stages of ``cfg``; returns the evaluation results."""
+    if not cfg.trainer.save_model:
+        raise ValueError("pipeline.py evaluates the trained model, so it needs trainer.save_model=true")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pairs_file = sample_pairs(cfg)
