@@ -452,6 +452,9 @@ def plot(rows: Sequence[dict[str, Any]], x: str = "loss.beta", y: str = "trained
         xs = [positions[p[0]] if categorical else p[0] for p in points]
         axes.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
                       label=label or y)
+    baseline = base_reference(rows, y)
+    if baseline is not None:  # the untrained model, for reading the trained lines against
+        axes.axhline(baseline, color="0.4", linestyle="--", linewidth=1, label=f"base model ({y.replace('trained/', 'base/')})")
     if categorical:
         axes.set_xticks(range(len(x_values)), [str(v) for v in x_values])
     elif use_log_scale(x_values):
@@ -470,6 +473,20 @@ def plot(rows: Sequence[dict[str, Any]], x: str = "loss.beta", y: str = "trained
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
     return path
+
+
+def base_reference(rows: Sequence[dict[str, Any]], y: str) -> float | None:
+    """For a ``trained/<metric>`` figure: the base model's value, when every row shares one.
+
+    A sweep over training settings evaluates one base model, so ``base/<metric>`` is the same in
+    every row; with several base models (e.g. a sweep over ``model``) there is no single line.
+    """
+    if not y.startswith("trained/"):
+        return None
+    values = {row.get("base/" + y.split("/", 1)[1]) for row in rows}
+    if len(values) != 1 or None in values:
+        return None
+    return float(values.pop())
 
 
 def use_log_scale(values: Iterable[Any]) -> bool:

@@ -338,3 +338,13 @@ def test_cli_error_for_unknown_y_lists_metrics(sweep: Path, tmp_path: Path):
     assert "unknown --y 'trained/acc'" in result.stderr
     assert "trained/accuracy" in result.stderr and "trained/mi_mean" in result.stderr
     assert not (tmp_path / "report" / "summary.csv").exists()  # checked before anything is written
+
+
+def test_base_reference_line_only_when_one_base_model():
+    from mipo.aggregate import base_reference
+
+    rows = [{"trained/accuracy": 0.5, "base/accuracy": 0.25}, {"trained/accuracy": 0.6, "base/accuracy": 0.25}]
+    assert base_reference(rows, "trained/accuracy") == 0.25
+    assert base_reference(rows, "base/accuracy") is None
+    rows[1]["base/accuracy"] = 0.3  # two different base models: no single reference line
+    assert base_reference(rows, "trained/accuracy") is None
