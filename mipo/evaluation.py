@@ -85,8 +85,9 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
     identities = {"base": model_identity(cfg.model)}
     if model_path is not None:
         identities["trained"] = f"trained:{trained_id}" if trained_id else model_identity({"name_or_path": str(model_path)})
-    cache_files = {name: Path(cfg.paths.cache_dir) / "eval" / f"{stable_hash(eval_inputs(cfg, identity), 20)}.json"
-                   for name, identity in identities.items()}
+    inputs = {name: eval_inputs(cfg, identity) for name, identity in identities.items()}
+    cache_files = {name: Path(cfg.paths.cache_dir) / "eval" / f"{stable_hash(inputs[name], 20)}.json"
+                   for name in identities}
     records = {name: json.loads(path.read_text()) for name, path in cache_files.items() if path.exists()}
     for name in records:
         log.info("evaluation of the %s model: cached, skipping (%s)", name, cache_files[name])
@@ -95,7 +96,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
     if pending:
         records.update(_evaluate_models(cfg, task, eval_examples, prompts, pending, model_path))
         for name in pending:
-            write_json(cache_files[name], {"inputs": eval_inputs(cfg, identities[name]), **records[name]})
+            write_json(cache_files[name], {"inputs": inputs[name], **records[name]})
 
     results: dict[str, Any] = {
         "task": cfg.task.name, "num_eval": len(eval_examples), "mi_k": cfg.eval.mi_k,

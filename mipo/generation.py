@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mipo.logprobs import Messages, encode_prompt
+from mipo.logprobs import Messages, encode_prompt, left_pad
 
 
 @torch.no_grad()
@@ -46,12 +46,8 @@ def generate(
             tqdm(range(0, len(order), batch_size), desc=desc, disable=desc is None, unit="batch")
         ):
             index = order[start : start + batch_size]
-            width = max(len(encoded[i]) for i in index)
-            input_ids = torch.full((len(index), width), tokenizer.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((len(index), width), dtype=torch.long)
-            for row, i in enumerate(index):  # left padding: the last column is every prompt's last token
-                input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i])
-                attention_mask[row, width - len(encoded[i]):] = 1
+            input_ids, attention_mask = left_pad([encoded[i] for i in index], tokenizer.pad_token_id)  # (b, width)
+            width = input_ids.shape[1]
             torch.manual_seed(seed * 1_000_003 + batch_index)
             output = model.generate(
                 input_ids=input_ids.to(device),

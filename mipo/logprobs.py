@@ -79,6 +79,17 @@ def pad_batch(rows: Sequence[tuple[list[int], list[int]]], pad_token_id: int) ->
     return Batch(input_ids, attention_mask, labels)
 
 
+def left_pad(sequences: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (input_ids, attention_mask), each (B, T): every row ends in the last column."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, width - len(ids):] = torch.tensor(ids)
+        attention_mask[i, width - len(ids):] = 1
+    return input_ids, attention_mask
+
+
 # --------------------------------------------------------------------------------------------
 # Log-probs
 # --------------------------------------------------------------------------------------------
@@ -193,13 +204,7 @@ def prefix_shared_logps(
     device = next(model.parameters()).device
     distinct: dict[tuple[int, ...], int] = {}
     which = [distinct.setdefault(tuple(prompt), len(distinct)) for prompt, _ in rows]
-    prompts = list(distinct)
-    width = max(map(len, prompts))
-    prompt_ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long)
-    prompt_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for u, prompt in enumerate(prompts):  # left padding: every prompt ends in the last column
-        prompt_ids[u, width - len(prompt):] = torch.tensor(prompt)
-        prompt_mask[u, width - len(prompt):] = 1
+    prompt_ids, prompt_mask = left_pad([list(prompt) for prompt in distinct], pad_token_id)  # (k, P)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
     prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (k, P)
     prefix = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,

@@ -26,7 +26,7 @@ import torch
 from mipo.files import atomic_path, sha256_file, stable_hash
 from mipo.logprobs import score_responses
 from mipo.models import load_model, model_identity, tokenizer_identity
-from mipo.pairs import read_pairs
+from mipo.pairs import PreferencePair, read_pairs
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -86,9 +86,14 @@ def reference_logps(
     device: torch.device,
     batch_size: int = 8,
     kernel: str = "auto",
+    pairs: list[PreferencePair] | None = None,
 ) -> ReferenceLogps:
-    """log pi_ref(y+|x) and log pi_ref(y-|x) for every pair, from the cache or computed once."""
-    pairs = read_pairs(pairs_path)
+    """log pi_ref(y+|x) and log pi_ref(y-|x) for every pair, from the cache or computed once.
+
+    ``pairs``: the contents of ``pairs_path`` when the caller has already read them.
+    """
+    if pairs is None:
+        pairs = read_pairs(pairs_path)
     inputs = reference_inputs(model_cfg, tokenizer, pairs_path, max_length, max_prompt_length)
     path = reference_cache_path(cache_dir, inputs)
     cached = load_cached(path, inputs, len(pairs))

@@ -46,7 +46,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     reference = reference_logps(
         cfg.model, tokenizer, path, cfg.paths.cache_dir, cfg.data.max_length, cfg.data.max_prompt_length,
-        device=device, batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel,
+        device=device, batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel, pairs=pairs,
     )
     rows = []  # per pair: ((chosen ids, labels), (rejected ids, labels))
     for pair in pairs:
