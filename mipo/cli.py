@@ -9,6 +9,7 @@ from pathlib import Path
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from mipo.config import check_config
 from mipo.files import stable_hash
 
 log = logging.getLogger("mipo")
@@ -40,7 +41,8 @@ def run_dir() -> Path:
 
 
 def setup(cfg: DictConfig) -> Path:
-    """Quiet third-party noise, default wandb to no account, and return the run directory."""
+    """Check the config, quiet third-party noise, and return the run directory."""
+    check_config(cfg)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -25,11 +25,12 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mipo.config import build_task, task_splits
 from mipo.files import stable_hash, write_json
 from mipo.generation import generate
+from mipo.logprobs import Scorer
 from mipo.mi import estimate_pmi
 from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
-from mipo.sampling import build_task, task_splits
 from mipo.tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -134,14 +135,14 @@ def _evaluate_models(cfg: DictConfig, task: Task, examples: list[Example], promp
     # MI of each model's responses, always under the reference (base) model in fp32.
     reference = base if base.dtype == torch.float32 else load_model(
         cfg.model, device=device, dtype=torch.float32, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
+    scorer = Scorer(reference, tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                    batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel)
     alternatives = context_alternatives(task, examples)
     records = {}
     for name, outs in responses.items():
         estimate = estimate_pmi(
-            reference, tokenizer, prompts, outs, k=cfg.eval.mi_k, seed=cfg.seed, alternatives=alternatives,
-            include_positive=cfg.eval.mi_include_positive, batch_size=cfg.eval.score_batch_size,
-            max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length, kernel=cfg.kernel,
-            desc=f"eval: MI of {name} responses")
+            scorer, prompts, outs, k=cfg.eval.mi_k, seed=cfg.seed, alternatives=alternatives,
+            include_positive=cfg.eval.mi_include_positive, desc=f"eval: MI of {name} responses")
         metrics: dict[str, Any] = {"mi_mean": estimate.mean, "mi_stderr": estimate.stderr}
         if task.has_answers:
             acc, se = accuracy([task.is_correct(r, e) for r, e in zip(outs, examples)])

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mipo.logprobs import Messages, encode_prompt, left_pad
+from mipo.encoding import Messages, encode_prompt, left_pad
 
 
 @torch.no_grad()

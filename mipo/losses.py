@@ -52,13 +52,7 @@ def dpo_loss(
         ``(losses, chosen_rewards, rejected_rewards)``, each of shape (B,). The rewards are
         the implicit rewards beta * (log pi - log pi_ref) (Eq. 5), detached.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got {loss_type!r}")
-
+    check_loss_settings(beta, label_smoothing, loss_type)
     chosen_logratios = policy_chosen_logps - reference_chosen_logps  # (B,)
     rejected_logratios = policy_rejected_logps - reference_rejected_logps  # (B,)
     logits = chosen_logratios - rejected_logratios  # (B,)  h / beta
@@ -70,11 +64,21 @@ def dpo_loss(
         )
     elif loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
-    elif loss_type == "hinge":
+    else:  # hinge
         losses = torch.relu(1 - beta * logits)
-    else:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
 
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def check_loss_settings(beta: float, label_smoothing: float, loss_type: str) -> None:
+    """Raise ValueError unless (beta, label_smoothing, loss_type) define a loss of this module."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    if label_smoothing and loss_type != "sigmoid":
+        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got {loss_type!r}")

@@ -21,15 +21,14 @@ alternative prompts. ``pointwise_mi`` is the single place that equation is compu
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
 import torch
 
-from mipo.logprobs import Messages, score_responses
+from mipo.encoding import Messages, prompt_key
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,11 +173,6 @@ class MIEstimate:
         return asdict(self)
 
 
-def _prompt_key(messages: Messages) -> str:
-    """A hashable key under which two prompts are equal iff their messages are."""
-    return json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
-
-
 def _check_messages(messages: Any, where: str) -> None:
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not all(
         isinstance(m, dict) for m in messages
@@ -224,12 +218,12 @@ def _sample_alternatives(
     """
     other_indices = []
     for i, (messages, candidates) in enumerate(zip(prompts, alternatives)):
-        own = _prompt_key(messages)
+        own = prompt_key(messages)
         seen: set[str] = set()
         distinct = []  # index into candidates of each distinct usable alternative
         for j, candidate in enumerate(candidates):
             _check_messages(candidate, f"alternatives[{i}][{j}]")
-            key = _prompt_key(candidate)
+            key = prompt_key(candidate)
             if key != own and key not in seen:
                 seen.add(key)
                 distinct.append(j)
@@ -242,26 +236,29 @@ def _sample_alternatives(
     return other_indices
 
 
+class RowScorer(Protocol):
+    """What ``estimate_pmi`` scores with: ``mipo.logprobs.Scorer``, or a stand-in with known log-probs."""
+
+    def score(self, prompts: Sequence[Messages], responses: Sequence[str], desc: str | None = ...) -> torch.Tensor:
+        """log pi(responses[i] | prompts[i]) for every row, shape (N,)."""
+        ...
+
+
 def estimate_pmi(
-    model: torch.nn.Module,
-    tokenizer,
+    scorer: RowScorer,
     prompts: Sequence[Messages],
     responses: Sequence[str],
     k: int = 8,
     seed: int = 0,
     alternatives: Sequence[Sequence[Messages]] | None = None,
     include_positive: bool = False,
-    batch_size: int = 8,
-    max_length: int = 2048,
-    max_prompt_length: int = 1536,
-    kernel: str = "auto",
     desc: str | None = "MI",
 ) -> MIEstimate:
-    """Estimate pmi(x_i; y_i) under ``model`` for every (prompt, response) row (see ``pointwise_mi``).
+    """Estimate pmi(x_i; y_i) under the scorer's model for every (prompt, response) row (see ``pointwise_mi``).
 
     Each row needs log pi(y_i|x_i) and log pi(y_i|x'_{i,k}) for K alternative prompts. All
-    N * (K + 1) of them are scored in one call to ``score_responses`` (flattened, scored,
-    reshaped), so batching and length-sorting are shared across rows and alternatives.
+    N * (K + 1) of them are scored in one call to ``scorer.score`` (flattened, scored,
+    reshaped), so batching, length-sorting and prompt sharing span rows and alternatives.
 
     Where the alternatives come from:
 
@@ -275,8 +272,9 @@ def estimate_pmi(
       candidates identical to ``prompts[i]`` are not used.
 
     Args:
-        model: causal LM, usually the frozen reference pi_ref.
-        tokenizer: its tokenizer, with a chat template.
+        scorer: what scores the rows, usually a ``mipo.logprobs.Scorer`` on the frozen reference
+            pi_ref: any object with ``score(prompts, responses, desc) -> (N,) tensor`` of
+            log pi(response | prompt).
         prompts: chat message lists [{"role": "user", "content": ...}]. Length N.
         responses: response strings, ``responses[i]`` scored under ``prompts[i]``. Length N.
         k: number of alternative prompts per row (K >= 1). Larger K lowers the bias of the
@@ -284,7 +282,6 @@ def estimate_pmi(
         seed: seeds the one ``numpy.random.Generator`` that draws the alternatives.
         alternatives: per-row candidate prompts (length N), or None to draw from the rows.
         include_positive: InfoNCE form (marginal also averages over x_i; pmi <= log(K+1)).
-        batch_size, max_length, max_prompt_length, kernel: passed to ``score_responses``.
         desc: progress-bar label, None to hide it.
 
     Returns:
@@ -306,7 +303,7 @@ def estimate_pmi(
     rng = np.random.default_rng(seed)
 
     if alternatives is None:
-        keys = [_prompt_key(messages) for messages in prompts]
+        keys = [prompt_key(messages) for messages in prompts]
         other_indices = _sample_other_rows(keys, k, rng)
         other_prompts = [[prompts[j] for j in row] for row in other_indices]
     else:
@@ -324,10 +321,7 @@ def estimate_pmi(
         flat_prompts.append(prompts[i])
         flat_prompts.extend(other_prompts[i])
         flat_responses.extend([responses[i]] * (k + 1))
-    logps = score_responses(
-        model, tokenizer, flat_prompts, flat_responses, batch_size=batch_size, max_length=max_length,
-        max_prompt_length=max_prompt_length, kernel=kernel, desc=desc,
-    ).view(n, k + 1)  # (N, K+1)
+    logps = torch.as_tensor(scorer.score(flat_prompts, flat_responses, desc=desc)).view(n, k + 1)  # (N, K+1)
     logp_y_given_x, logp_y_given_others = logps[:, 0], logps[:, 1:]  # (N,), (N, K)
 
     values = pointwise_mi(logp_y_given_x, logp_y_given_others, include_positive=include_positive)  # (N,)

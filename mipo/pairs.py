@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
+from mipo.encoding import Messages
 from mipo.files import atomic_path, read_jsonl
 
-Messages = list[dict[str, str]]
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mipo.config import train_dtype
 from mipo.evaluation import evaluate
 from mipo.files import sha256_file, stable_hash, write_json
 from mipo.models import model_identity
@@ -42,7 +43,7 @@ def train_inputs(cfg: DictConfig, pairs_file: Path) -> dict[str, Any]:
     return {
         "pairs_sha256": sha256_file(pairs_file),
         "model": model_identity(cfg.model),
-        "train_dtype": cfg.model.get("train_dtype") or cfg.model.dtype,
+        "train_dtype": train_dtype(cfg),
         "loss": OmegaConf.to_container(cfg.loss, resolve=True),
         "trainer": trainer,
         "max_length": cfg.data.max_length,

@@ -23,8 +23,9 @@ from typing import Any, Mapping
 
 import torch
 
+from mipo.encoding import EncodedRow, encode_pairs
 from mipo.files import atomic_path, sha256_file, stable_hash
-from mipo.logprobs import score_responses
+from mipo.logprobs import Scorer
 from mipo.models import load_model, model_identity, tokenizer_identity
 from mipo.pairs import PreferencePair, read_pairs
 
@@ -87,10 +88,13 @@ def reference_logps(
     batch_size: int = 8,
     kernel: str = "auto",
     pairs: list[PreferencePair] | None = None,
+    encoded: tuple[list[EncodedRow], list[EncodedRow]] | None = None,
 ) -> ReferenceLogps:
     """log pi_ref(y+|x) and log pi_ref(y-|x) for every pair, from the cache or computed once.
 
-    ``pairs``: the contents of ``pairs_path`` when the caller has already read them.
+    ``pairs``: the contents of ``pairs_path`` when the caller has already read them;
+    ``encoded``: their rows from ``mipo.encoding.encode_pairs`` with these lengths, which the
+    trainer passes so that the reference scores exactly the tokens the policy will.
     """
     if pairs is None:
         pairs = read_pairs(pairs_path)
@@ -104,13 +108,13 @@ def reference_logps(
     log.info("reference cache miss: computing log pi_ref for %d pairs in fp32 -> %s", len(pairs), path)
     model = load_model(model_cfg, device=device, dtype=torch.float32, cache_dir=cache_dir, vocab_size=len(tokenizer))
     model.requires_grad_(False)
-    # y+ and y- of a pair share the prompt x: one call lets score_responses run each prompt once
-    prompts = [p.prompt for p in pairs]
-    logps = score_responses(model, tokenizer, prompts + prompts, [p.chosen for p in pairs] + [p.rejected for p in pairs],
-                            batch_size=batch_size, max_length=max_length, max_prompt_length=max_prompt_length,
-                            kernel=kernel, desc="reference log pi(y|x)")
+    scorer = Scorer(model, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                    batch_size=batch_size, kernel=kernel)
+    chosen_rows, rejected_rows = encoded or encode_pairs(tokenizer, pairs, max_length, max_prompt_length)
+    # y+ and y- of a pair share the prompt x: one call lets the scorer run each prompt once
+    logps = scorer.score_rows(chosen_rows + rejected_rows, desc="reference log pi(y|x)")
     chosen, rejected = logps[: len(pairs)], logps[len(pairs):]
-    del model
+    del model, scorer
     with atomic_path(path) as tmp:
         torch.save({"inputs": dict(inputs), "chosen": chosen, "rejected": rejected}, tmp)
     return ReferenceLogps(chosen, rejected, path, cache_hit=False)

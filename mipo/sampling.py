@@ -18,25 +18,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mipo.config import build_task, task_splits
 from mipo.files import stable_hash
 from mipo.generation import generate
 from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
 from mipo.negatives import plan_negatives
 from mipo.pairs import PreferencePair, write_pairs
-from mipo.tasks import Example, Task, get_task, load_splits
 
 log = logging.getLogger(__name__)
-
-
-def build_task(cfg: DictConfig) -> Task:
-    options = cfg.task.get("options")
-    return get_task(cfg.task.name, **(OmegaConf.to_container(options, resolve=True) if options else {}))
-
-
-def task_splits(cfg: DictConfig, task: Task | None = None) -> tuple[list[Example], list[Example]]:
-    """The disjoint training and evaluation prompts of this config."""
-    task = task or build_task(cfg)
-    return load_splits(task, cfg.data.source, cfg.data.num_train, cfg.data.num_eval, cfg.seed)
 
 
 def sampling_inputs(cfg: DictConfig) -> dict[str, Any]:

@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+WANDB_MODES = ("disabled", "offline", "online")
+
 
 class MetricsLogger:
     def __init__(self, output_dir: str | Path, wandb_cfg: Mapping[str, Any] | None = None,
@@ -21,8 +23,8 @@ class MetricsLogger:
         self._start = time.time()
         self._wandb = None
         mode = (wandb_cfg or {}).get("mode", "disabled")
-        if mode not in ("disabled", "offline", "online"):
-            raise ValueError(f"wandb.mode={mode!r}; expected disabled, offline or online")
+        if mode not in WANDB_MODES:
+            raise ValueError(f"wandb.mode={mode!r}; expected one of {', '.join(WANDB_MODES)}")
         if mode != "disabled":
             import wandb
 

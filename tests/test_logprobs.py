@@ -1,4 +1,5 @@
-"""Tests of tokenisation, padding and sequence log-probs (mipo/logprobs.py) on a tiny random Llama."""
+"""Tests of tokenisation and padding (mipo/encoding.py) and sequence log-probs (mipo/logprobs.py) on a tiny
+random Llama."""
 
 from __future__ import annotations
 
@@ -7,16 +8,16 @@ import random
 import pytest
 import torch
 
-from mipo.logprobs import (
+from mipo.encoding import (
     IGNORE_INDEX,
     Batch,
+    EncodedRow,
     encode_pair,
     encode_prompt,
     encode_response,
     pad_batch,
-    score_responses,
-    sequence_logps,
 )
+from mipo.logprobs import score_responses, sequence_logps
 from tests.helpers import tiny_config, tiny_model, tiny_tokenizer, user
 
 PROMPTS = [user(t) for t in ("What is 2+2?", "Name a fruit.", "Write a haiku about rain, please.",
@@ -47,6 +48,10 @@ def _rows(tokenizer, prompts=PROMPTS, responses=RESPONSES, max_length=512, max_p
             for p, r in zip(prompts, responses)]
 
 
+def _ids_labels(row: EncodedRow) -> tuple[list[int], list[int]]:
+    return row.input_ids, row.labels
+
+
 def _hand_logp(model, ids: list[int], labels: list[int]) -> float:
     """float64 sum over response positions t of log_softmax(logits[t-1])[ids[t]], for one unpadded row."""
     with torch.no_grad():
@@ -75,7 +80,7 @@ def test_encode_prompt_and_response(tokenizer):
 
 def test_encode_pair_without_truncation():
     prompt, response = [5, 6, 7], [8, 9]
-    ids, labels = encode_pair(prompt, response, max_length=5, max_prompt_length=2)
+    ids, labels = _ids_labels(encode_pair(prompt, response, max_length=5, max_prompt_length=2))
     assert ids == [5, 6, 7, 8, 9]  # fits: nothing is cut, even though the prompt exceeds max_prompt_length
     assert labels == [IGNORE_INDEX] * 3 + [8, 9]
 
@@ -83,7 +88,7 @@ def test_encode_pair_without_truncation():
 def test_encode_pair_truncates_prompt_left_and_response_right():
     prompt = list(range(100, 130))  # 30 tokens
     response = list(range(200, 220))  # 20 tokens
-    ids, labels = encode_pair(prompt, response, max_length=32, max_prompt_length=24)
+    ids, labels = _ids_labels(encode_pair(prompt, response, max_length=32, max_prompt_length=24))
     assert ids == list(range(106, 130)) + list(range(200, 208))
     assert len(ids) == len(labels) == 32
     assert labels == [IGNORE_INDEX] * 24 + list(range(200, 208))
@@ -92,7 +97,7 @@ def test_encode_pair_truncates_prompt_left_and_response_right():
 def test_encode_pair_short_prompt_keeps_more_response():
     prompt = [1, 2, 3]
     response = list(range(10, 40))
-    ids, labels = encode_pair(prompt, response, max_length=16, max_prompt_length=8)
+    ids, labels = _ids_labels(encode_pair(prompt, response, max_length=16, max_prompt_length=8))
     assert ids == [1, 2, 3] + list(range(10, 23))
     assert labels == [IGNORE_INDEX] * 3 + list(range(10, 23))
 
@@ -100,14 +105,14 @@ def test_encode_pair_short_prompt_keeps_more_response():
 def test_encode_pair_never_exceeds_max_length():
     prompt, response = list(range(40)), list(range(100, 110))
     try:
-        ids, _ = encode_pair(prompt, response, max_length=32, max_prompt_length=32)
+        ids, _ = _ids_labels(encode_pair(prompt, response, max_length=32, max_prompt_length=32))
     except ValueError:
         return  # rejecting the setting is also acceptable
     assert len(ids) <= 32
 
 
 def test_pad_batch_right_pads_with_masks():
-    rows = [([1, 2, 3], [IGNORE_INDEX, 2, 3]), ([4, 5, 6, 7, 8], [IGNORE_INDEX, IGNORE_INDEX, 6, 7, 8]), ([9], [9])]
+    rows = [EncodedRow((1,), (2, 3)), EncodedRow((4, 5), (6, 7, 8)), EncodedRow((), (9,))]
     batch = pad_batch(rows, pad_token_id=0)
     assert isinstance(batch, Batch)
     P, I = 0, IGNORE_INDEX
@@ -123,12 +128,12 @@ def test_pad_batch_right_pads_with_masks():
 
 def test_sequence_logps_matches_float64_hand_computation(model, tokenizer):
     rows = _rows(tokenizer)
-    assert len({len(ids) for ids, _ in rows}) > 3  # really a padded batch
+    assert len({len(row.input_ids) for row in rows}) > 3  # really a padded batch
     batch = pad_batch(rows, tokenizer.pad_token_id)
     with torch.no_grad():
         got = sequence_logps(model, batch)
     assert got.shape == (len(rows),) and got.dtype == torch.float32
-    expected = torch.tensor([_hand_logp(model, ids, labels) for ids, labels in rows], dtype=torch.float64)
+    expected = torch.tensor([_hand_logp(model, *_ids_labels(row)) for row in rows], dtype=torch.float64)
     torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)
     # the prompt is not counted: prompt-only log-probs would be far larger in magnitude for long prompts
     assert torch.all(got < 0)
@@ -138,7 +143,7 @@ def test_prompt_tokens_do_not_count(model, tokenizer):
     """Changing only the prompt labels to the input ids changes the sum; IGNORE_INDEX excludes them."""
     rows = _rows(tokenizer)[:2]
     batch = pad_batch(rows, tokenizer.pad_token_id)
-    full = pad_batch([(ids, ids) for ids, _ in rows], tokenizer.pad_token_id)
+    full = pad_batch([EncodedRow((), row.input_ids) for row in rows], tokenizer.pad_token_id)
     with torch.no_grad():
         response_only = sequence_logps(model, batch)
         everything = sequence_logps(model, full)
@@ -200,9 +205,9 @@ def test_fused_lm_head_matches_default_for_granite(tokenizer):
 
 def _one_by_one(model, tokenizer, prompts, responses, max_length=512, max_prompt_length=256):
     out = []
-    for ids, labels in _rows(tokenizer, prompts, responses, max_length, max_prompt_length):
+    for row in _rows(tokenizer, prompts, responses, max_length, max_prompt_length):
         with torch.no_grad():
-            out.append(sequence_logps(model, pad_batch([(ids, labels)], tokenizer.pad_token_id))[0])
+            out.append(sequence_logps(model, pad_batch([row], tokenizer.pad_token_id))[0])
     return torch.stack(out)
 
 

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-import mipo.mi as mi
-from mipo.logprobs import score_responses
+from mipo.logprobs import Scorer, score_responses
 from mipo.mi import MIEstimate, conditional_pointwise_mi, estimate_pmi, pointwise_mi
 from mipo.models import byte_tokenizer, load_model
 
@@ -200,6 +199,13 @@ def tiny():
     return model, tokenizer
 
 
+class ConstantScorer:
+    """A stand-in scorer for tests of the sampling alone (no model, no forward passes)."""
+
+    def score(self, prompts, responses, desc=None):
+        return torch.zeros(len(prompts))
+
+
 def _user(text: str):
     return [{"role": "user", "content": text}]
 
@@ -224,7 +230,7 @@ def _one_at_a_time(model, tokenizer, prompts, responses, other_prompts, include_
 @pytest.mark.parametrize("include_positive", [False, True])
 def test_estimate_matches_row_at_a_time_computation(tiny, include_positive):
     model, tokenizer = tiny
-    estimate = estimate_pmi(model, tokenizer, PROMPTS, RESPONSES, k=3, seed=1, batch_size=4,
+    estimate = estimate_pmi(Scorer(model, tokenizer, batch_size=4), PROMPTS, RESPONSES, k=3, seed=1,
                             include_positive=include_positive, desc=None)
     other_prompts = [[PROMPTS[j] for j in row] for row in estimate.other_indices]
     expected = _one_at_a_time(model, tokenizer, PROMPTS, RESPONSES, other_prompts, include_positive)
@@ -240,41 +246,33 @@ def test_estimate_matches_row_at_a_time_computation(tiny, include_positive):
     torch.testing.assert_close(recombined, torch.tensor(estimate.values, dtype=torch.float64))
 
 
-def _constant_scores(model, tokenizer, prompts, responses, **kwargs):
-    """A stand-in for score_responses in tests of the sampling alone (no forward passes)."""
-    return torch.zeros(len(prompts))
-
-
-def test_sampled_prompts_are_distinct_and_never_the_rows_own(tiny, monkeypatch):
-    model, tokenizer = tiny
-    monkeypatch.setattr(mi, "score_responses", _constant_scores)
+def test_sampled_prompts_are_distinct_and_never_the_rows_own():
     distinct_prompts = len({json.dumps(p) for p in PROMPTS})  # 6
     for seed in range(20):
-        estimate = estimate_pmi(model, tokenizer, PROMPTS, RESPONSES, k=distinct_prompts - 1, seed=seed, desc=None)
+        estimate = estimate_pmi(ConstantScorer(), PROMPTS, RESPONSES, k=distinct_prompts - 1, seed=seed, desc=None)
         for i, row in enumerate(estimate.other_indices):
             assert i not in row
             assert all(PROMPTS[j] != PROMPTS[i] for j in row), (i, row)
             assert len({json.dumps(PROMPTS[j]) for j in row}) == len(row), (i, row)
 
 
-def test_seed_reproducibility(tiny, monkeypatch):
-    model, tokenizer = tiny
-    first = estimate_pmi(model, tokenizer, PROMPTS, RESPONSES, k=2, seed=3, desc=None)
-    again = estimate_pmi(model, tokenizer, PROMPTS, RESPONSES, k=2, seed=3, desc=None)
-    other = estimate_pmi(model, tokenizer, PROMPTS, RESPONSES, k=2, seed=4, desc=None)
+def test_seed_reproducibility(tiny):
+    scorer = Scorer(*tiny)
+    first = estimate_pmi(scorer, PROMPTS, RESPONSES, k=2, seed=3, desc=None)
+    again = estimate_pmi(scorer, PROMPTS, RESPONSES, k=2, seed=3, desc=None)
+    other = estimate_pmi(scorer, PROMPTS, RESPONSES, k=2, seed=4, desc=None)
     assert first == again
     assert first.other_indices != other.other_indices
     assert first.values != other.values
     # The draw neither reads nor advances the global numpy / torch RNGs.
-    monkeypatch.setattr(mi, "score_responses", _constant_scores)
     np.random.seed(0)
     torch.manual_seed(0)
     state = (np.random.get_state()[1].copy(), torch.get_rng_state().clone())
-    estimate_pmi(model, tokenizer, PROMPTS, RESPONSES, k=2, seed=3, desc=None)
+    estimate_pmi(ConstantScorer(), PROMPTS, RESPONSES, k=2, seed=3, desc=None)
     assert np.array_equal(np.random.get_state()[1], state[0]) and torch.equal(torch.get_rng_state(), state[1])
 
 
-def test_alternatives_path_uses_only_the_given_candidates(tiny, monkeypatch):
+def test_alternatives_path_uses_only_the_given_candidates(tiny):
     model, tokenizer = tiny
     queries = ["What should I cook tonight?", "Suggest a weekend plan."]
     contexts = ["I am vegan.", "I love hiking.", "I live in Oslo.", "I have two cats."]
@@ -292,13 +290,13 @@ def test_alternatives_path_uses_only_the_given_candidates(tiny, monkeypatch):
     ]
     calls = []
 
-    def spy(*args, **kwargs):
-        calls.append((list(args[2]), list(args[3])))
-        return score_responses(*args, **kwargs)
+    class SpyScorer(Scorer):
+        def score(self, prompts, responses, desc=None):
+            calls.append((list(prompts), list(responses)))
+            return super().score(prompts, responses, desc=desc)
 
-    monkeypatch.setattr(mi, "score_responses", spy)
-    estimate = estimate_pmi(model, tokenizer, prompts, responses, k=3, seed=0, alternatives=alternatives,
-                            batch_size=4, desc=None)
+    estimate = estimate_pmi(SpyScorer(model, tokenizer, batch_size=4), prompts, responses, k=3, seed=0,
+                            alternatives=alternatives, desc=None)
     assert len(calls) == 1, "all N x (K+1) rows must be scored in one call"
     scored_prompts, scored_responses = calls[0]
     assert len(scored_prompts) == 2 * 4
@@ -314,13 +312,12 @@ def test_alternatives_path_uses_only_the_given_candidates(tiny, monkeypatch):
     torch.testing.assert_close(torch.tensor(estimate.values, dtype=torch.float64), expected, rtol=0, atol=1e-5)
 
 
-def test_too_few_candidates_name_the_row(tiny):
-    model, tokenizer = tiny
+def test_too_few_candidates_name_the_row():
     with pytest.raises(ValueError, match=r"row 0 .*5 distinct other prompts.*k=6"):
-        estimate_pmi(model, tokenizer, PROMPTS, RESPONSES, k=6, desc=None)
+        estimate_pmi(ConstantScorer(), PROMPTS, RESPONSES, k=6, desc=None)
     alternatives = [[_user("a"), _user("b")], [_user("a"), _user("a"), PROMPTS[1]]]
     with pytest.raises(ValueError, match=r"row 1 has 1 distinct alternatives .*k=2"):
-        estimate_pmi(model, tokenizer, PROMPTS[:2], RESPONSES[:2], k=2, alternatives=alternatives, desc=None)
+        estimate_pmi(ConstantScorer(), PROMPTS[:2], RESPONSES[:2], k=2, alternatives=alternatives, desc=None)
 
 
 @pytest.mark.parametrize(
@@ -332,15 +329,33 @@ def test_too_few_candidates_name_the_row(tiny):
         ({"prompts": ["Name a fruit."] * 8}, TypeError, r"prompts\[0\] must be a chat message list"),
     ],
 )
-def test_input_errors_are_actionable(tiny, kwargs, error, match):
-    model, tokenizer = tiny
+def test_input_errors_are_actionable(kwargs, error, match):
     arguments = {"prompts": PROMPTS, "responses": RESPONSES, "k": 2, "desc": None, **kwargs}
     with pytest.raises(error, match=match):
-        estimate_pmi(model, tokenizer, **arguments)
+        estimate_pmi(ConstantScorer(), **arguments)
 
 
 def test_to_dict_round_trips_through_json(tiny):
     model, tokenizer = tiny
-    estimate = estimate_pmi(model, tokenizer, PROMPTS, RESPONSES, k=2, seed=0, desc=None)
+    estimate = estimate_pmi(Scorer(model, tokenizer), PROMPTS, RESPONSES, k=2, seed=0, desc=None)
     restored = MIEstimate(**json.loads(json.dumps(estimate.to_dict())))
     assert restored == estimate
+
+
+def test_estimate_with_a_scorer_of_known_log_probs_and_no_model():
+    # log pi(y_i | x_j) = -(i + 1) * (j + 2) for four distinct prompts: known numbers, no forward pass
+    prompts = [_user(f"prompt {j}") for j in range(4)]
+    responses = [f"response {i}" for i in range(4)]
+
+    class TableScorer:
+        def score(self, scored_prompts, scored_responses, desc=None):
+            return torch.tensor([-(responses.index(r) + 1.0) * (prompts.index(p) + 2.0)
+                                 for p, r in zip(scored_prompts, scored_responses)])
+
+    estimate = estimate_pmi(TableScorer(), prompts, responses, k=2, seed=5, desc=None)
+    for i, others in enumerate(estimate.other_indices):
+        own = -(i + 1.0) * (i + 2.0)
+        alternatives = torch.tensor([[-(i + 1.0) * (j + 2.0) for j in others]], dtype=torch.float64)
+        expected = pointwise_mi(torch.tensor([own], dtype=torch.float64), alternatives)
+        assert estimate.values[i] == pytest.approx(float(expected[0]), abs=1e-12)
+        assert i not in others

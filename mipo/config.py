@@ -1,0 +1,148 @@
+"""What a composed config means: checked once, before any model loads, and read in one place.
+
+Every entry point calls ``check_config(cfg)`` (through ``mipo.cli.setup``) right after Hydra
+composes ``conf/config.yaml``. It reports every bad value it finds in one ``ConfigError``,
+each line naming the override to change and what was expected, so a run never spends minutes
+loading a model before failing on a batch size. Code below the entry points then trusts
+the config and does not re-check it per row or per micro-batch.
+
+The other functions here turn config values into objects: the task and its train/eval
+splits, and the dtype of the policy weights while training.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from mipo.losses import check_loss_settings
+from mipo.models import DTYPES
+from mipo.negatives import STRATEGIES
+from mipo.tasks import Example, Task, get_task, load_splits
+from mipo.tracking import WANDB_MODES
+
+KERNELS = ("auto", "triton", "torch", "naive")
+AUTOCAST = ("auto", "none", "null", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+
+
+class ConfigError(ValueError):
+    """One or more config values that cannot work; each line names the override and what it expects."""
+
+
+def build_task(cfg: DictConfig) -> Task:
+    """The task of ``cfg.task`` with its options."""
+    options = cfg.task.get("options")
+    return get_task(cfg.task.name, **(OmegaConf.to_container(options, resolve=True) if options else {}))
+
+
+def task_splits(cfg: DictConfig, task: Task | None = None) -> tuple[list[Example], list[Example]]:
+    """The disjoint training and evaluation prompts of this config."""
+    task = task or build_task(cfg)
+    return load_splits(task, cfg.data.source, cfg.data.num_train, cfg.data.num_eval, cfg.seed)
+
+
+def train_dtype(cfg: DictConfig) -> str:
+    """The dtype of the policy weights while training: ``model.train_dtype``, else ``model.dtype``."""
+    return str(cfg.model.get("train_dtype") or cfg.model.dtype)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def config_problems(cfg: DictConfig) -> list[str]:
+    """Every problem with ``cfg`` as one line each (empty when the config can run)."""
+    problems: list[str] = []
+
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            problems.append(message)
+
+    data, trainer, loss, sampling, ev = cfg.data, cfg.trainer, cfg.loss, cfg.sampling, cfg.eval
+
+    # lengths: the prompt is cut to max_prompt_length inside max_length tokens
+    need(_is_int(data.max_length) and data.max_length > 1, f"data.max_length={data.max_length}: expected an int > 1")
+    need(_is_int(data.max_prompt_length) and data.max_prompt_length > 0,
+         f"data.max_prompt_length={data.max_prompt_length}: expected an int > 0")
+    if not problems:
+        need(data.max_prompt_length < data.max_length,
+             f"data.max_prompt_length={data.max_prompt_length} must be < data.max_length={data.max_length} "
+             "(the response needs room after the prompt)")
+    for key in ("num_train", "num_eval"):
+        value = data[key]
+        need(value is None or (_is_int(value) and value >= 0), f"data.{key}={value}: expected null (all) or an int >= 0")
+
+    # batches and optimisation
+    for key in ("batch_size", "micro_batch_size", "epochs"):
+        need(_is_int(trainer[key]) and trainer[key] > 0, f"trainer.{key}={trainer[key]}: expected an int > 0")
+    if _is_int(trainer.batch_size) and _is_int(trainer.micro_batch_size) and trainer.micro_batch_size > 0:
+        need(trainer.batch_size % trainer.micro_batch_size == 0,
+             f"trainer.batch_size={trainer.batch_size} must be a multiple of "
+             f"trainer.micro_batch_size={trainer.micro_batch_size} (pairs per step = micro-batch x accumulation)")
+    need(_is_number(trainer.lr) and trainer.lr > 0, f"trainer.lr={trainer.lr}: expected a learning rate > 0")
+    need(_is_number(trainer.warmup_ratio) and 0 <= trainer.warmup_ratio <= 1,
+         f"trainer.warmup_ratio={trainer.warmup_ratio}: expected a fraction in [0, 1]")
+    need(_is_number(trainer.max_grad_norm) and trainer.max_grad_norm > 0,
+         f"trainer.max_grad_norm={trainer.max_grad_norm}: expected a number > 0")
+    need(trainer.max_steps is None or (_is_int(trainer.max_steps) and trainer.max_steps > 0),
+         f"trainer.max_steps={trainer.max_steps}: expected null or an int > 0")
+    need(str(trainer.autocast) in AUTOCAST if trainer.autocast is not None else True,
+         f"trainer.autocast={trainer.autocast}: expected one of {', '.join(AUTOCAST)}")
+
+    # the loss
+    try:
+        check_loss_settings(loss.beta, loss.label_smoothing, loss.loss_type)
+    except ValueError as error:
+        problems.append(f"loss: {error} (loss.beta={loss.beta}, loss.loss_type={loss.loss_type}, "
+                        f"loss.label_smoothing={loss.label_smoothing})")
+
+    # negatives against the task
+    strategy = cfg.negatives.strategy
+    need(strategy in STRATEGIES, f"unknown negatives.strategy {strategy!r}; expected one of {STRATEGIES}")
+    try:
+        task = build_task(cfg)
+    except ValueError as error:
+        problems.append(f"task.name={cfg.task.name}: {error}")
+        task = None
+    if task is not None and strategy == "random_context" and not task.supports_context:
+        problems.append(f"negatives=random_context needs a personalization task whose prompts carry a user context; "
+                        f"task {task.name!r} has none (use negatives=random or negatives=partial)")
+
+    # sampling and evaluation
+    for group, settings in (("sampling", sampling), ("eval", ev)):
+        need(_is_number(settings.temperature) and settings.temperature >= 0,
+             f"{group}.temperature={settings.temperature}: expected a number >= 0 (0 = greedy)")
+        need(_is_number(settings.top_p) and 0 < settings.top_p <= 1, f"{group}.top_p={settings.top_p}: expected (0, 1]")
+        need(_is_int(settings.max_new_tokens) and settings.max_new_tokens > 0,
+             f"{group}.max_new_tokens={settings.max_new_tokens}: expected an int > 0")
+        need(_is_int(settings.batch_size) and settings.batch_size > 0,
+             f"{group}.batch_size={settings.batch_size}: expected an int > 0")
+    need(_is_int(ev.score_batch_size) and ev.score_batch_size > 0,
+         f"eval.score_batch_size={ev.score_batch_size}: expected an int > 0")
+    need(_is_int(ev.mi_k) and ev.mi_k >= 1, f"eval.mi_k={ev.mi_k}: expected an int >= 1")
+    if _is_int(ev.mi_k) and _is_int(data.num_eval):
+        need(ev.mi_k <= data.num_eval - 1,
+             f"eval.mi_k={ev.mi_k} needs at least {ev.mi_k + 1} distinct evaluation prompts (each row's own and "
+             f"K others) but data.num_eval={data.num_eval}: lower eval.mi_k or raise data.num_eval")
+
+    # model, numerics, logging
+    for key in ("dtype", "train_dtype"):
+        value = cfg.model.get(key)
+        need(value is None or value == "auto" or value in DTYPES,
+             f"model.{key}={value}: expected auto or one of {', '.join(DTYPES)}")
+    need(cfg.kernel in KERNELS, f"kernel={cfg.kernel}: expected one of {', '.join(KERNELS)}")
+    need(cfg.wandb.mode in WANDB_MODES, f"wandb.mode={cfg.wandb.mode!r}: expected one of {', '.join(WANDB_MODES)}")
+    return problems
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Raise ``ConfigError`` listing every problem with ``cfg``; return quietly when it can run."""
+    problems = config_problems(cfg)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise ConfigError(f"the config cannot run ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
