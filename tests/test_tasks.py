@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from mipo import tasks
+from mipo.tasks import sources
 from mipo.tasks import (
     Example,
     available_tasks,
@@ -138,7 +139,7 @@ def test_hub_without_datasets_package_says_how_to_install(monkeypatch):
 
 
 def test_auto_uses_offline_copy_when_hub_is_off(monkeypatch):
-    monkeypatch.setattr(tasks, "hub_configured", lambda: False)
+    monkeypatch.setattr(sources, "hub_configured", lambda: False)
     assert get_task("gsm8k").resolve_source("auto") == "offline"
     assert get_task("arc_easy").resolve_source("auto") == "hub"  # no offline copy to fall back on
 
@@ -201,7 +202,7 @@ def _fake_hub(monkeypatch, rows_by_split):
         calls.append((dataset, config, split))
         return [(f"{dataset} row {i + 1}", row) for i, row in enumerate(rows_by_split[split])]
 
-    monkeypatch.setattr(tasks, "load_hub_rows", fake_load_hub_rows)
+    monkeypatch.setattr(sources, "load_hub_rows", fake_load_hub_rows)
     return calls
 
 
@@ -223,8 +224,8 @@ def test_auto_falls_back_to_offline_when_hub_fails(monkeypatch):
     def unreachable(dataset, config, split):
         raise ConnectionError("no network")
 
-    monkeypatch.setattr(tasks, "hub_configured", lambda: True)
-    monkeypatch.setattr(tasks, "load_hub_rows", unreachable)
+    monkeypatch.setattr(sources, "hub_configured", lambda: True)
+    monkeypatch.setattr(sources, "load_hub_rows", unreachable)
     task = get_task("gsm8k")
     assert task.resolve_source("auto") == "hub"
     train, evaluation = load_splits(task, "auto", num_train=10, num_eval=10, seed=0)

@@ -1,0 +1,112 @@
+"""AI2 ARC multiple-choice science questions: rows in benchkit or hub layout, lettered choices,
+the "The answer is X" grading."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from mipo.tasks.base import Example, Task, field_error, require_scalar_text, require_text
+
+# The offline copy of ARC-Challenge (ARC-Easy has none).
+ARC_CHALLENGE_OFFLINE = (("test", "benchkit", "datasets/arc_challenge.jsonl"),)
+
+_ARC_ANSWER_PATTERN = re.compile(
+    r"(?i:answer\s+is)\s*:?\s*[*_(\[\s]*(?i:(?:option|choice)\s+)?[*_(\[\s$]*(?:\\boxed\{)?([A-Z])(?![A-Za-z0-9])"
+)
+
+
+def extract_choice_letter(text: str) -> str | None:
+    """Letter after the last "the answer is" (case-insensitive phrase; capital letter).
+
+    Tolerates ``"(B)"``, ``"B."``, ``"**B**"``, ``": B"``, ``"option B"``, ``"\\boxed{B}"``. A lowercase letter is
+    not accepted (``"the answer is a ..."`` is usually an article). No match gives None.
+    """
+    matches = list(_ARC_ANSWER_PATTERN.finditer(text))
+    return matches[-1].group(1) if matches else None
+
+
+def _arc_choices(row: dict[str, Any], where: str) -> tuple[list[str], list[str], str]:
+    """Labels, texts and answer from a benchkit row (choices list + labels list + answer) or a hub
+    row (choices {text, label} + answerKey)."""
+    expected_choices = 'a list of strings, or {"text": [...], "label": [...]}'
+    if "choices" not in row:
+        raise field_error(where, "choices", "is missing", expected_choices)
+    choices = row["choices"]
+    if isinstance(choices, dict):
+        texts, labels = choices.get("text"), choices.get("label")
+    elif isinstance(choices, list):
+        texts = choices
+        labels = row.get("labels", [chr(ord("A") + index) for index in range(len(choices))])
+    else:
+        raise field_error(where, "choices", f"has type {type(choices).__name__}", expected_choices)
+    if not isinstance(texts, list) or not isinstance(labels, list) or len(texts) != len(labels) or len(texts) < 2:
+        raise field_error(where, "choices", "does not pair texts with labels", "2 or more texts with as many labels")
+    if not all(isinstance(item, str) and item.strip() for item in texts):
+        raise field_error(where, "choices", "has an empty or non-string text", "non-empty strings")
+    labels = [str(label).strip() for label in labels]
+    answer_field = "answerKey" if "answerKey" in row else "answer"
+    answer = require_scalar_text(row, answer_field, where, f"one of the labels {labels}")
+    if answer not in labels:
+        raise field_error(where, answer_field, f"is {answer!r}", f"one of the labels {labels}")
+    return labels, [text.strip() for text in texts], answer
+
+
+def _letter_labels(labels: list[str], answer: str, where: str) -> tuple[list[str], str]:
+    """Map numeric labels "1".."n" to "A".. (same map for the answer); check labels are letters."""
+    if all(label.isdigit() for label in labels):
+        mapping = {label: chr(ord("A") + int(label) - 1) for label in labels}
+        if any(not 1 <= int(label) <= 26 for label in labels):
+            raise field_error(where, "labels", f"is {labels}", "numeric labels from 1 to 26")
+        labels, answer = [mapping[label] for label in labels], mapping[answer]
+    if any(len(label) != 1 or not "A" <= label <= "Z" for label in labels) or len(set(labels)) != len(labels):
+        raise field_error(where, "labels", f"is {labels}", 'distinct capital letters or numbers "1".."n"')
+    return labels, answer
+
+
+class ArcTask(Task):
+    """AI2 ARC multiple-choice science questions (Challenge or Easy).
+
+    Prompt: one user message with the instruction, the question stem and the lettered choices;
+    the model should reason briefly and finish with "The answer is X". Numeric labels ``1..4``
+    become ``A..D`` in both the choices and the gold answer.
+    """
+
+    max_new_tokens = 256
+    hub_dataset = "allenai/ai2_arc"
+    hub_splits = ("train", "validation", "test")
+    instruction = (
+        "Answer the following multiple-choice science question. Reason briefly, then finish your "
+        'response with "The answer is X", where X is the letter of the correct choice.'
+    )
+
+    def __init__(
+        self,
+        name: str,
+        hub_config: str,
+        offline_files: tuple[tuple[str, str, str], ...] = (),
+        max_new_tokens: int | None = None,
+    ) -> None:
+        self.name = name
+        self.hub_config = hub_config
+        self.offline_files = offline_files
+        super().__init__(max_new_tokens)
+
+    def parse_row(self, row: dict[str, Any], where: str, uid: str) -> Example:
+        """Rows: ``question``, choices (benchkit or hub layout) and ``answer``/``answerKey``."""
+        question = require_text(row, "question", where)
+        labels, texts, answer = _arc_choices(row, where)
+        labels, answer = _letter_labels(labels, answer, where)
+        return Example(uid=uid, question=question, answer=answer, choices=tuple(zip(labels, texts)))
+
+    def messages(self, ex: Example) -> list[dict[str, str]]:
+        """One user message: instruction, question, ``A. text`` lines."""
+        if not ex.choices:
+            raise ValueError(f"{ex.uid}: an ARC example needs choices")
+        choice_lines = "\n".join(f"{label}. {text}" for label, text in ex.choices)
+        content = f"{self.instruction}\n\nQuestion: {ex.question}\n{choice_lines}"
+        return [{"role": "user", "content": content}]
+
+    def extract_answer(self, text: str) -> str | None:
+        """See :func:`extract_choice_letter`."""
+        return extract_choice_letter(text)
