@@ -1,4 +1,5 @@
-"""mipo.aggregate and aggregate.py on a hand-written sweep directory with known numbers.
+"""Sweep aggregation (mipo.sweep, mipo.summary, mipo.plots, mipo.aggregate) and aggregate.py on a
+hand-written sweep directory with known numbers.
 
 The sweep: loss.beta in {0.01, 0.1} x negatives in {random, partial} x seed in {0, 1}, plus one failed
 job (seed 2 of beta=0.1/partial: train.json but no eval.json). Every override list also holds the
@@ -15,19 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from mipo.aggregate import (
-    AggregateError,
-    collect_runs,
-    default_columns,
-    figure_name,
-    parse_overrides,
-    plot,
-    read_run,
-    summarize,
-    swept_keys,
-    use_log_scale,
-    write_table,
-)
+from mipo.plots import base_reference, figure_name, plot, use_log_scale
+from mipo.aggregate import aggregate
+from mipo.summary import Stat, SummaryRow, default_columns, over_seeds, summarize, write_table
+from mipo.sweep import AggregateError, Result, collect_runs, parse_overrides, read_run, swept_keys
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -189,7 +181,7 @@ def test_swept_keys_in_override_order_without_constants(sweep: Path):
 # --------------------------------------------------------------------------------------------------
 
 def test_summarize_means_and_sems_over_seeds(sweep: Path):
-    rows = summarize(collect_runs(sweep))
+    rows = [row.record() for row in summarize(collect_runs(sweep))]  # as the CSV columns
     assert [(r["loss.beta"], r["negatives"]) for r in rows] == [
         (0.01, "partial"), (0.01, "random"), (0.1, "partial"), (0.1, "random")]
     assert all("seed" not in r for r in rows)
@@ -219,7 +211,7 @@ def test_summarize_means_and_sems_over_seeds(sweep: Path):
 
 
 def test_summarize_with_one_seed_uses_the_runs_own_stderr(sweep: Path):
-    rows = summarize([r for r in collect_runs(sweep) if r.overrides["seed"] == 0])
+    rows = [row.record() for row in summarize([r for r in collect_runs(sweep) if r.overrides["seed"] == 0])]
     assert len(rows) == 4
     row = row_for(rows, 0.01, "random")
     assert row["n_seeds"] == 1
@@ -228,6 +220,29 @@ def test_summarize_with_one_seed_uses_the_runs_own_stderr(sweep: Path):
     assert row["trained/mi_mean_sem"] == TRAINED_MI_STDERR
     assert row["delta/accuracy_sem"] is None  # no per-run stderr of a difference
     assert row["train/final_loss_sem"] is None
+
+
+def test_summary_rows_are_typed_records(sweep: Path):
+    runs = collect_runs(sweep)
+    assert runs[0].results["trained/accuracy"] == Result(0.30, TRAINED_ACC_STDERR)
+    assert runs[0].results["delta/accuracy"].stderr is None
+    assert not any(name.endswith("_stderr") for name in runs[0].results)  # standard errors belong to a metric
+
+    rows = summarize(runs)
+    row = rows[3]
+    assert row.values == {"loss.beta": 0.1, "negatives": "random"}
+    assert (row.n_seeds, row.n_failed) == (2, 0)
+    stat = row.stats["trained/mi_mean"]
+    assert (stat.mean, stat.stderr, stat.n) == (pytest.approx(0.80), pytest.approx(0.10), 2)
+    assert list(row.stats) == list(rows[0].stats)  # every row holds every metric, in table order
+    assert row.mean("no/such_metric") is None
+
+
+def test_over_seeds_of_per_seed_results():
+    assert over_seeds([]) == Stat(None, None, 0)
+    assert over_seeds([Result(0.5, 0.07)]) == Stat(0.5, 0.07, 1)  # one seed: its own standard error
+    stat = over_seeds([Result(0.2, 0.07), Result(0.4, 0.07), Result(0.6, None)])
+    assert (stat.mean, stat.stderr, stat.n) == (pytest.approx(0.4), pytest.approx(0.2 / 3 ** 0.5), 3)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -297,7 +312,7 @@ def test_personalization_sweep_has_no_accuracy_columns(tmp_path: Path):
     columns = default_columns(rows)
     assert columns == ["loss.beta", "trained/mi_mean", "base/mi_mean", "delta/mi_mean", "train/final_loss",
                        "train/final_reward_accuracy", "n_seeds"]
-    assert rows[0]["trained/mi_mean_sem"] == TRAINED_MI_STDERR
+    assert rows[0].record()["trained/mi_mean_sem"] == TRAINED_MI_STDERR
 
 
 # --------------------------------------------------------------------------------------------------
@@ -325,6 +340,24 @@ def test_cli_prints_table_lists_failed_job_and_writes_files(sweep: Path, tmp_pat
     assert runs[0]["seed"] == "0" and float(runs[0]["trained/accuracy"]) == pytest.approx(0.30)
 
 
+def test_aggregate_returns_the_report_it_wrote(sweep: Path, tmp_path: Path):
+    report = aggregate(sweep, out_dir=tmp_path / "report", y="delta/accuracy", group=["negatives"])
+    assert [p.name for p in report.written] == ["summary.csv", "summary.md", "runs.csv",
+                                                "delta_accuracy_vs_loss.beta.png", "trained_mi_mean_vs_loss.beta.png"]
+    assert all(p.is_file() for p in report.written)
+    assert len(report.runs) == 9 and len(report.rows) == 4
+    assert report.text.startswith((tmp_path / "report" / "summary.md").read_text())
+    assert "1 of 9 jobs failed" in report.text
+
+
+def test_aggregate_without_results_lists_the_failed_jobs(tmp_path: Path):
+    write_job(tmp_path, 0, 0.1, "random", 0, evaluated=False)
+    with pytest.raises(AggregateError, match="has results yet") as error:
+        aggregate(tmp_path)
+    assert error.value.report.startswith("1 of 1 jobs failed")
+    assert not (tmp_path / "summary.csv").exists()
+
+
 def test_cli_error_for_a_directory_without_jobs(tmp_path: Path):
     result = run_cli(str(tmp_path))
     assert result.returncode == 2
@@ -340,11 +373,16 @@ def test_cli_error_for_unknown_y_lists_metrics(sweep: Path, tmp_path: Path):
     assert not (tmp_path / "report" / "summary.csv").exists()  # checked before anything is written
 
 
-def test_base_reference_line_only_when_one_base_model():
-    from mipo.aggregate import base_reference
+def summary_row(means: dict[str, float]) -> SummaryRow:
+    """A one-seed row holding just these metric means."""
+    return SummaryRow(values={}, stats={m: Stat(v, None, 1) for m, v in means.items()}, n_seeds=1, n_failed=0)
 
-    rows = [{"trained/accuracy": 0.5, "base/accuracy": 0.25}, {"trained/accuracy": 0.6, "base/accuracy": 0.25}]
+
+def test_base_reference_line_only_when_one_base_model():
+    rows = [summary_row({"trained/accuracy": 0.5, "base/accuracy": 0.25}),
+            summary_row({"trained/accuracy": 0.6, "base/accuracy": 0.25})]
     assert base_reference(rows, "trained/accuracy") == 0.25
     assert base_reference(rows, "base/accuracy") is None
-    rows[1]["base/accuracy"] = 0.3  # two different base models: no single reference line
+    # two different base models: no single reference line
+    rows[1] = summary_row({"trained/accuracy": 0.6, "base/accuracy": 0.3})
     assert base_reference(rows, "trained/accuracy") is None
