@@ -16,22 +16,17 @@ ends, and the loss mask is the response by construction.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 
+from mipo.chat import Messages, prompt_key
+
 if TYPE_CHECKING:  # pairs.py imports Messages from here
     from mipo.pairs import PreferencePair
 
 IGNORE_INDEX = -100
-Messages = list[dict[str, str]]  # [{"role": "user", "content": "..."}, ...]
-
-
-def prompt_key(messages: Messages) -> str:
-    """A string under which two prompts are equal iff their messages are (dict key order ignored)."""
-    return json.dumps(list(messages), sort_keys=True, ensure_ascii=False)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mipo.chat import Messages
 from mipo.config import build_task, task_splits
 from mipo.files import stable_hash, write_json
 from mipo.generation import generate
@@ -43,7 +44,7 @@ def accuracy(correct: list[bool]) -> tuple[float, float]:
     return p, math.sqrt(p * (1 - p) / n)
 
 
-def context_alternatives(task: Task, examples: list[Example]) -> list[list[list[dict]]] | None:
+def context_alternatives(task: Task, examples: list[Example]) -> list[list[Messages]] | None:
     """For personalization: each example's query under every other user's context.
 
     ``estimate_pmi`` draws its K alternatives from these lists; ``None`` for tasks without contexts.

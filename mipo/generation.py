@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mipo.encoding import Messages, encode_prompt, left_pad
+from mipo.chat import Messages
+from mipo.encoding import encode_prompt, left_pad
 
 
 @torch.no_grad()

@@ -20,7 +20,8 @@ import torch
 from tqdm.auto import tqdm
 
 from kernels import linear_logprob, logprob_gather
-from mipo.encoding import IGNORE_INDEX, Batch, EncodedRow, Messages, encode_rows, left_pad, pad_batch
+from mipo.chat import Messages
+from mipo.encoding import IGNORE_INDEX, Batch, EncodedRow, encode_rows, left_pad, pad_batch
 
 
 def sequence_logps(

@@ -28,7 +28,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from mipo.encoding import Messages, prompt_key
+from mipo.chat import Messages, prompt_key
 
 
 # --------------------------------------------------------------------------------------------

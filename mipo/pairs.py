@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from mipo.encoding import Messages
+from mipo.chat import Messages
 from mipo.files import atomic_path, read_jsonl
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")

@@ -10,24 +10,22 @@ step, warmup schedule; finally it saves the policy in Hugging Face format.
 from __future__ import annotations
 
 import logging
-import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterator
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from mipo.config import train_dtype
-from mipo.encoding import Batch, EncodedRow, encode_pairs, pad_batch
+from mipo.encoding import encode_pairs
 from mipo.files import write_json
-from mipo.logprobs import sequence_logps
-from mipo.losses import dpo_loss
-from mipo.models import load_model, load_tokenizer, resolve_device, resolve_dtype
+from mipo.forward import collate_pairs, dpo_forward
+from mipo.models import load_model, load_tokenizer, resolve_device
+from mipo.optim import build_optimizer, build_scheduler, resolve_autocast
 from mipo.pairs import read_pairs
-from mipo.reference import ReferenceLogps, reference_logps
+from mipo.reference import reference_logps
 from mipo.sampling import pairs_path
 from mipo.tracking import MetricsLogger
 
@@ -67,9 +65,8 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
     policy.train()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=tcfg.lr, weight_decay=tcfg.weight_decay)
-    warmup_steps = math.ceil(tcfg.warmup_ratio * total_steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)))
+    optimizer = build_optimizer(policy, tcfg)
+    scheduler = build_scheduler(optimizer, tcfg, total_steps)
 
     logger = MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True))
     log.info("training on %d pairs: %d steps of %d pairs (%d x %d accumulation), lr %.2g, beta %.3g, loss %s",
@@ -119,74 +116,6 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     return summary
 
 
-# --------------------------------------------------------------------------------------------
-# One micro-batch
-# --------------------------------------------------------------------------------------------
-
-@dataclass
-class PairBatch:
-    """A micro-batch of b preference pairs, laid out for one concatenated forward."""
-
-    inputs: Batch  # (2b, T): rows [0, b) are (x, y+), rows [b, 2b) are (x, y-)
-    reference_chosen_logps: torch.Tensor  # (b,) log pi_ref(y+|x)
-    reference_rejected_logps: torch.Tensor  # (b,) log pi_ref(y-|x)
-
-    def to(self, device: torch.device | str) -> "PairBatch":
-        return PairBatch(self.inputs.to(device), self.reference_chosen_logps.to(device),
-                         self.reference_rejected_logps.to(device))
-
-
-def collate_pairs(chosen_rows: Sequence[EncodedRow], rejected_rows: Sequence[EncodedRow], index: Sequence[int],
-                  reference: ReferenceLogps, pad_token_id: int) -> PairBatch:
-    """The pairs ``index`` as one right-padded batch, chosen rows first, with their reference log-probs."""
-    rows = [chosen_rows[i] for i in index] + [rejected_rows[i] for i in index]
-    return PairBatch(pad_batch(rows, pad_token_id), reference.chosen[index], reference.rejected[index])
-
-
-def dpo_forward(
-    policy: torch.nn.Module,
-    batch: PairBatch,
-    loss_cfg: Mapping[str, Any],
-    kernel: str = "auto",
-    fused_lm_head: bool = False,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The DPO loss of a micro-batch and its metrics, from one forward over chosen and rejected rows.
-
-    As the DPO reference implementation's ``concatenated_forward``: y+ and y- rows run through the
-    policy together (one forward instead of two), their summed response log-probs are split,
-    and ``dpo_loss`` compares them with the cached reference log-probs.
-
-    Returns:
-        ``(loss, metrics)``: the mean loss over the b pairs (a scalar with a graph) and detached
-        scalar metrics (loss, implicit rewards, their margin and accuracy, policy log-probs).
-    """
-    b = batch.reference_chosen_logps.shape[0]
-    with torch.autocast(batch.inputs.input_ids.device.type, dtype=autocast_dtype or torch.float32,
-                        enabled=autocast_dtype is not None):
-        logps = sequence_logps(policy, batch.inputs, kernel=kernel, fused_lm_head=fused_lm_head)  # (2b,)
-    policy_chosen_logps, policy_rejected_logps = logps[:b], logps[b:]
-    losses, chosen_rewards, rejected_rewards = dpo_loss(
-        policy_chosen_logps, policy_rejected_logps, batch.reference_chosen_logps, batch.reference_rejected_logps,
-        beta=loss_cfg["beta"], label_smoothing=loss_cfg["label_smoothing"], loss_type=loss_cfg["loss_type"],
-    )  # each (b,)
-    loss = losses.mean()
-    metrics = {
-        "loss": loss.detach(),
-        "reward_chosen": chosen_rewards.mean(),
-        "reward_rejected": rejected_rewards.mean(),
-        "reward_margin": (chosen_rewards - rejected_rewards).mean(),
-        "reward_accuracy": (chosen_rewards > rejected_rewards).float().mean(),
-        "logps_chosen": policy_chosen_logps.detach().mean(),
-        "logps_rejected": policy_rejected_logps.detach().mean(),
-    }
-    return loss, metrics
-
-
-# --------------------------------------------------------------------------------------------
-# Schedule and precision
-# --------------------------------------------------------------------------------------------
-
 def batch_order(num_pairs: int, batch_size: int, epochs: int, seed: int) -> Iterator[list[int]]:
     """Pair indices of each optimizer step: every epoch a fresh shuffle, cut into full batches."""
     rng = random.Random(seed)
@@ -195,16 +124,3 @@ def batch_order(num_pairs: int, batch_size: int, epochs: int, seed: int) -> Iter
         rng.shuffle(order)
         for start in range(0, num_pairs - batch_size + 1, batch_size):
             yield order[start : start + batch_size]
-
-
-def resolve_autocast(setting: str | None, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype | None:
-    """The dtype the forward runs in under autocast, or None for no autocast.
-
-    ``auto``: bf16 on a GPU when the weights are fp32 (mixed precision: fp32 master weights and
-    optimizer states, bf16 matmuls), nothing on CPU, where bf16 matmuls are slow.
-    """
-    if setting in (None, "none", "null"):
-        return None
-    if setting == "auto":
-        return torch.bfloat16 if device.type == "cuda" and weights_dtype == torch.float32 else None
-    return resolve_dtype(setting, device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from mipo.chat import Messages
 from mipo.tasks.base import Example, Task, field_error, require_scalar_text, require_text
 
 # The offline copy of ARC-Challenge (ARC-Easy has none).
@@ -99,7 +100,7 @@ class ArcTask(Task):
         labels, answer = _letter_labels(labels, answer, where)
         return Example(uid=uid, question=question, answer=answer, choices=tuple(zip(labels, texts)))
 
-    def messages(self, ex: Example) -> list[dict[str, str]]:
+    def messages(self, ex: Example) -> Messages:
         """One user message: instruction, question, ``A. text`` lines."""
         if not ex.choices:
             raise ValueError(f"{ex.uid}: an ARC example needs choices")

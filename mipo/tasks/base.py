@@ -10,6 +10,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from mipo.chat import Messages
 from mipo.tasks import sources
 from mipo.tasks.sources import SOURCE_AUTO, SOURCE_HUB
 from mipo.tasks.text import drop_one_sentence, normalize_number
@@ -197,7 +198,7 @@ class Task:
 
     # -- prompts ------------------------------------------------------------------------------
 
-    def messages(self, ex: Example) -> list[dict[str, str]]:
+    def messages(self, ex: Example) -> Messages:
         """Chat messages (``{"role", "content"}``) of the prompt for ``ex``, built from its fields."""
         raise NotImplementedError
 

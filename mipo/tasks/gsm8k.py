@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mipo.chat import Messages
 from mipo.tasks.base import Example, Task, parse_gold_number, require_text
 from mipo.tasks.text import extract_number
 
@@ -105,7 +106,7 @@ class Gsm8kTask(Task):
         question = require_text(row, "question", where)
         return Example(uid=uid, question=question, answer=parse_gold_number(row, "answer", where))
 
-    def messages(self, ex: Example) -> list[dict[str, str]]:
+    def messages(self, ex: Example) -> Messages:
         """One user message: instruction, k exemplars, the question."""
         parts = [self.instruction]
         if self.num_fewshot:

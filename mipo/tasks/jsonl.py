@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from mipo.chat import Messages
 from mipo.tasks.base import Example, Task, require_context, require_scalar_text, require_text
 from mipo.tasks.sources import SOURCE_AUTO, SOURCE_HUB, SOURCE_OFFLINE
 from mipo.tasks.text import extract_number, normalize_number, user_turn_with_context
@@ -80,7 +81,7 @@ class JsonlTask(Task):
         context = require_context(row, self.context_field, where) if self.context_field else None
         return Example(uid=uid, question=question, answer=answer, context=context)
 
-    def messages(self, ex: Example) -> list[dict[str, str]]:
+    def messages(self, ex: Example) -> Messages:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         messages.append({"role": "user", "content": user_turn_with_context(ex.context, ex.question)})
         return messages

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any, Sequence
 
+from mipo.chat import Messages
 from mipo.tasks import sources
 from mipo.tasks.base import Example, Task, require_context, require_text
 from mipo.tasks.text import user_turn_with_context
@@ -50,7 +51,7 @@ class PersistBenchTask(Task):
         query = require_text(row, "query", where)
         return Example(uid=uid, question=query, context=require_context(row, "memories", where))
 
-    def messages(self, ex: Example) -> list[dict[str, str]]:
+    def messages(self, ex: Example) -> Messages:
         """One user message: the context block (only when present), then the query."""
         return [{"role": "user", "content": user_turn_with_context(ex.context, ex.question)}]
 
