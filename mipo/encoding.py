@@ -6,7 +6,7 @@ the policy with log pi_ref(y|x) from the cache, so one extra or missing token on
 is a bias in every reward. Every row therefore goes through ``encode_rows``:
 
     prompt messages --chat template--> prompt ids      (``encode_prompt``)
-    response string --tokenizer------> response ids + end-of-turn   (``encode_response``)
+    response string --tokenizer------> response ids [+ end-of-turn if it finished]  (``encode_response``)
     (prompt ids, response ids) --truncation--> ``EncodedRow``         (``encode_pair``)
 
 An ``EncodedRow`` keeps the prompt ids and the response ids apart, so a consumer that runs a
@@ -39,9 +39,14 @@ def encode_prompt(tokenizer, messages: Messages) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def encode_response(tokenizer, response: str) -> list[int]:
-    """Token ids of a response followed by the end-of-turn token."""
-    return tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def encode_response(tokenizer, response: str, finished: bool = True) -> list[int]:
+    """Token ids of a response, followed by the end-of-turn token only if the model ``finished`` it.
+
+    A response cut at ``max_new_tokens`` did not end: scoring or training it with an end-of-turn
+    token would credit the model with stopping where it did not.
+    """
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if finished else ids
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,8 @@ class EncodedRow:
 
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]
+    prompt_cut: int = 0  # prompt tokens dropped from the left by the truncation rule
+    response_cut: int = 0  # response tokens dropped from the right
 
     @property
     def input_ids(self) -> list[int]:
@@ -62,37 +69,51 @@ class EncodedRow:
         return [IGNORE_INDEX] * len(self.prompt_ids) + list(self.response_ids)
 
 
+def truncate_prompt(prompt_ids: Sequence[int], max_prompt_length: int) -> tuple[int, ...]:
+    """The prompt rule, the same for generation and scoring: keep the last ``max_prompt_length`` tokens.
+
+    The end of a prompt (the question, the generation prompt) sits next to the response and
+    matters most; a long few-shot or context block loses its beginning first.
+    """
+    return tuple(prompt_ids[-max_prompt_length:])
+
+
 def encode_pair(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int,
                 max_prompt_length: int) -> EncodedRow:
-    """The truncation rule: prompt and response ids cut to at most ``max_length`` tokens.
+    """The truncation rule for a scored row: at most ``max_length`` tokens, the prompt as generation saw it.
 
-    A row that fits is kept whole. Otherwise the prompt is cut from the left to
-    ``max_prompt_length`` first (its end, next to the response, matters most), then the response
-    from the right, so at least one response token remains. ``0 < max_prompt_length <
-    max_length`` is checked once, by ``mipo.config.check_config``.
+    The prompt is cut by ``truncate_prompt`` (exactly what ``mipo.generation`` feeds the model,
+    so a response is scored under the prompt it answered), then the response is cut from the
+    right to the room left, ``max_length - len(prompt)``. ``0 < max_prompt_length <
+    max_length`` is checked once, by ``mipo.config.check_config``; the prompt keeps at most
+    ``max_length - 1`` tokens here so that a row always has a response token.
     """
-    prompt_ids, response_ids = tuple(prompt_ids), tuple(response_ids)
-    if len(prompt_ids) + len(response_ids) > max_length:
-        prompt_ids = prompt_ids[-min(max_prompt_length, max_length - 1):]
-        response_ids = response_ids[: max_length - len(prompt_ids)]
-    return EncodedRow(prompt_ids, response_ids)
+    prompt = truncate_prompt(prompt_ids, min(max_prompt_length, max_length - 1))
+    response = tuple(response_ids[: max_length - len(prompt)])
+    return EncodedRow(prompt, response, prompt_cut=len(prompt_ids) - len(prompt),
+                      response_cut=len(response_ids) - len(response))
 
 
 def encode_rows(tokenizer, prompts: Sequence[Messages], responses: Sequence[str], max_length: int,
-                max_prompt_length: int) -> list[EncodedRow]:
+                max_prompt_length: int, finished: Sequence[bool] | None = None) -> list[EncodedRow]:
     """Encode (prompt messages, response) rows; each distinct prompt is rendered and tokenised once.
 
     The single function through which policy, reference and MI scoring see their tokens.
+    ``finished[i]`` is False for a response cut at ``max_new_tokens`` (no end-of-turn token);
+    by default every response is finished.
     """
     if len(prompts) != len(responses):
         raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if finished is None:
+        finished = [True] * len(responses)
     prompt_ids: dict[str, list[int]] = {}
     rows = []
-    for messages, response in zip(prompts, responses):
+    for messages, response, done in zip(prompts, responses, finished):
         key = prompt_key(messages)
         if key not in prompt_ids:
             prompt_ids[key] = encode_prompt(tokenizer, messages)
-        rows.append(encode_pair(prompt_ids[key], encode_response(tokenizer, response), max_length, max_prompt_length))
+        rows.append(encode_pair(prompt_ids[key], encode_response(tokenizer, response, done), max_length,
+                                max_prompt_length))
     return rows
 
 
@@ -101,8 +122,15 @@ def encode_pairs(tokenizer, pairs: Sequence["PreferencePair"], max_length: int,
     """(x, y+) and (x, y-) rows of preference pairs: what the policy and the reference both score."""
     prompts = [pair.prompt for pair in pairs]
     rows = encode_rows(tokenizer, prompts + prompts, [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs],
-                       max_length, max_prompt_length)
+                       max_length, max_prompt_length,
+                       finished=[pair.chosen_finished for pair in pairs] + [pair.rejected_finished for pair in pairs])
     return rows[: len(pairs)], rows[len(pairs):]
+
+
+def truncation_counts(rows: Sequence[EncodedRow]) -> dict[str, int]:
+    """How often the truncation rule fired: rows whose prompt, or response, lost tokens."""
+    return {"prompts_truncated": sum(row.prompt_cut > 0 for row in rows),
+            "responses_truncated": sum(row.response_cut > 0 for row in rows)}
 
 
 # --------------------------------------------------------------------------------------------

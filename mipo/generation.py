@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mipo.chat import Messages
-from mipo.encoding import encode_prompt, left_pad
+from mipo.encoding import encode_prompt, left_pad, truncate_prompt
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def generate(
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, messages) for messages in prompts]
     if max_prompt_length is not None:
-        encoded = [ids[-max_prompt_length:] for ids in encoded]
+        encoded = [list(truncate_prompt(ids, max_prompt_length)) for ids in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
     responses: list[str] = [""] * len(encoded)
     sampling = temperature > 0

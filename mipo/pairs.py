@@ -7,9 +7,12 @@ One line per pair::
      "rejected": [{"role": "assistant", "content": "..."}],   # y- ~ pi_base(.|x')
      "negative_prompt": [{"role": "user", "content": "..."}], # x'
      "strategy": "random", "task": "gsm8k", "uid": "gsm8k/test/17", "answer": "18",
+     "chosen_finish_reason": "eos", "rejected_finish_reason": "length",
      "seed": 0, "model": "...", "sampling": {"temperature": 0.1, "top_p": 0.9, ...}}
 
 Only ``prompt``, ``chosen`` and ``rejected`` are required to train; the rest is metadata.
+A ``*_finish_reason`` of ``"length"`` marks a response cut at ``max_new_tokens``: it is
+trained and scored without an end-of-turn token (absent means ``"eos"``, a finished response).
 ``chosen``/``rejected`` may also be plain strings (TRL's "standard" format).
 """
 
@@ -33,6 +36,16 @@ class PreferencePair:
     chosen: str
     rejected: str
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def chosen_finished(self) -> bool:
+        """False when y+ was cut at ``max_new_tokens`` instead of ending."""
+        return self.metadata.get("chosen_finish_reason", "eos") != "length"
+
+    @property
+    def rejected_finished(self) -> bool:
+        """False when y- was cut at ``max_new_tokens`` instead of ending."""
+        return self.metadata.get("rejected_finish_reason", "eos") != "length"
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -78,11 +78,22 @@ def test_encode_prompt_and_response(tokenizer):
     assert len(response) == 4
 
 
-def test_encode_pair_without_truncation():
+def test_encode_pair_cuts_the_prompt_as_generation_does():
+    # the prompt is always cut to max_prompt_length, even when the row would fit in max_length:
+    # generation saw only those tokens, so the response is scored under them
     prompt, response = [5, 6, 7], [8, 9]
-    ids, labels = _ids_labels(encode_pair(prompt, response, max_length=5, max_prompt_length=2))
-    assert ids == [5, 6, 7, 8, 9]  # fits: nothing is cut, even though the prompt exceeds max_prompt_length
-    assert labels == [IGNORE_INDEX] * 3 + [8, 9]
+    row = encode_pair(prompt, response, max_length=5, max_prompt_length=2)
+    ids, labels = _ids_labels(row)
+    assert ids == [6, 7, 8, 9]
+    assert labels == [IGNORE_INDEX] * 2 + [8, 9]
+    assert (row.prompt_cut, row.response_cut) == (1, 0)
+    assert encode_pair([5, 6], response, max_length=5, max_prompt_length=2).prompt_cut == 0
+
+
+def test_truncated_response_has_no_end_of_turn(tokenizer):
+    finished = encode_response(tokenizer, "ok!")
+    cut = encode_response(tokenizer, "ok!", finished=False)
+    assert finished == cut + [tokenizer.eos_token_id] and tokenizer.eos_token_id not in cut
 
 
 def test_encode_pair_truncates_prompt_left_and_response_right():
@@ -265,3 +276,16 @@ def test_prompt_sharing_matches_full_rows(model, tokenizer, batch_size, lengths)
                            max_prompt_length=max_prompt_length, desc=None, share_prompts=False)
     assert torch.allclose(shared, full, rtol=1e-5, atol=1e-4), (shared - full).abs().max()
     assert full.std() > 1.0  # the rows really differ, so a mix-up of rows would show
+
+
+def test_encode_pairs_drops_end_of_turn_only_for_cut_responses(tokenizer):
+    from mipo.encoding import encode_pairs
+    from mipo.pairs import PreferencePair
+
+    pairs = [PreferencePair(user("Hi"), "Hello.", "A long rambl", {"rejected_finish_reason": "length"}),
+             PreferencePair(user("Yo"), "Hey", "Sup.", {"chosen_finish_reason": "eos", "rejected_finish_reason": "eos"})]
+    chosen, rejected = encode_pairs(tokenizer, pairs, max_length=512, max_prompt_length=256)
+    eos = tokenizer.eos_token_id
+    assert [row.response_ids[-1] == eos for row in chosen] == [True, True]
+    assert [row.response_ids[-1] == eos for row in rejected] == [False, True]
+    assert tokenizer.decode(rejected[0].response_ids) == "A long rambl"
