@@ -131,10 +131,9 @@ def config_problems(cfg: DictConfig) -> list[str]:
              f"K others) but data.num_eval={data.num_eval}: lower eval.mi_k or raise data.num_eval")
 
     # model, numerics, logging
-    for key in ("dtype", "train_dtype"):
-        value = cfg.model.get(key)
-        need(value is None or value == "auto" or value in DTYPES,
-             f"model.{key}={value}: expected auto or one of {', '.join(DTYPES)}")
+    for key, value in (("model.dtype", cfg.model.get("dtype")), ("model.train_dtype", cfg.model.get("train_dtype")),
+                       ("eval.dtype", ev.get("dtype"))):
+        need(value is None or value == "auto" or value in DTYPES, f"{key}={value}: expected auto or one of {', '.join(DTYPES)}")
     need(cfg.kernel in KERNELS, f"kernel={cfg.kernel}: expected one of {', '.join(KERNELS)}")
     need(cfg.wandb.mode in WANDB_MODES, f"wandb.mode={cfg.wandb.mode!r}: expected one of {', '.join(WANDB_MODES)}")
     return problems

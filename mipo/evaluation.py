@@ -31,10 +31,11 @@ from mipo.files import stable_hash, write_json
 from mipo.generation import generate
 from mipo.logprobs import Scorer
 from mipo.mi import estimate_pmi
-from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
+from mipo.models import load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype
 from mipo.tasks import Example, Task
 
 log = logging.getLogger(__name__)
+MI_PLAIN, MI_CONDITIONAL = "pmi(x; y)", "conditional pmi(c; y | q)"
 
 
 def accuracy(correct: list[bool]) -> tuple[float, float]:
@@ -65,8 +66,9 @@ def eval_inputs(cfg: DictConfig, evaluated_model: str) -> dict[str, Any]:
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval", "max_length", "max_prompt_length")},
         "eval": settings,
+        "device_type": resolve_device(cfg.device).type,
         "seed": cfg.seed,
-        "format": 1,
+        "format": 2,
     }
 
 
@@ -102,7 +104,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
 
     results: dict[str, Any] = {
         "task": cfg.task.name, "num_eval": len(eval_examples), "mi_k": cfg.eval.mi_k,
-        "mi": "conditional pmi(c; y | q)" if eval_examples[0].context is not None else "pmi(x; y)",
+        "mi": records["base"]["mi"],  # from the alternatives the estimator was given, not from one example
+        "precision": records["base"]["precision"],
         "models": {name: records[name]["metrics"] for name in identities},
         "mi_values": {name: records[name]["mi_values"] for name in identities},
     }
@@ -121,15 +124,16 @@ def _evaluate_models(cfg: DictConfig, task: Task, examples: list[Example], promp
     """Generate with each named model, then score accuracy and MI under the reference model."""
     device = resolve_device(cfg.device)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    dtype = eval_dtype(cfg)
     gen = dict(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                batch_size=cfg.eval.batch_size, seed=cfg.seed, max_prompt_length=cfg.data.max_prompt_length)
-    base = load_model(cfg.model, device=device, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
+    base = load_model(cfg.model, device=device, dtype=dtype, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
     responses: dict[str, list[str]] = {}
     if "base" in names:
         responses["base"] = generate(base, tokenizer, prompts, desc="eval: base model responses", **gen)
     if "trained" in names:
-        trained = load_model({"name_or_path": str(model_path), "dtype": cfg.model.dtype,
-                              "attn_implementation": cfg.model.attn_implementation}, device=device)
+        trained = load_model({"name_or_path": str(model_path), "attn_implementation": cfg.model.attn_implementation},
+                             device=device, dtype=dtype)
         responses["trained"] = generate(trained, tokenizer, prompts, desc="eval: trained model responses", **gen)
         del trained
 
@@ -139,6 +143,8 @@ def _evaluate_models(cfg: DictConfig, task: Task, examples: list[Example], promp
     scorer = Scorer(reference, tokenizer, max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
                     batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel)
     alternatives = context_alternatives(task, examples)
+    mi_kind = MI_PLAIN if alternatives is None else MI_CONDITIONAL
+    precision = {"generation": str(dtype).removeprefix("torch."), "mi_reference": "float32", "device": device.type}
     records = {}
     for name, outs in responses.items():
         estimate = estimate_pmi(
@@ -149,8 +155,23 @@ def _evaluate_models(cfg: DictConfig, task: Task, examples: list[Example], promp
             acc, se = accuracy([task.is_correct(r, e) for r, e in zip(outs, examples)])
             metrics.update(accuracy=acc, accuracy_stderr=se)
         metrics["mean_response_chars"] = sum(map(len, outs)) / len(outs)
-        records[name] = {"metrics": metrics, "responses": outs, "mi_values": estimate.values}
+        records[name] = {"metrics": metrics, "responses": outs, "mi_values": estimate.values, "mi": mi_kind,
+                         "precision": precision}
     return records
+
+
+def eval_dtype(cfg: DictConfig) -> torch.dtype:
+    """The one precision both models generate in: ``eval.dtype`` (default fp32).
+
+    The trained policy is saved from fp32 master weights; at lr 5e-7 most per-weight updates
+    are below half a bf16 step, so loading it in bf16 would return most weights to the base
+    model. ``eval.dtype=bfloat16`` is allowed as an explicit choice and logged as such.
+    """
+    dtype = resolve_dtype(str(cfg.eval.dtype), resolve_device(cfg.device))
+    if dtype != torch.float32:
+        log.warning("eval.dtype=%s: both models generate in %s, which can round small trained updates away; "
+                    "the MI reference stays fp32", cfg.eval.dtype, dtype)
+    return dtype
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -63,14 +63,17 @@ def pointwise_mi(
     et al., 2018; Poole et al., 2019), tight only as K -> infinity. Use the plain form to
     estimate pmi itself and the InfoNCE form when a conservative, bounded score is wanted.
 
-    Relation to MIPO's DPO. The paper's single-negative construction is the K = 1 case: with one
-    alternative prompt x' the marginal pi(y) is estimated by pi(y|x') alone, and
+    Relation to MIPO's DPO. The DPO margin compares y+ and y- under the *same* prompt x:
+    h = r(x, y+) - r(x, y-), with the implicit reward r(x, y) = beta log pi_theta(y|x) / pi_ref(y|x).
+    On MIPO pairs y+ ~ pi_ref(.|x) and y- ~ pi_ref(.|x') with x' ~ p(x), i.e. y- is a sample of the
+    marginal pi_ref(y). The population minimiser of the logistic loss -log sigmoid(h) over such
+    pairs is the log density ratio of the two samples, so the optimal implicit reward tends to
 
-        pmi_1(x; y) = log pi(y|x) - log pi(y|x'),
+        r*(x, y) = log pi_ref(y|x) - log pi_ref(y) + c(x) = pmi(x; y) + c(x),
 
-    the log-likelihood ratio that separates y's own prompt from the prompt of a MIPO negative,
-    i.e. the implicit reward margin DPO learns on a MIPO pair, where the negative comes from
-    one random other prompt.
+    the pointwise MI up to a constant in x (arXiv 2603.19294, Sec. 3). The K = 1 estimate,
+    pmi_1(x; y) = log pi(y|x) - log pi(y|x'), is the paper's single-negative Monte Carlo
+    stand-in for that marginal; it is not the reward margin itself.
 
     Args:
         logp_y_given_x: log pi(y_i | x_i), response log-probs under each row's own prompt.
