@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from mipo.losses import check_loss_settings
 from mipo.models import DTYPES
 from mipo.negatives import STRATEGIES
+from mipo.optim import LR_SCHEDULERS, MASTER_WEIGHTS
 from mipo.tasks import Example, Task, get_task, load_splits
 from mipo.tracking import WANDB_MODES
 
@@ -91,8 +92,20 @@ def config_problems(cfg: DictConfig) -> list[str]:
          f"trainer.max_grad_norm={trainer.max_grad_norm}: expected a number > 0")
     need(trainer.max_steps is None or (_is_int(trainer.max_steps) and trainer.max_steps > 0),
          f"trainer.max_steps={trainer.max_steps}: expected null or an int > 0")
+    need(trainer.lr_scheduler in LR_SCHEDULERS,
+         f"trainer.lr_scheduler={trainer.lr_scheduler}: expected one of {', '.join(LR_SCHEDULERS)}")
+    need(_is_number(trainer.min_lr_ratio) and 0 <= trainer.min_lr_ratio <= 1,
+         f"trainer.min_lr_ratio={trainer.min_lr_ratio}: expected a fraction in [0, 1]")
+    betas = list(trainer.adam_betas) if OmegaConf.is_list(trainer.adam_betas) else None
+    need(betas is not None and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas),
+         f"trainer.adam_betas={trainer.adam_betas}: expected [beta1, beta2], each in [0, 1)")
+    need(trainer.master_weights in MASTER_WEIGHTS,
+         f"trainer.master_weights={trainer.master_weights}: expected one of {', '.join(MASTER_WEIGHTS)}")
     need(str(trainer.autocast) in AUTOCAST if trainer.autocast is not None else True,
          f"trainer.autocast={trainer.autocast}: expected one of {', '.join(AUTOCAST)}")
+    need(str(trainer.autocast) not in ("float16", "fp16"),
+         f"trainer.autocast={trainer.autocast}: float16 autocast needs a gradient scaler, which this trainer does "
+         "not use; use trainer.autocast=bfloat16 (fp32's exponent range, no scaler needed)")
 
     # the loss
     try:

@@ -20,12 +20,14 @@ loads read that folder in seconds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -81,7 +83,8 @@ def resolve_attn_implementation(requested: str, device: torch.device, dtype: tor
 def model_identity(model_cfg: Mapping[str, Any]) -> str:
     """A string that changes whenever the weights a config loads could change.
 
-    Hub id: id and revision. Local folder: the names, sizes and modification times of its
+    Hub id: id and the commit its revision resolves to (``hub_commit``; the revision name
+    only when no commit can be resolved, offline without a local copy). Local folder: the names, sizes and modification times of its
     files. GGUF package: package name and version and file name. Random init: the
     architecture config and seed.
     """
@@ -102,7 +105,32 @@ def model_identity(model_cfg: Mapping[str, Any]) -> str:
             st = f.stat()
             digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
         return f"local:{path.resolve()}:{gguf_file}:{digest.hexdigest()[:16]}"
-    return f"hub:{name}@{_get(model_cfg, 'revision', 'main')}:{gguf_file}"
+    revision = _get(model_cfg, "revision", "main")
+    return f"hub:{name}@{hub_commit(name, revision) or revision}:{gguf_file}"
+
+
+@functools.lru_cache(maxsize=None)
+def hub_commit(repo_id: str, revision: str = "main") -> str | None:
+    """The commit sha a hub model's ``revision`` (branch, tag or sha) points to, or None if unknown.
+
+    Online: asked of the hub. Offline (``HF_HUB_OFFLINE``) or when the hub cannot be reached:
+    read from the local Hugging Face cache (``refs/<revision>``), which is what
+    ``from_pretrained`` would load. Caches keyed by ``@main`` would silently reuse results of
+    older weights after the repository moves on; keyed by the commit, they cannot.
+    """
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub import HfApi, constants
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return None
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().model_info(repo_id, revision=revision, timeout=10).sha
+        except Exception as error:  # no network, gated, unknown id: fall back to the local cache
+            log.debug("could not resolve %s@%s on the hub: %s", repo_id, revision, error)
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
 
 
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -238,6 +266,10 @@ def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLik
     looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     if looks_local and not path.exists():
         raise FileNotFoundError(f"model.name_or_path={name!r}: no such file or directory")
+    if not path.exists():  # a hub id: load the commit the caches are keyed by (model_identity)
+        commit = hub_commit(name, revision or "main")
+        if commit:
+            kwargs["revision"] = commit
     return name, kwargs
 
 

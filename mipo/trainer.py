@@ -4,7 +4,8 @@ Read top to bottom: ``train`` loads the pairs, encodes them once (``encode_pairs
 the reference was scored on), gets log pi_ref from the cache or one fp32 pass, loads the
 policy, then runs the loop: for each optimizer step, micro-batches through ``dpo_forward``
 (chosen and rejected concatenated into one forward, ``dpo_loss``), backward, clip, AdamW
-step, warmup schedule; finally it saves the policy in Hugging Face format.
+step, learning-rate schedule; finally it saves the policy (its fp32 master weights when the
+optimizer kept them) in Hugging Face format.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from mipo.encoding import encode_pairs
 from mipo.files import write_json
 from mipo.forward import collate_pairs, dpo_forward
 from mipo.models import load_model, load_tokenizer, resolve_device
-from mipo.optim import build_optimizer, build_scheduler, resolve_autocast
+from mipo.optim import build_optimizer, build_scheduler, final_weights, resolve_autocast
 from mipo.pairs import read_pairs
 from mipo.reference import reference_logps
 from mipo.sampling import pairs_path
@@ -109,7 +110,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     logger.close()
     if tcfg.save_model:
         model_dir = output_dir / "model"
-        policy.save_pretrained(model_dir)
+        final_weights(policy, optimizer).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         summary["model_dir"] = str(model_dir)
     write_json(output_dir / "train.json", summary)

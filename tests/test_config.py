@@ -54,3 +54,8 @@ def test_all_problems_reported_together():
         check_config(cfg)
     text = str(error.value)
     assert "beta" in text and "trainer.lr=-1" in text and "wandb.mode='cloud'" in text
+
+
+def test_float16_autocast_is_refused():
+    problems = config_problems(composed("trainer.autocast=float16"))
+    assert any("float16 autocast needs a gradient scaler" in p for p in problems), problems

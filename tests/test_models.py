@@ -242,3 +242,24 @@ def test_flash_attention_only_for_half_precision_on_gpu(monkeypatch):
     assert resolve_attn_implementation("auto", cuda, torch.float16) == "flash_attention_2"
     assert resolve_attn_implementation("auto", cuda, torch.float32) == "sdpa"  # no fp32 flash kernels
     assert resolve_attn_implementation("auto", torch.device("cpu"), torch.bfloat16) == "sdpa"
+
+
+def test_hub_identity_uses_the_resolved_commit_offline(tmp_path, monkeypatch):
+    # a cache keyed by "@main" would be reused after the repository moves on; keyed by the commit it is not
+    from huggingface_hub import constants
+
+    import mipo.models as models
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    models.hub_commit.cache_clear()
+    refs = tmp_path / "models--org--model" / "refs"
+    refs.mkdir(parents=True)
+    (refs / "main").write_text("a" * 40 + "\n")
+    identity = models.model_identity({"name_or_path": "org/model"})
+    assert identity == f"hub:org/model@{'a' * 40}:None"
+    (refs / "main").write_text("b" * 40)
+    models.hub_commit.cache_clear()
+    assert models.model_identity({"name_or_path": "org/model"}) != identity
+    assert models.model_identity({"name_or_path": "org/unknown"}) == "hub:org/unknown@main:None"
+    models.hub_commit.cache_clear()
