@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from mipo.chat import Messages, prompt_key
+from mipo.chat import Messages, prompt_key, render_prompt
 
 if TYPE_CHECKING:  # pairs.py imports Messages from here
     from mipo.pairs import PreferencePair
@@ -34,9 +34,8 @@ IGNORE_INDEX = -100
 # --------------------------------------------------------------------------------------------
 
 def encode_prompt(tokenizer, messages: Messages) -> list[int]:
-    """Token ids of a prompt rendered with the tokenizer's chat template, ready for the reply."""
-    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    """Token ids of a prompt rendered by ``mipo.chat.render_prompt``, ready for the reply."""
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
 def encode_response(tokenizer, response: str, finished: bool = True) -> list[int]:

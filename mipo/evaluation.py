@@ -31,7 +31,7 @@ from mipo.files import stable_hash, write_json
 from mipo.generation import generate
 from mipo.logprobs import Scorer
 from mipo.mi import estimate_pmi
-from mipo.models import load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype
+from mipo.models import load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype, tokenizer_identity
 from mipo.tasks import Example, Task
 
 log = logging.getLogger(__name__)
@@ -56,13 +56,14 @@ def context_alternatives(task: Task, examples: list[Example]) -> list[list[Messa
     return [[task.messages(task.with_context(e, c)) for c in contexts if c != e.context] for e in examples]
 
 
-def eval_inputs(cfg: DictConfig, evaluated_model: str) -> dict[str, Any]:
+def eval_inputs(cfg: DictConfig, evaluated_model: str, tokenizer) -> dict[str, Any]:
     """Everything one model's evaluation results depend on."""
     settings = OmegaConf.to_container(cfg.eval, resolve=True)
     settings.pop("model_path", None)
     return {
         "evaluated_model": evaluated_model,
         "reference_model": model_identity(cfg.model),
+        "tokenizer": tokenizer_identity(tokenizer),  # how prompts are rendered and tokenised
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval", "max_length", "max_prompt_length")},
         "eval": settings,
@@ -89,7 +90,8 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
     identities = {"base": model_identity(cfg.model)}
     if model_path is not None:
         identities["trained"] = f"trained:{trained_id}" if trained_id else model_identity({"name_or_path": str(model_path)})
-    inputs = {name: eval_inputs(cfg, identity) for name, identity in identities.items()}
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    inputs = {name: eval_inputs(cfg, identity, tokenizer) for name, identity in identities.items()}
     cache_files = {name: Path(cfg.paths.cache_dir) / "eval" / f"{stable_hash(inputs[name], 20)}.json"
                    for name in identities}
     records = {name: json.loads(path.read_text()) for name, path in cache_files.items() if path.exists()}
@@ -98,7 +100,7 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
 
     pending = [name for name in identities if name not in records]
     if pending:
-        records.update(_evaluate_models(cfg, task, eval_examples, prompts, pending, model_path))
+        records.update(_evaluate_models(cfg, task, tokenizer, eval_examples, prompts, pending, model_path))
         for name in pending:
             write_json(cache_files[name], {"inputs": inputs[name], **records[name]})
 
@@ -119,11 +121,10 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
     return results
 
 
-def _evaluate_models(cfg: DictConfig, task: Task, examples: list[Example], prompts: list, names: list[str],
-                     model_path: str | Path | None) -> dict[str, dict[str, Any]]:
+def _evaluate_models(cfg: DictConfig, task: Task, tokenizer, examples: list[Example], prompts: list,
+                     names: list[str], model_path: str | Path | None) -> dict[str, dict[str, Any]]:
     """Generate with each named model, then score accuracy and MI under the reference model."""
     device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     dtype = eval_dtype(cfg)
     gen = dict(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
                batch_size=cfg.eval.batch_size, seed=cfg.seed, max_prompt_length=cfg.data.max_prompt_length)

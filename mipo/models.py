@@ -37,6 +37,7 @@ import torch
 import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
+from mipo.chat import TEMPLATE_KWARGS_ATTRIBUTE, chat_template_kwargs, render_prompt
 from mipo.files import installed_package_dir
 
 log = logging.getLogger(__name__)
@@ -133,12 +134,26 @@ def hub_commit(repo_id: str, revision: str = "main") -> str | None:
     return ref.read_text().strip() if ref.is_file() else None
 
 
+PROBE_PROMPT = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+
+
 def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
-    """A hash of the vocabulary, special tokens and chat template."""
+    """A hash of everything the token ids of a rendered prompt depend on.
+
+    The vocabulary, the special tokens, the chat template, its ``chat_template_kwargs``, and a
+    probe prompt as the template renders it now: a template that prints today's date (no fixed
+    ``date_string``) changes the probe, hence the identity and every cache keyed by it, each day.
+    """
     digest = hashlib.sha256()
     digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
     digest.update(str(tokenizer.all_special_tokens).encode())
     digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    digest.update(json.dumps(chat_template_kwargs(tokenizer), sort_keys=True, default=str).encode())
+    try:
+        probe = render_prompt(tokenizer, PROBE_PROMPT)
+    except Exception:  # templates that refuse a system message
+        probe = render_prompt(tokenizer, PROBE_PROMPT[1:])
+    digest.update(probe.encode())
     return digest.hexdigest()[:16]
 
 
@@ -194,6 +209,7 @@ def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | 
             f"the tokenizer of model {_get(model_cfg, 'name_or_path')!r} has no chat template; "
             "MIPO formats prompts as chat messages: use an instruction-tuned model or set one")
     tok.padding_side = "left"
+    setattr(tok, TEMPLATE_KWARGS_ATTRIBUTE, _to_dict(_get(model_cfg, "chat_template_kwargs", {})))
     return tok
 
 

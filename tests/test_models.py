@@ -263,3 +263,35 @@ def test_hub_identity_uses_the_resolved_commit_offline(tmp_path, monkeypatch):
     assert models.model_identity({"name_or_path": "org/model"}) != identity
     assert models.model_identity({"name_or_path": "org/unknown"}) == "hub:org/unknown@main:None"
     models.hub_commit.cache_clear()
+
+
+DATED_TEMPLATE = (
+    "{% if date_string is not defined %}{% set date_string = strftime_now('%d %b %Y') %}{% endif %}"
+    "Today: {{ date_string }}\n{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+@pytest.mark.parametrize("kwargs, stable", [({"date_string": "26 Jul 2024"}, True), ({}, False)])
+def test_dated_chat_templates_render_the_same_every_day_by_default(monkeypatch, kwargs, stable):
+    # Llama-3.1/3.2 templates print today's date unless given date_string
+    import datetime as real_datetime
+
+    from transformers.utils import chat_template_utils
+
+    from mipo.encoding import encode_prompt
+    from mipo.models import load_tokenizer, tokenizer_identity
+
+    tokenizer = load_tokenizer({"tokenizer": "byte", "random_init": True, "chat_template_kwargs": kwargs})
+    tokenizer.chat_template = DATED_TEMPLATE
+
+    def on(day):
+        class FixedDatetime(real_datetime.datetime):
+            @classmethod
+            def now(cls, tz=None):
+                return cls(2026, 11, day)
+        monkeypatch.setattr(chat_template_utils, "datetime", FixedDatetime, raising=False)
+        chat_template_utils._compile_jinja_template.cache_clear()
+        return encode_prompt(tokenizer, [{"role": "user", "content": "Hi"}]), tokenizer_identity(tokenizer)
+
+    (ids_a, key_a), (ids_b, key_b) = on(1), on(2)
+    assert (ids_a == ids_b) is stable and (key_a == key_b) is stable
