@@ -17,8 +17,9 @@ def composed(*overrides: str):
         return compose(config_name="config", overrides=list(overrides))
 
 
-@pytest.mark.parametrize("experiment", ["demo_cpu", "paper_gsm8k", "paper_arc_challenge", "paper_arc_easy",
-                                        "paper_persistbench"])
+@pytest.mark.parametrize("experiment", ["demo_cpu", "paper_gsm8k", "paper_svamp", "paper_arc_challenge",
+                                        "paper_arc_easy", "paper_persistbench", "paper_prism",
+                                        "paper_community_alignment", "paper_multifaceted_bench"])
 def test_shipped_configs_pass(experiment):
     assert config_problems(composed(f"experiment={experiment}")) == []
     assert config_problems(composed("model=tiny-llama")) == []

@@ -42,7 +42,10 @@ def persistbench_offline():
 
 
 def test_available_tasks_lists_registered_names():
-    assert available_tasks() == ["arc_challenge", "arc_easy", "gsm8k", "jsonl", "persistbench"]
+    assert available_tasks() == [
+        "arc_challenge", "arc_easy", "community_alignment", "gsm8k", "jsonl", "multifaceted_bench", "persistbench",
+        "prism", "svamp",
+    ]
 
 
 def test_unknown_task_lists_available_names():

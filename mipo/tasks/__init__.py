@@ -8,15 +8,17 @@ A :class:`Task` turns a data source into :class:`Example` objects and knows how 
 * swap the user's context for another user's (:meth:`Task.with_context`, personalization only),
 * extract and grade a final answer (:meth:`Task.extract_answer`, :meth:`Task.is_correct`).
 
-Registered tasks (see :func:`available_tasks`): ``gsm8k``, ``arc_challenge``, ``arc_easy``,
-``persistbench`` and ``jsonl`` (any local JSONL file).
+Registered tasks (see :func:`available_tasks`): math ``gsm8k`` and ``svamp``; multiple choice
+``arc_challenge`` and ``arc_easy``; personalization ``prism``, ``community_alignment``,
+``multifaceted_bench`` and ``persistbench``; and ``jsonl`` (any local JSONL file).
 
 Sources (``"auto"``, ``"hub"``, ``"offline"`` or a local ``.jsonl`` path) are described in
 :mod:`mipo.tasks.sources`, which also holds :func:`load_splits`.
 
-Modules: ``base`` (Example, Task, row validation), ``sources`` (where rows come from, splits),
-``text`` (numbers, sentences), one module per task family (``gsm8k``, ``arc``,
-``persistbench``, ``jsonl``); this module holds the registry.
+Modules: ``base`` (Example, Task, PersonalizationTask, row validation), ``sources`` (where rows
+come from, splits), ``text`` (numbers, sentences), one module per task family (``gsm8k``,
+``svamp``, ``arc``, ``prism``, ``community_alignment``, ``multifaceted``, ``persistbench``,
+``jsonl``); this module holds the registry.
 """
 
 from __future__ import annotations
@@ -25,18 +27,27 @@ import inspect
 from typing import Any
 
 from mipo.tasks.arc import ARC_CHALLENGE_OFFLINE, ArcTask
-from mipo.tasks.base import Example, Task, format_context
+from mipo.tasks.base import Example, PersonalizationTask, Task, format_context
+from mipo.tasks.community_alignment import CommunityAlignmentTask
 from mipo.tasks.gsm8k import GSM8K_COT_EXEMPLARS, Gsm8kTask
 from mipo.tasks.jsonl import JsonlTask
+from mipo.tasks.multifaceted import MultifacetedBenchTask
 from mipo.tasks.persistbench import PERSISTBENCH_SUBSETS, PersistBenchTask
+from mipo.tasks.prism import PrismTask
 from mipo.tasks.sources import load_splits
+from mipo.tasks.svamp import SvampTask
 from mipo.tasks.text import extract_number, normalize_number, split_sentences
 
 __all__ = [
     "Example",
     "Task",
+    "PersonalizationTask",
     "Gsm8kTask",
+    "SvampTask",
     "ArcTask",
+    "PrismTask",
+    "CommunityAlignmentTask",
+    "MultifacetedBenchTask",
     "PersistBenchTask",
     "JsonlTask",
     "get_task",
@@ -52,11 +63,15 @@ __all__ = [
 
 _REGISTRY: dict[str, tuple[type[Task], dict[str, Any]]] = {
     "gsm8k": (Gsm8kTask, {}),
+    "svamp": (SvampTask, {}),
     "arc_challenge": (
         ArcTask,
         {"name": "arc_challenge", "hub_config": "ARC-Challenge", "offline_files": ARC_CHALLENGE_OFFLINE},
     ),
     "arc_easy": (ArcTask, {"name": "arc_easy", "hub_config": "ARC-Easy", "offline_files": ()}),
+    "prism": (PrismTask, {}),
+    "community_alignment": (CommunityAlignmentTask, {}),
+    "multifaceted_bench": (MultifacetedBenchTask, {}),
     "persistbench": (PersistBenchTask, {}),
     "jsonl": (JsonlTask, {}),
 }

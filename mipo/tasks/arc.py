@@ -1,5 +1,12 @@
 """AI2 ARC multiple-choice science questions: rows in benchkit or hub layout, lettered choices,
-the "The answer is X" grading."""
+the "The answer is X" grading.
+
+Hub source: ``allenai/ai2_arc`` (https://huggingface.co/datasets/allenai/ai2_arc), configs
+``ARC-Challenge`` (train 1,119 / validation 299 / test 1,172) and ``ARC-Easy`` (train 2,251 /
+validation 570 / test 2,376). Row schema as ``datasets`` returns it (the card's ``dataset_info``):
+``id`` (str), ``question`` (str), ``choices`` (``{"text": [str, ...], "label": [str, ...]}``),
+``answerKey`` (str). Labels are letters, or ``"1"``..``"4"`` for some questions.
+"""
 
 from __future__ import annotations
 

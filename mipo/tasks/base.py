@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ from typing import Any, Sequence
 from mipo.chat import Messages
 from mipo.tasks import sources
 from mipo.tasks.sources import SOURCE_AUTO, SOURCE_HUB
-from mipo.tasks.text import drop_one_sentence, normalize_number
+from mipo.tasks.text import drop_one_sentence, normalize_number, user_turn_with_context
 
 PARTIAL_SUFFIX = "#partial"
 
@@ -28,8 +29,13 @@ class Example:
         question: The task input: math question, ARC question stem or the user's query.
         answer: Gold answer: normalised number (``"18"``), ARC letter (``"B"``), or ``None`` for
             open-ended tasks and for partial prompts.
-        context: Personalization only: the user's context (memories as a bulleted text).
+        context: Personalization only: the user's context (memories, a profile or a system
+            message, as text).
         choices: ARC only: ``((label, text), ...)`` with letter labels.
+        reference: Personalization only: the dataset's reference response to the query, the one an
+            LLM judge compares a model's response with for a win rate (PRISM's highest-rated
+            first-turn response, Community Alignment's preferred first-turn response,
+            Multifaceted-Bench's ``reference_answer``); None when the dataset has none.
     """
 
     uid: str
@@ -37,6 +43,7 @@ class Example:
     answer: str | None = None
     context: str | None = None
     choices: tuple[tuple[str, str], ...] | None = None
+    reference: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -114,6 +121,47 @@ def format_context(facts: Sequence[str]) -> str:
     return "\n".join(f"- {fact.strip()}" for fact in facts)
 
 
+def optional_text(row: dict[str, Any], field: str, where: str, expected: str) -> str | None:
+    """``row[field]`` as stripped text, or None when it is missing, null, empty or NaN (an empty
+    CSV cell read through pandas); numbers are converted; any other type is a located error."""
+    value = row.get(field)
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str) and not value.strip():
+        return None
+    return require_scalar_text(row, field, where, expected)
+
+
+def labelled_facts(
+    row: dict[str, Any], fields: Sequence[tuple[str, str]], where: str, required: bool
+) -> str | None:
+    """A user profile from ``(field, label)`` pairs of ``row``, one ``"- label: value"`` line each
+    (:func:`format_context`); None when no field has a value.
+
+    ``required``: every field must be a non-empty string (:func:`require_text`); otherwise
+    missing or empty fields are left out (:func:`optional_text`).
+    """
+    facts = []
+    for field, label in fields:
+        if required:
+            text: str | None = require_text(row, field, where)
+        else:
+            text = optional_text(row, field, where, "a string, a number or an empty value")
+        if text is not None:
+            facts.append(f"{label}: {text}")
+    return format_context(facts) if facts else None
+
+
+def check_choices(name: str, option: str, chosen: Sequence[str] | str, allowed: Sequence[str]) -> tuple[str, ...]:
+    """``chosen`` (one name or a list) as a tuple; raise ValueError unless it is a non-empty list
+    of distinct names from ``allowed`` (the message names the task and the option)."""
+    chosen = [chosen] if isinstance(chosen, str) else list(chosen)
+    unknown = [item for item in chosen if item not in allowed]
+    if unknown or not chosen or len(set(chosen)) != len(chosen):
+        raise ValueError(f"{name}: {option} must be distinct names from {list(allowed)}, got {chosen}")
+    return tuple(chosen)
+
+
 def _context_suffix(context: str | None) -> str:
     if context is None:
         return "#no-context"
@@ -136,6 +184,8 @@ class Task:
         has_answers: False for open-ended tasks (accuracy undefined).
         supports_context: True when examples carry a user context (:meth:`with_context` works).
         hub_dataset, hub_config, hub_splits: Hugging Face source (``None`` if there is none).
+        hub_eval_split: The hub split evaluation prompts come from: ``"test"``, or the only split
+            of a dataset published as one split (``load_splits`` then carves both sets out of it).
         offline_files: ``(group, package, relative path)`` candidates for the offline copy.
     """
 
@@ -146,6 +196,7 @@ class Task:
     hub_dataset: str | None = None
     hub_config: str | None = None
     hub_splits: tuple[str, ...] = ()
+    hub_eval_split: str = "test"
     offline_split: str = "test"
     offline_files: tuple[tuple[str, str, str], ...] = ()
 
@@ -170,11 +221,22 @@ class Task:
         return sources.resolve_source(self, source)
 
     def train_split_available(self, resolved_source: str) -> bool:
-        """True when the (resolved) source has its own training split."""
-        return resolved_source == SOURCE_HUB and "train" in self.hub_splits
+        """True when the (resolved) source has a training split besides the evaluation split."""
+        return resolved_source == SOURCE_HUB and "train" in self.hub_splits and self.hub_eval_split != "train"
 
-    def load(self, source: str | os.PathLike[str] = SOURCE_AUTO, split: str = "test") -> list[Example]:
-        """Load the examples of ``split`` from ``source`` (see :mod:`mipo.tasks.sources`).
+    def default_split(self, resolved_source: str) -> str:
+        """The split read when none is named: ``hub_eval_split`` on the hub, else ``offline_split``
+        (a local file is one split whatever its name)."""
+        return self.hub_eval_split if resolved_source == SOURCE_HUB else self.offline_split
+
+    def read_rows(self, resolved_source: str, split: str) -> list[tuple[str, list[sources.Row]]]:
+        """Raw rows of ``split`` grouped as ``(group used in uids, rows)``; see
+        :func:`mipo.tasks.sources.read_rows`. Tasks that join or filter rows override this."""
+        return sources.read_rows(self, resolved_source, split)
+
+    def load(self, source: str | os.PathLike[str] = SOURCE_AUTO, split: str | None = None) -> list[Example]:
+        """Load the examples of ``split`` (None: :meth:`default_split`) from ``source`` (see
+        :mod:`mipo.tasks.sources`).
 
         Raises:
             ValueError: unusable source/split, or a malformed row (message names file, line, field).
@@ -183,8 +245,8 @@ class Task:
         groups = sources.with_offline_fallback(
             self,
             source,
-            lambda resolved: sources.read_rows(self, resolved, split),
-            offline_usable=split == self.offline_split,
+            lambda resolved: self.read_rows(resolved, split or self.default_split(resolved)),
+            offline_usable=split is None or split == self.offline_split,
         )
         examples = []
         for group, rows in groups:
@@ -226,7 +288,8 @@ class Task:
         if not self.supports_context:
             raise ValueError(
                 f"{self.name} examples have no user context; with_context() is only for "
-                "personalization tasks (persistbench, or jsonl with context_field set)"
+                "personalization tasks (persistbench, prism, community_alignment, multifaceted_bench, "
+                "or jsonl with context_field set)"
             )
         return dataclasses.replace(ex, uid=ex.uid + _context_suffix(context), context=context)
 
@@ -246,3 +309,26 @@ class Task:
             raise ValueError(f"{self.name} has no gold answers (has_answers=False); accuracy is undefined")
         if ex.answer is None:
             raise ValueError(f"{ex.uid} has no gold answer (partial examples have none)")
+
+
+class PersonalizationTask(Task):
+    """A task whose prompts are a user's context and a query, with no gold answer (accuracy is
+    undefined; the evaluation reports the conditional MI, and :attr:`Example.reference` feeds a
+    judge's win rate where the dataset has one).
+
+    Prompt: one user message ``"Here is what you know about me:\\n<context>\\n\\n<query>"``, or
+    just the query when the context is None (:func:`~mipo.tasks.text.user_turn_with_context`).
+    ``partial`` drops the context; ``with_context`` swaps it for another user's.
+    """
+
+    max_new_tokens = 512
+    has_answers = False
+    supports_context = True
+
+    def messages(self, ex: Example) -> Messages:
+        """One user message: the context block (only when present), then the query."""
+        return [{"role": "user", "content": user_turn_with_context(ex.context, ex.question)}]
+
+    def partial(self, ex: Example, rng: random.Random) -> Example | None:
+        """The same query without the user's context; None if it has none already."""
+        return self._without_context(ex)

