@@ -38,7 +38,9 @@ torch / naive implementations):
 the full (N, V) logits at all, only ``chunk_size`` rows of them at a time.
 
 This module holds the autograd functions, the public API, argument checks and the choice of
-implementation.
+implementation. ``impl="auto"`` picks Triton only on CUDA, and only for a (device, dtype)
+on which the kernels first reproduced the PyTorch implementation on a small probe
+(``kernels.triton_logprob.triton_verified``); elsewhere it picks "torch".
 """
 
 from __future__ import annotations
@@ -246,14 +248,21 @@ def available_impls() -> list[str]:
     return impls
 
 
-def default_impl(device) -> str:
-    """Fastest implementation that runs on ``device`` (a torch.device or a string).
+def _triton_preferred(device: torch.device) -> bool:
+    """Whether "auto" considers Triton on ``device`` at all: CUDA, triton imports, kernels compiled."""
+    return device.type == "cuda" and HAS_TRITON and not _kernels_are_interpreted()
 
-    "triton" on CUDA when triton is importable and the kernels are compiled (not interpreted),
+
+def default_impl(device, dtype: torch.dtype = torch.float32) -> str:
+    """Fastest implementation that runs correctly on ``device`` for ``dtype`` logits.
+
+    "triton" on CUDA when triton is importable, the kernels are compiled (not interpreted),
+    ``dtype`` is float32/bfloat16/float16 and the kernels passed their check on this
+    (device, dtype) (``triton_verified``: run on first use, then cached; a failure warns once);
     otherwise "torch". The interpreter is for testing only and is never the default.
     """
     device = torch.device(device)
-    if device.type == "cuda" and HAS_TRITON and not _kernels_are_interpreted():
+    if _triton_preferred(device) and dtype in TRITON_DTYPES and _tl.triton_verified(device, dtype):
         return "triton"
     return "torch"
 
@@ -262,9 +271,7 @@ def _resolve_impl(impl: str, x: torch.Tensor) -> str:
     if impl not in IMPLS + ("auto",):
         raise ValueError(f"impl must be one of 'auto', 'triton', 'torch', 'naive'; got {impl!r}")
     if impl == "auto":
-        impl = default_impl(x.device)
-        if impl == "triton" and x.dtype not in TRITON_DTYPES:
-            impl = "torch"
+        impl = default_impl(x.device, x.dtype)
     if impl == "triton":
         _check_triton_usable(x)
     return impl
@@ -287,7 +294,8 @@ def logprob_gather(
             accepted (e.g. ``logits[:, :-1]`` is read in place, not copied).
         targets: (...) integer token ids, same leading shape as logits.
         ignore_index: rows whose target equals this give logp = 0 and zero gradient.
-        impl: "auto" (triton on CUDA, else torch), "triton", "torch" or "naive".
+        impl: "auto" (triton on CUDA once verified there, else torch; see ``default_impl``),
+            "triton", "torch" or "naive".
             "triton" on a CPU tensor requires TRITON_INTERPRET=1 (slow, for tests).
         chunk_size: rows per chunk for impl="torch" (peak extra memory ~ a few
             chunk_size x V fp32 buffers); ignored by the other implementations.

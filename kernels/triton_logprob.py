@@ -1,4 +1,4 @@
-"""Triton kernels for per-token log-probabilities (forward and backward) and their launchers.
+"""Triton kernels for per-token log-probabilities, their launchers, and an on-device check.
 
 The math (equations (1)-(3): logp = z[y] - logsumexp(z) and its gradient) is in the docstring
 of ``kernels.logprob``, which holds the autograd functions and the public API. The layout
@@ -10,13 +10,23 @@ sliced ``logits[:, :-1]`` is read in place.
 This module imports triton at top level. ``kernels.logprob`` imports it inside a
 ``try: ... except ImportError``, so without triton the pure-PyTorch implementations
 (``kernels.torch_logprob``) still work.
+
+``triton_verified(device, dtype)`` is what ``impl="auto"`` consults before choosing these
+kernels: the first time it is asked about a (device, dtype) it runs both kernels on a small
+probe and compares them with the PyTorch implementation; on a mismatch or a compile / launch
+error it warns once and answers False for that (device, dtype) from then on.
 """
 
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
+
+from kernels.torch_logprob import _torch_backward, _torch_forward
 
 # ---------------------------------------------------------------------------------------
 # Kernels
@@ -204,3 +214,106 @@ def _triton_backward(
     )
     return grad3
 
+
+# ---------------------------------------------------------------------------------------
+# On-device check: may impl="auto" use these kernels on this (device, dtype)?
+# ---------------------------------------------------------------------------------------
+
+# Probe vocabularies: both span two GPU blocks (4096) with a partial second one; 5001 is odd
+# and 5120 a multiple of 16, because Triton compiles a separate specialisation for integer
+# arguments divisible by 16 (real vocabularies come in both kinds: 50257, 128256).
+_PROBE_VOCABS = (5001, 5120)
+_PROBE_B, _PROBE_T = 2, 3  # rows, read as the strided slice [:, :T] of a (B, T + 1, V) buffer
+_PROBE_IGNORE = -100
+# (rtol, atol) for the gradient, per logits dtype: both paths compute it in fp32 and round it
+# to the logits dtype, so they may differ by one unit in the last place of that dtype (plus
+# fp32-level differences, e.g. from a fast exp on GPU). A real bug is orders of magnitude off.
+_PROBE_GRAD_TOL = {torch.float32: (1e-4, 1e-6), torch.bfloat16: (2**-6, 1e-6), torch.float16: (2**-9, 1e-6)}
+_PROBE_FWD_TOL = (1e-4, 1e-4)  # logp is fp32 in both paths, computed from the same input values
+
+_verdicts: dict[tuple[str, torch.dtype], bool] = {}  # (device, dtype) -> kernels verified there
+
+
+def triton_verified(device, dtype: torch.dtype) -> bool:
+    """Whether the kernels reproduce the PyTorch implementation on ``device`` for ``dtype`` logits.
+
+    Decided once per (device, dtype) and process by ``_probe_problem``: 6 rows of two small
+    vocabularies, forward and backward, so on a GPU the cost is one compile of each kernel
+    per vocabulary specialisation (cached on disk by Triton) plus a few tiny launches.
+    On a mismatch or an exception it warns once, with the reason, and the answer stays False.
+    """
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (str(device), dtype)
+    if key not in _verdicts:
+        problem = _probe_problem(device, dtype)
+        if problem is not None:
+            warnings.warn(
+                f"kernels: the Triton log-prob kernels failed their check on {device} with {dtype} "
+                f"logits ({problem}); impl='auto' uses the PyTorch implementation there from now on.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        _verdicts[key] = problem is None
+    return _verdicts[key]
+
+
+def _probe_problem(device: torch.device, dtype: torch.dtype) -> Optional[str]:
+    """Run the Triton forward and backward on probe inputs; None if they match torch, else why not."""
+    try:
+        for V in _PROBE_VOCABS:
+            logits3, targets, grad_logp = _probe_inputs(V, device, dtype)
+            with torch.no_grad(), torch.autocast(device.type, enabled=False):  # whatever the caller's context
+                logp, lse = _triton_forward(logits3, targets, _PROBE_IGNORE)
+                grad = _triton_backward(grad_logp, logits3, targets, lse, _PROBE_IGNORE, inplace=False)
+                ref_logp, ref_lse = _torch_forward(logits3, targets, _PROBE_IGNORE, chunk_size=targets.numel())
+                ref_grad = _torch_backward(
+                    grad_logp, logits3, targets, ref_lse, _PROBE_IGNORE, chunk_size=targets.numel(), inplace=False
+                )
+            problem = _mismatch(f"forward (V={V})", logp, ref_logp, *_PROBE_FWD_TOL) or _mismatch(
+                f"backward (V={V})", grad, ref_grad, *_PROBE_GRAD_TOL[dtype]
+            )
+            if problem is not None:
+                return problem
+    except Exception as e:  # compile errors, out-of-resources, launch failures, ...
+        first_line = (str(e).strip().splitlines() or [""])[0][:300]
+        return f"{type(e).__name__}: {first_line}"
+    return None
+
+
+def _probe_inputs(V: int, device: torch.device, dtype: torch.dtype):
+    """Strided (B, T, V) logits, targets with two ignored rows and one in the last column, grad (B*T,).
+
+    Row scales 0.25 to 8: small logits make every column count in the logsumexp (a wrongly
+    padded or skipped column shows), large ones need the running max to avoid overflow. One
+    row starts with a whole GPU block of -inf (a masked vocabulary: the running max is -inf),
+    one has its maximum in the last block (the running sum must be rescaled).
+    """
+    gen = torch.Generator().manual_seed(V)
+    scale = torch.tensor([[0.25, 1.0, 8.0, 1.0], [4.0, 1.0, 0.5, 1.0]])  # (B, T + 1); rows 1, 4 are ignored
+    base = torch.randn(_PROBE_B, _PROBE_T + 1, V, generator=gen) * scale.unsqueeze(-1)
+    base[1, 0, :4096] = float("-inf")  # flat row 3
+    base[0, 2, -1] = base[0, 2].max() + 1  # flat row 2: the maximum is in the last block (rescaling)
+    targets = torch.randint(0, V, (_PROBE_B * _PROBE_T,), generator=gen)
+    targets[0] = V - 1  # inside the partial last block
+    targets[3] = 4096 + targets[3] % (V - 4096)
+    targets[1] = targets[4] = _PROBE_IGNORE
+    grad_logp = torch.randn(_PROBE_B * _PROBE_T, generator=gen)
+    logits3 = base.to(device=device, dtype=dtype)[:, :_PROBE_T]  # row strides (T + 1) * V and V
+    return logits3, targets.to(device), grad_logp.to(device)
+
+
+def _mismatch(what: str, got: torch.Tensor, ref: torch.Tensor, rtol: float, atol: float) -> Optional[str]:
+    """None if got matches ref elementwise (NaN never matches), else a one-line description."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    if got.shape != ref.shape:
+        return f"{what} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}"
+    close = torch.isclose(got, ref, rtol=rtol, atol=atol)
+    if bool(close.all()):
+        return None
+    diff = (got - ref).abs().nan_to_num(nan=float("inf"))
+    return (
+        f"{what} differs from the PyTorch implementation at {int((~close).sum())} of {close.numel()} "
+        f"entries, max abs difference {diff.max().item():.3g}"
+    )
