@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow bench-kernel sweep-cpu env clean-cache
+.PHONY: demo test test-slow test-gpu bench-kernel sweep-cpu env clean-cache
 
 env: $(STAMP)
 
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The Triton kernels compiled on a CUDA GPU (tests marked gpu; they skip without one).
+# TRITON_INTERPRET=0 keeps the kernels compiled: tests/conftest.py turns the interpreter on otherwise.
+test-gpu: $(STAMP)
+	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu
 
 bench-kernel: $(STAMP)
 	$(PY) -m kernels.bench_logprob

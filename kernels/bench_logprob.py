@@ -13,7 +13,8 @@ Methods, per (N, V):
                       note Liger writes its gradient into the logits buffer during the forward)
   linear  (input: hidden (N, H) and lm-head weight (V, H) that require grad)
     lm_head+naive     F.linear(hidden, W) then naive
-    linear_logprob    linear_logprob(impl="auto"), chunked over tokens
+    linear_logprob    linear_logprob(impl="auto"), chunked over tokens; the report says what
+                      "auto" ran as (on GPU "triton" once the kernels passed their on-device check)
 
 Time: median over --repeats of one forward + backward (after --warmup untimed runs); CUDA events
 with synchronisation on GPU, time.perf_counter on CPU. The methods of one (N, V) are timed
@@ -47,7 +48,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.logprob import HAS_TRITON, linear_logprob, logprob_gather
+from kernels.logprob import HAS_TRITON, default_impl, linear_logprob, logprob_gather
 
 IGNORE_INDEX = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -351,6 +352,8 @@ def report(setup: Setup, argv: list[str]) -> str:
         f"Peak extra memory: {mem_method}; includes the returned gradients",
         f"torch-chunked chunk_size={setup.chunk_size} rows; linear_logprob chunk_size={setup.linear_chunk_size} tokens",
     ]
+    auto = {d: default_impl(setup.device, DTYPES[d]) for d in sorted({r.dtype for r in setup.results})}
+    lines.append("linear_logprob impl='auto' ran as: " + ", ".join(f"{d} -> {impl}" for d, impl in auto.items()))
     if setup.copy_bandwidth:
         lines.append(
             f"Device-to-device copy bandwidth (read+write): {setup.copy_bandwidth / 1e9:.0f} GB/s; "

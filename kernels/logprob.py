@@ -29,13 +29,18 @@ torch / naive implementations):
 
 * ``"triton"`` -- one Triton program per row; the forward is a single streaming pass with
   an online logsumexp (fp32), the backward a single streaming pass writing (3) in the
-  logits dtype, optionally in place into the logits buffer.
+  logits dtype, optionally in place into the logits buffer (``kernels.triton_logprob``).
 * ``"torch"``  -- pure PyTorch, chunked over rows: at most ``chunk_size x V`` fp32
-  temporaries are alive at any time, in forward and backward.
-* ``"naive"``  -- the textbook baseline above, for tests and benchmarks.
+  temporaries are alive at any time, in forward and backward (``kernels.torch_logprob``).
+* ``"naive"``  -- the textbook baseline above, for tests and benchmarks (``kernels.torch_logprob``).
 
 ``linear_logprob`` goes one step further and fuses the lm-head projection: it never holds
 the full (N, V) logits at all, only ``chunk_size`` rows of them at a time.
+
+This module holds the autograd functions, the public API, argument checks and the choice of
+implementation. ``impl="auto"`` picks Triton only on CUDA, and only for a (device, dtype)
+on which the kernels first reproduced the PyTorch implementation on a small probe
+(``kernels.triton_logprob.triton_verified``); elsewhere it picks "torch".
 """
 
 from __future__ import annotations
@@ -47,14 +52,14 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kernels.torch_logprob import _compute_dtype, _naive_logprob, _torch_backward, _torch_forward
+
 try:  # Triton is optional: without it the "torch" and "naive" implementations still work.
-    import triton
-    import triton.language as tl
+    from kernels import triton_logprob as _tl
 
     HAS_TRITON = True
-except ImportError:  # pragma: no cover - exercised only on machines without triton
-    triton = None
-    tl = None
+except ImportError:  # pragma: no cover - exercised by test_module_works_without_triton in a subprocess
+    _tl = None
     HAS_TRITON = False
 
 __all__ = [
@@ -71,134 +76,12 @@ DEFAULT_TORCH_CHUNK_SIZE = 1024  # rows per chunk for the pure-PyTorch fallback
 DEFAULT_LINEAR_CHUNK_SIZE = 1024  # tokens per chunk for linear_logprob
 
 
-# ---------------------------------------------------------------------------------------
-# Triton kernels
-# ---------------------------------------------------------------------------------------
-
-if HAS_TRITON:
-
-    @triton.jit
-    def _logprob_fwd_kernel(
-        logits_ptr,  # (B, T, V) any float dtype, last dim contiguous
-        logits_stride_outer,  # stride of B in elements
-        logits_stride_inner,  # stride of T in elements
-        rows_inner,  # T
-        targets_ptr,  # (N,) int64, N = B * T
-        logp_ptr,  # (N,) fp32 out
-        lse_ptr,  # (N,) fp32 out, saved for backward
-        n_cols,  # V
-        ignore_index,
-        BLOCK_SIZE: tl.constexpr,
-    ):
-        """One program per row: logp = z[y] - logsumexp(z), streaming over V.
-
-        The logsumexp is computed online over vocabulary blocks (Milakov & Gimelshein,
-        "Online normalizer calculation for softmax", 2018). After the blocks b_1..b_k,
-
-            m_k = max(m_{k-1}, max(z[b_k]))
-            d_k = d_{k-1} * exp(m_{k-1} - m_k) + sum(exp(z[b_k] - m_k))
-
-        so that d_k = sum_{v in b_1..b_k} exp(z_v - m_k) and lse = m_K + log(d_K).
-        Everything is accumulated in fp32 whatever the logits dtype. Each logit is read
-        exactly once (plus one extra scalar read for z[y]).
-
-        Rows with target == ignore_index get logp = 0 (their lse is still written).
-        A target outside [0, V) gives logp = NaN instead of an out-of-bounds read.
-        """
-        row = tl.program_id(0).to(tl.int64)  # int64: row * stride can exceed 2**31
-        row_outer = row // rows_inner
-        row_inner = row % rows_inner
-        row_ptr = logits_ptr + row_outer * logits_stride_outer + row_inner * logits_stride_inner
-
-        target = tl.load(targets_ptr + row)
-
-        m = float("-inf")  # running max, fp32
-        d = 0.0  # running sum of exp(z - m), fp32
-        for start in range(0, n_cols, BLOCK_SIZE):
-            cols = start + tl.arange(0, BLOCK_SIZE)
-            z = tl.load(row_ptr + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, tl.max(z, axis=0))
-            # If every logit seen so far is -inf then m_new = -inf and exp(-inf - -inf) = NaN;
-            # shifting by 0 instead keeps d = 0, which is the correct partial sum.
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            d = d * tl.exp(m - m_shift) + tl.sum(tl.exp(z - m_shift), axis=0)
-            m = m_new
-        lse = m + tl.log(d)
-
-        ignored = target == ignore_index
-        valid = (target >= 0) & (target < n_cols)
-        safe_target = tl.where(valid, target, 0)
-        target_logit = tl.load(row_ptr + safe_target).to(tl.float32)
-        logp = tl.where(valid, target_logit - lse, float("nan"))
-        logp = tl.where(ignored, 0.0, logp)
-
-        tl.store(lse_ptr + row, lse)
-        tl.store(logp_ptr + row, logp)
-
-    @triton.jit
-    def _logprob_bwd_kernel(
-        grad_logp_ptr,  # (N,) fp32, upstream gradient g
-        logits_ptr,  # (B, T, V) any float dtype, last dim contiguous
-        logits_stride_outer,
-        logits_stride_inner,
-        grad_logits_ptr,  # (B, T, V) same dtype as logits; may alias logits_ptr (in place)
-        grad_stride_outer,
-        grad_stride_inner,
-        rows_inner,  # T
-        targets_ptr,  # (N,) int64
-        lse_ptr,  # (N,) fp32 saved by the forward
-        n_cols,  # V
-        ignore_index,
-        BLOCK_SIZE: tl.constexpr,
-    ):
-        """One program per row: grad_z = g * (onehot(y) - exp(z - lse)).
-
-        This is d(logp)/dz = onehot(y) - softmax(z) scaled by the upstream gradient, with
-        softmax recomputed in fp32 from the saved lse rather than stored. Each logit is
-        read once and each gradient element written once (in the logits dtype), so the
-        kernel may overwrite the logits in place: block k is fully read before it is
-        written and no other block is touched.
-
-        Rows with target == ignore_index get an all-zero gradient.
-        """
-        row = tl.program_id(0).to(tl.int64)
-        row_outer = row // rows_inner
-        row_inner = row % rows_inner
-        row_ptr = logits_ptr + row_outer * logits_stride_outer + row_inner * logits_stride_inner
-        grad_row_ptr = grad_logits_ptr + row_outer * grad_stride_outer + row_inner * grad_stride_inner
-
-        target = tl.load(targets_ptr + row)
-        lse = tl.load(lse_ptr + row)
-        g = tl.load(grad_logp_ptr + row)
-        ignored = target == ignore_index
-
-        for start in range(0, n_cols, BLOCK_SIZE):
-            cols = start + tl.arange(0, BLOCK_SIZE)
-            col_mask = cols < n_cols
-            z = tl.load(row_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
-            softmax = tl.exp(z - lse)  # (BLOCK_SIZE,) fp32
-            onehot = tl.where(cols == target, 1.0, 0.0)
-            grad = g * (onehot - softmax)
-            grad = tl.where(ignored, 0.0, grad)
-            tl.store(grad_row_ptr + cols, grad.to(grad_logits_ptr.dtype.element_ty), mask=col_mask)
-
-
-def _triton_block_size(n_cols: int, device: torch.device) -> int:
-    """Vocabulary block per loop iteration.
-
-    On GPU 4096 elements with 8 warps keeps 16 elements per thread in flight (not tuned on
-    hardware yet). The interpreter pays a fixed Python cost per block, so it gets larger ones.
-    """
-    cap = 4096 if device.type == "cuda" else 32768
-    return min(cap, triton.next_power_of_2(n_cols))
-
-
 def _interpret_requested() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _kernels_are_interpreted() -> bool:
-    return HAS_TRITON and type(_logprob_fwd_kernel).__name__ == "InterpretedFunction"
+    return HAS_TRITON and _tl.kernels_are_interpreted()
 
 
 def _check_triton_usable(x: torch.Tensor) -> None:
@@ -220,7 +103,7 @@ def _check_triton_usable(x: torch.Tensor) -> None:
         if not _kernels_are_interpreted():
             raise ValueError(
                 "TRITON_INTERPRET=1 is set but the Triton kernels were compiled for GPU because "
-                "kernels.logprob was imported before the variable was set. Set TRITON_INTERPRET=1 "
+                "kernels was imported before the variable was set. Set TRITON_INTERPRET=1 "
                 "before importing kernels, or use impl='torch'."
             )
 
@@ -286,158 +169,21 @@ def _check_target_range(targets: torch.Tensor, n_cols: int, ignore_index: int) -
         )
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16, fp64 for fp64 (so gradcheck can run on the torch paths)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ---------------------------------------------------------------------------------------
 # Row-level forward / backward primitives (used by logprob_gather and linear_logprob)
 # ---------------------------------------------------------------------------------------
 
 
-def _triton_forward(logits3: torch.Tensor, targets: torch.Tensor, ignore_index: int):
-    """logits3 (B, T, V), targets (B*T,) int64 -> logp (B*T,) fp32, lse (B*T,) fp32."""
-    B, T, V = logits3.shape
-    N = B * T
-    logp = torch.empty(N, dtype=torch.float32, device=logits3.device)
-    lse = torch.empty(N, dtype=torch.float32, device=logits3.device)
-    if N == 0:
-        return logp, lse
-    _logprob_fwd_kernel[(N,)](
-        logits3,
-        logits3.stride(0),
-        logits3.stride(1),
-        T,
-        targets,
-        logp,
-        lse,
-        V,
-        ignore_index,
-        BLOCK_SIZE=_triton_block_size(V, logits3.device),
-        num_warps=8,
-    )
-    return logp, lse
-
-
-def _triton_backward(
-    grad_logp: torch.Tensor,
-    logits3: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int,
-    inplace: bool,
-) -> torch.Tensor:
-    """grad_logp (N,) fp32 -> grad_logits3 (B, T, V) in the logits dtype (aliasing logits3 if inplace)."""
-    B, T, V = logits3.shape
-    grad3 = logits3 if inplace else torch.empty((B, T, V), dtype=logits3.dtype, device=logits3.device)
-    if B * T == 0:
-        return grad3
-    _logprob_bwd_kernel[(B * T,)](
-        grad_logp,
-        logits3,
-        logits3.stride(0),
-        logits3.stride(1),
-        grad3,
-        grad3.stride(0),
-        grad3.stride(1),
-        T,
-        targets,
-        lse,
-        V,
-        ignore_index,
-        BLOCK_SIZE=_triton_block_size(V, logits3.device),
-        num_warps=8,
-    )
-    return grad3
-
-
-def _row_chunks(logits3: torch.Tensor, chunk_size: int):
-    """Yield (flat_start, flat_end, b, t0, t1) covering the B*T rows, at most chunk_size rows each."""
-    B, T, _ = logits3.shape
-    for b in range(B):
-        for t0 in range(0, T, chunk_size):
-            t1 = min(t0 + chunk_size, T)
-            yield b * T + t0, b * T + t1, b, t0, t1
-
-
-def _torch_forward(logits3: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_size: int):
-    """Pure-PyTorch forward: logp, lse (N,) in the compute dtype, chunk_size rows at a time.
-
-    Per chunk one ``log_softmax`` in the compute dtype gives logp = logsm[y], and
-    lse = max(z) - max(logsm) (= m + log sum exp(z - m): as accurate as ``torch.logsumexp``
-    and finite even when z[y] = -inf). On CPU this is about twice as fast as
-    ``torch.logsumexp``, which runs several unfused passes.
-    Peak extra memory: one (chunk_size, V) compute-dtype buffer (two for bf16/fp16 logits on
-    CPU, where log_softmax upcasts into a separate copy first), independent of N.
-    """
-    B, T, V = logits3.shape
-    cdtype = _compute_dtype(logits3.dtype)
-    logp = torch.empty(B * T, dtype=cdtype, device=logits3.device)
-    lse = torch.empty(B * T, dtype=cdtype, device=logits3.device)
-    for s, e, b, t0, t1 in _row_chunks(logits3, chunk_size):
-        z = logits3[b, t0:t1]  # (c, V) in the logits dtype, a view
-        tgt = targets[s:e]  # (c,)
-        ignored = tgt == ignore_index
-        safe_tgt = torch.where(ignored, 0, tgt)
-        logsm = torch.log_softmax(z, dim=-1, dtype=cdtype)  # (c, V)
-        # logsm = (z - m) - log(sum exp(z - m)) peaks at the argmax with exactly -log(sum ...)
-        lse[s:e] = z.amax(dim=-1).to(cdtype) - logsm.amax(dim=-1)
-        logp[s:e] = torch.where(ignored, 0.0, logsm.gather(-1, safe_tgt.unsqueeze(-1)).squeeze(-1))
-        del logsm
-    return logp, lse
-
-
-def _torch_backward(
-    grad_logp: torch.Tensor,
-    logits3: torch.Tensor,
-    targets: torch.Tensor,
-    lse: torch.Tensor,
-    ignore_index: int,
-    chunk_size: int,
-    inplace: bool,
-) -> torch.Tensor:
-    """Pure-PyTorch backward: grad_logits3 = g * (onehot(y) - exp(z - lse)), chunk by chunk.
-
-    Ignored rows use g = 0 and lse = +inf, so exp(z - lse) = 0 and their gradient is exactly
-    zero without an extra masking pass. When the logits are already in the compute dtype the
-    chunk is computed directly in the output buffer; otherwise in one reused (chunk_size, V)
-    compute-dtype buffer that is then cast into the output.
-    """
-    cdtype = _compute_dtype(logits3.dtype)
-    grad3 = logits3 if inplace else torch.empty(logits3.shape, dtype=logits3.dtype, device=logits3.device)
-    work = None  # (chunk_size, V) compute-dtype buffer, allocated once and reused by every chunk
-    if grad3.dtype != cdtype and grad3.numel() > 0:
-        B, T, V = logits3.shape
-        work = torch.empty((min(chunk_size, T), V), dtype=cdtype, device=logits3.device)
-    for s, e, b, t0, t1 in _row_chunks(logits3, chunk_size):
-        tgt = targets[s:e]
-        ignored = tgt == ignore_index
-        safe_tgt = torch.where(ignored, 0, tgt).unsqueeze(-1)  # (c, 1)
-        g = torch.where(ignored, 0.0, grad_logp[s:e].to(cdtype)).unsqueeze(-1)  # (c, 1)
-        row_lse = torch.where(ignored, float("inf"), lse[s:e].to(cdtype)).unsqueeze(-1)  # (c, 1)
-        out = grad3[b, t0:t1]  # (c, V) view of the output
-        if work is None:
-            buf = torch.sub(logits3[b, t0:t1], row_lse, out=out)  # z - lse (elementwise: out may alias z)
-        else:  # upcast into the work buffer (a mixed-dtype sub would allocate another temporary)
-            buf = work[: t1 - t0].copy_(logits3[b, t0:t1]).sub_(row_lse)
-        buf.exp_().mul_(-g)  # -g * softmax
-        buf.scatter_add_(-1, safe_tgt, g)  # + g * onehot(y)
-        if buf is not out:
-            out.copy_(buf)  # cast to the logits dtype
-    return grad3
-
-
 def _rows_forward(logits3, targets, ignore_index, impl, chunk_size):
     if impl == "triton":
-        return _triton_forward(logits3, targets, ignore_index)
+        return _tl._triton_forward(logits3, targets, ignore_index)
     return _torch_forward(logits3, targets, ignore_index, chunk_size)
 
 
 def _rows_backward(grad_logp, logits3, targets, lse, ignore_index, impl, chunk_size, inplace):
     if impl == "triton":
         grad_logp = grad_logp.to(torch.float32).contiguous()
-        return _triton_backward(grad_logp, logits3, targets, lse, ignore_index, inplace)
+        return _tl._triton_backward(grad_logp, logits3, targets, lse, ignore_index, inplace)
     return _torch_backward(grad_logp, logits3, targets, lse, ignore_index, chunk_size, inplace)
 
 
@@ -484,15 +230,6 @@ class _LogProbGather(torch.autograd.Function):
         return grad3.reshape(ctx.logits_shape), None, None, None, None, None
 
 
-def _naive_logprob(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """The textbook baseline: an (..., V) fp32 log-softmax, then a gather. Autograd keeps it alive."""
-    ignored = targets == ignore_index
-    safe_targets = torch.where(ignored, 0, targets)
-    logp = logits.to(_compute_dtype(logits.dtype)).log_softmax(-1)  # (..., V)
-    logp = logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (...)
-    return logp.masked_fill(ignored, 0.0)
-
-
 # ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------
@@ -511,14 +248,21 @@ def available_impls() -> list[str]:
     return impls
 
 
-def default_impl(device) -> str:
-    """Fastest implementation that runs on ``device`` (a torch.device or a string).
+def _triton_preferred(device: torch.device) -> bool:
+    """Whether "auto" considers Triton on ``device`` at all: CUDA, triton imports, kernels compiled."""
+    return device.type == "cuda" and HAS_TRITON and not _kernels_are_interpreted()
 
-    "triton" on CUDA when triton is importable and the kernels are compiled (not interpreted),
+
+def default_impl(device, dtype: torch.dtype = torch.float32) -> str:
+    """Fastest implementation that runs correctly on ``device`` for ``dtype`` logits.
+
+    "triton" on CUDA when triton is importable, the kernels are compiled (not interpreted),
+    ``dtype`` is float32/bfloat16/float16 and the kernels passed their check on this
+    (device, dtype) (``triton_verified``: run on first use, then cached; a failure warns once);
     otherwise "torch". The interpreter is for testing only and is never the default.
     """
     device = torch.device(device)
-    if device.type == "cuda" and HAS_TRITON and not _kernels_are_interpreted():
+    if _triton_preferred(device) and dtype in TRITON_DTYPES and _tl.triton_verified(device, dtype):
         return "triton"
     return "torch"
 
@@ -527,9 +271,7 @@ def _resolve_impl(impl: str, x: torch.Tensor) -> str:
     if impl not in IMPLS + ("auto",):
         raise ValueError(f"impl must be one of 'auto', 'triton', 'torch', 'naive'; got {impl!r}")
     if impl == "auto":
-        impl = default_impl(x.device)
-        if impl == "triton" and x.dtype not in TRITON_DTYPES:
-            impl = "torch"
+        impl = default_impl(x.device, x.dtype)
     if impl == "triton":
         _check_triton_usable(x)
     return impl
@@ -552,7 +294,8 @@ def logprob_gather(
             accepted (e.g. ``logits[:, :-1]`` is read in place, not copied).
         targets: (...) integer token ids, same leading shape as logits.
         ignore_index: rows whose target equals this give logp = 0 and zero gradient.
-        impl: "auto" (triton on CUDA, else torch), "triton", "torch" or "naive".
+        impl: "auto" (triton on CUDA once verified there, else torch; see ``default_impl``),
+            "triton", "torch" or "naive".
             "triton" on a CPU tensor requires TRITON_INTERPRET=1 (slow, for tests).
         chunk_size: rows per chunk for impl="torch" (peak extra memory ~ a few
             chunk_size x V fp32 buffers); ignored by the other implementations.
