@@ -125,7 +125,10 @@ def nucleus(logits: torch.Tensor, temperature: float, top_p: float = 1.0,
     # of the most likely ones, and sort the whole vocabulary only for rows whose shortlist is short of top_p.
     width = min(k, SHORTLIST) if top_p < 1 else k
     values, ids = probs.topk(width, dim=-1)  # (B, width), sorted
-    mass = values.sum(-1, keepdim=True) if width == k else probs.topk(k, dim=-1).values.sum(-1, keepdim=True)
+    if k == vocab:
+        mass = probs.sum(-1, keepdim=True)
+    else:
+        mass = values.sum(-1, keepdim=True) if width == k else probs.topk(k, dim=-1).values.sum(-1, keepdim=True)
     values = values / mass  # renormalised over the top-k (over the vocabulary without top-k)
     if top_p < 1 and width < k and bool((values.sum(-1) < top_p).any()):
         values, ids = probs.topk(k, dim=-1)  # (B, k)
