@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench-kernel sweep-cpu env clean-cache
+.PHONY: demo test test-slow test-gpu bench-kernel bench-sampling sweep-cpu env clean-cache
 
 env: $(STAMP)
 
@@ -36,6 +36,10 @@ test-gpu: $(STAMP)
 
 bench-kernel: $(STAMP)
 	$(PY) -m kernels.bench_logprob
+
+# Sampling throughput on SmolLM2 (issue #14's workload) against one prompt at a time with model.generate.
+bench-sampling: $(STAMP)
+	$(PY) -m mipo.bench_sampling
 
 clean-cache:
 	rm -rf .cache/mipo

@@ -1,6 +1,9 @@
 """Sample MIPO preference pairs (x, y+, y-) from the base model.
 
     python sample.py task=gsm8k negatives=partial model=llama-3.2-1b-instruct
+
+Finished chunks of responses are kept under ``<pairs path>.partial/``: a run that was killed
+resumes where it stopped when the same command is run again (``mipo/sampling.py``).
 """
 
 import hydra

@@ -133,8 +133,12 @@ def config_problems(cfg: DictConfig) -> list[str]:
         need(_is_number(settings.top_p) and 0 < settings.top_p <= 1, f"{group}.top_p={settings.top_p}: expected (0, 1]")
         need(_is_int(settings.max_new_tokens) and settings.max_new_tokens > 0,
              f"{group}.max_new_tokens={settings.max_new_tokens}: expected an int > 0")
-        need(_is_int(settings.batch_size) and settings.batch_size > 0,
-             f"{group}.batch_size={settings.batch_size}: expected an int > 0")
+        need(settings.batch_size == "auto" or (_is_int(settings.batch_size) and settings.batch_size > 0),
+             f"{group}.batch_size={settings.batch_size}: expected auto or an int > 0")
+        top_k = settings.get("top_k")
+        need(top_k is None or (_is_int(top_k) and top_k > 0), f"{group}.top_k={top_k}: expected null (no top-k) or an int > 0")
+    for key in ("chunk_size", "max_batch_tokens"):
+        need(_is_int(sampling[key]) and sampling[key] > 0, f"sampling.{key}={sampling[key]}: expected an int > 0")
     need(_is_int(ev.score_batch_size) and ev.score_batch_size > 0,
          f"eval.score_batch_size={ev.score_batch_size}: expected an int > 0")
     need(_is_int(ev.mi_k) and ev.mi_k >= 1, f"eval.mi_k={ev.mi_k}: expected an int >= 1")

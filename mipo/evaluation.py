@@ -131,11 +131,11 @@ def _evaluate_models(cfg: DictConfig, task: Task, tokenizer, examples: list[Exam
     base = load_model(cfg.model, device=device, dtype=dtype, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
     responses: dict[str, list[str]] = {}
     if "base" in names:
-        responses["base"] = generate(base, tokenizer, prompts, desc="eval: base model responses", **gen)
+        responses["base"] = generate(base, tokenizer, prompts, desc="eval: base model responses", **gen).texts
     if "trained" in names:
         trained = load_model({"name_or_path": str(model_path), "attn_implementation": cfg.model.attn_implementation},
                              device=device, dtype=dtype)
-        responses["trained"] = generate(trained, tokenizer, prompts, desc="eval: trained model responses", **gen)
+        responses["trained"] = generate(trained, tokenizer, prompts, desc="eval: trained model responses", **gen).texts
         del trained
 
     # MI of each model's responses, always under the reference (base) model in fp32.

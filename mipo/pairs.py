@@ -22,7 +22,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from mipo.chat import Messages
 from mipo.files import atomic_path, read_jsonl
@@ -54,6 +54,13 @@ class PreferencePair:
             "rejected": [{"role": "assistant", "content": self.rejected}],
             **self.metadata,
         }
+
+
+def truncation_summary(pairs: Sequence[PreferencePair]) -> dict[str, float]:
+    """Fractions of y+ and of y- cut at ``max_new_tokens`` (``*_finish_reason == "length"``): for ``train.json``."""
+    n = max(len(pairs), 1)
+    return {"chosen_truncated_fraction": sum(not p.chosen_finished for p in pairs) / n,
+            "rejected_truncated_fraction": sum(not p.rejected_finished for p in pairs) / n}
 
 
 class PairsFileError(ValueError):

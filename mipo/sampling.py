@@ -4,28 +4,47 @@
     y- ~ pi_base(.|x')       the response to a different prompt x' (``mipo/negatives.py``)
 
 The pairs file is content-addressed: its default path is a hash of everything sampling
-depends on (model, task, data split, negative strategy, sampling settings, seed), so
-``sample.py`` and ``train.py`` run with the same overrides find the same file, and a sweep
-over training settings reuses it.
+depends on (model, task, data split, negative strategy, decode settings and batching, seed,
+seeding scheme), so ``sample.py`` and ``train.py`` run with the same overrides find the same
+file, and a sweep over training settings reuses it.
+
+Resuming. Responses are decoded in chunks (``mipo.generation.Plan``); each finished chunk is
+written at once to ``<pairs path>.partial/``::
+
+    meta.json               {"inputs": <hash of sampling_inputs>, "plans": {"chosen": <plan fingerprint>, ...}}
+    chosen-00003.json       {"stream": "chosen", "chunk": 3, "indices": [...], "generations": [{...}, ...]}
+    rejected-00000.json     (only when y- is sampled separately from y+)
+
+A run killed at any point and started again with the same command reads back the chunks
+that are there and decodes only the others; since a chunk's responses depend on nothing but
+the chunk, the pairs file is byte for byte the one an uninterrupted run writes. The folder is
+removed once the pairs file is in place; ``sampling.overwrite=true`` discards it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import random
+import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from mipo.chat import Messages
 from mipo.config import build_task, task_splits
-from mipo.files import stable_hash
-from mipo.generation import generate
+from mipo.files import stable_hash, write_json
+from mipo.generation import SEEDING, Generation, Generations, Plan, decode_settings, generate_plan, plan_generation
 from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
 from mipo.negatives import plan_negatives
 from mipo.pairs import PreferencePair, write_pairs
 
 log = logging.getLogger(__name__)
+
+DECODE_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens")  # the distribution
+BATCH_KEYS = ("batch_size", "chunk_size", "max_batch_tokens")  # which rows share a forward: the last bits
 
 
 def sampling_inputs(cfg: DictConfig) -> dict[str, Any]:
@@ -35,10 +54,11 @@ def sampling_inputs(cfg: DictConfig) -> dict[str, Any]:
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval")},
         "negatives": OmegaConf.to_container(cfg.negatives, resolve=True),
-        "sampling": {k: cfg.sampling[k] for k in ("temperature", "top_p", "max_new_tokens")},
+        "sampling": {k: cfg.sampling.get(k) for k in (*DECODE_KEYS, *BATCH_KEYS)},
         "max_prompt_length": cfg.data.max_prompt_length,
         "seed": cfg.seed,
-        "format": 1,
+        "seeding": SEEDING,
+        "format": 2,
     }
 
 
@@ -51,10 +71,62 @@ def pairs_path(cfg: DictConfig) -> Path:
     return Path(cfg.paths.cache_dir) / "pairs" / name
 
 
+class PartialSamplesError(ValueError):
+    """A ``.partial`` folder that does not belong to this run; the message names the file and field."""
+
+
+class ChunkStore:
+    """The finished chunks of one sampling run, one JSON file each, under ``<pairs path>.partial/``."""
+
+    def __init__(self, folder: Path, inputs_hash: str, plans: dict[str, Plan]):
+        self.folder, self.plans = folder, plans
+        self.meta = {"inputs": inputs_hash, "plans": {name: plan.fingerprint() for name, plan in plans.items()},
+                     "format": 1}
+
+    def open(self) -> None:
+        """Check that an existing folder belongs to these inputs, or start one."""
+        meta_file = self.folder / "meta.json"
+        if meta_file.exists():
+            found = json.loads(meta_file.read_text())
+            for key in ("format", "inputs", "plans"):
+                if found.get(key) != self.meta[key]:
+                    raise PartialSamplesError(
+                        f"{meta_file}: field {key!r} is {found.get(key)!r}, expected {self.meta[key]!r}: these partial "
+                        "samples were written for other inputs; delete the folder or set sampling.overwrite=true")
+        else:
+            write_json(meta_file, self.meta)
+
+    def _file(self, stream: str, chunk: int) -> Path:
+        return self.folder / f"{stream}-{chunk:05d}.json"
+
+    def load(self, stream: str) -> dict[int, list[Generation]]:
+        """The chunks of ``stream`` already written, validated against its plan."""
+        plan, done = self.plans[stream], {}
+        for chunk, indices in enumerate(plan.chunks):
+            path = self._file(stream, chunk)
+            if not path.exists():
+                continue
+            row = json.loads(path.read_text())
+            if tuple(row.get("indices", ())) != indices or len(row.get("generations", ())) != len(indices):
+                raise PartialSamplesError(f"{path}: field 'indices' does not match chunk {chunk} of the plan "
+                                          f"(expected {len(indices)} prompts {list(indices)[:8]}...)")
+            done[chunk] = [Generation(**g) for g in row["generations"]]
+        return done
+
+    def save(self, stream: str, chunk: int, generations: list[Generation]) -> None:
+        write_json(self._file(stream, chunk), {"stream": stream, "chunk": chunk,
+                                               "indices": list(self.plans[stream].chunks[chunk]),
+                                               "generations": [asdict(g) for g in generations]})
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
 def sample_pairs(cfg: DictConfig) -> Path:
     """Sample the pairs of this config and write them; returns the pairs path.
 
-    Skips all work when the file exists (``sampling.overwrite=true`` re-samples).
+    Skips all work when the file exists (``sampling.overwrite=true`` re-samples, discarding
+    any partial samples too); resumes from ``<pairs path>.partial/`` otherwise.
     """
     path = pairs_path(cfg)
     if path.exists() and not cfg.sampling.overwrite:
@@ -67,39 +139,68 @@ def sample_pairs(cfg: DictConfig) -> Path:
     plan = plan_negatives(task, train_examples, cfg.negatives.strategy, rng)
     if plan.dropped:
         log.info("negatives=%s: %d prompts had no information to remove and were dropped", cfg.negatives.strategy, plan.dropped)
-
-    device = resolve_device(cfg.device)
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
-    model = load_model(cfg.model, device=device, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
-    settings = dict(
-        max_new_tokens=cfg.sampling.max_new_tokens, temperature=cfg.sampling.temperature,
-        top_p=cfg.sampling.top_p, batch_size=cfg.sampling.batch_size,
-        max_prompt_length=cfg.data.max_prompt_length,
-    )
     prompts = [task.messages(e) for e in plan.examples]
     negative_prompts = [task.messages(e) for e in plan.negatives]
+    reuse = plan.source_index is not None and cfg.negatives.reuse_positives
 
     # Generate once per prompt; random negatives reuse the response of prompt sigma(i).
-    chosen = generate(model, tokenizer, prompts, seed=cfg.seed, desc="sampling y+ ~ pi(.|x)", **settings)
-    if plan.source_index is not None and cfg.negatives.reuse_positives:
-        rejected = [chosen[j] for j in plan.source_index]
-    else:
-        rejected = generate(model, tokenizer, negative_prompts, seed=cfg.seed + 1, desc="sampling y- ~ pi(.|x')", **settings)
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    streams: dict[str, tuple[list[Messages], int]] = {"chosen": (prompts, cfg.seed)}
+    if not reuse:
+        streams["rejected"] = (negative_prompts, cfg.seed + 1)
+    batch_size = cfg.sampling.batch_size
+    plans = {name: plan_generation(tokenizer, stream_prompts, cfg.sampling.max_new_tokens, batch_size,
+                                   cfg.sampling.chunk_size, cfg.data.max_prompt_length, cfg.sampling.max_batch_tokens)
+             for name, (stream_prompts, _) in streams.items()}
+    store = ChunkStore(path.with_name(path.name + ".partial"), stable_hash(sampling_inputs(cfg), 20), plans)
+    if cfg.sampling.overwrite:
+        store.remove()
+    store.open()
+    done = {name: store.load(name) for name in streams}
 
+    settings = decode_settings(cfg.sampling)
+    model = None
+    results: dict[str, Generations] = {}
+    for name, (_, seed) in streams.items():
+        stream_plan = plans[name]
+        if len(done[name]) < len(stream_plan.chunks):
+            if done[name]:
+                log.info("%s: resuming, %d of %d chunks already sampled (%s)", name, len(done[name]),
+                         len(stream_plan.chunks), store.folder)
+            if model is None:
+                model = load_model(cfg.model, device=resolve_device(cfg.device), cache_dir=cfg.paths.cache_dir,
+                                   vocab_size=len(tokenizer))
+        desc = "sampling y+ ~ pi(.|x)" if name == "chosen" else "sampling y- ~ pi(.|x')"
+        results[name] = generate_plan(model, tokenizer, stream_plan, settings, seed, done=done[name], desc=desc,
+                                      on_chunk=lambda chunk, gens, name=name: store.save(name, chunk, gens))
+        log_summary(name, results[name])
+
+    chosen = results["chosen"]
+    rejected = [chosen[j] for j in plan.source_index] if reuse else list(results["rejected"])
     metadata = {
         "strategy": cfg.negatives.strategy,
         "task": cfg.task.name,
         "seed": cfg.seed,
         "model": model_identity(cfg.model),
-        "sampling": {k: cfg.sampling[k] for k in ("temperature", "top_p", "max_new_tokens")},
+        "sampling": chosen.settings,
     }
     pairs = [
-        PreferencePair(prompt, y_pos, y_neg, {
+        PreferencePair(prompt, y_pos.text, y_neg.text, {
             "negative_prompt": neg_prompt, "uid": example.uid, "negative_uid": negative.uid,
-            "answer": example.answer, **metadata})
+            "answer": example.answer, "chosen_finish_reason": y_pos.finish_reason,
+            "rejected_finish_reason": y_neg.finish_reason, **metadata})
         for prompt, neg_prompt, y_pos, y_neg, example, negative in zip(
             prompts, negative_prompts, chosen, rejected, plan.examples, plan.negatives)
     ]
     write_pairs(path, pairs)
+    store.remove()
     log.info("wrote %d pairs to %s", len(pairs), path)
     return path
+
+
+def log_summary(stream: str, generations: Generations) -> None:
+    """The sampling log's account of a stream: responses cut at max_new_tokens, prompts cut by truncation."""
+    s = generations.summary()
+    log.info("%s: %d responses, %d new tokens; %d (%.1f%%) cut at max_new_tokens=%d (finish_reason 'length'); "
+             "%d prompts cut to data.max_prompt_length", stream, s["responses"], s["new_tokens"], s["truncated"],
+             100 * s["truncated_fraction"], generations.settings["max_new_tokens"], s["prompts_truncated"])

@@ -25,7 +25,7 @@ from mipo.files import write_json
 from mipo.forward import collate_pairs, dpo_forward
 from mipo.models import load_model, load_tokenizer, resolve_device
 from mipo.optim import build_optimizer, build_scheduler, final_weights, resolve_autocast
-from mipo.pairs import read_pairs
+from mipo.pairs import read_pairs, truncation_summary
 from mipo.reference import reference_logps
 from mipo.sampling import pairs_path
 from mipo.tracking import MetricsLogger
@@ -103,7 +103,7 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
 
     summary = {
         "steps": len(history), "pairs": len(pairs), "pairs_path": str(path), "reference_cache": str(reference.path),
-        "reference_cache_hit": reference.cache_hit,
+        "reference_cache_hit": reference.cache_hit, **truncation_summary(pairs),
         **{f"final_{k}": sum(m[k] for m in history[-5:]) / len(history[-5:]) for k in ("loss", "reward_margin", "reward_accuracy")},
     }
     logger.summary(summary)

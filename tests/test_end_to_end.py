@@ -44,7 +44,7 @@ def run_entry(script: str, overrides: list[str], run_dir: Path, expect_ok: bool 
 def test_sample_train_evaluate(tmp_path: Path) -> None:
     overrides = tiny_overrides(tmp_path)
 
-    run_entry("sample.py", overrides, tmp_path / "sample")
+    sampled = run_entry("sample.py", overrides, tmp_path / "sample")
     pairs_files = list((tmp_path / "cache" / "pairs").glob("*.jsonl"))
     assert len(pairs_files) == 1
     rows = [json.loads(line) for line in pairs_files[0].read_text().splitlines()]
@@ -53,7 +53,12 @@ def test_sample_train_evaluate(tmp_path: Path) -> None:
         assert row["prompt"][0]["role"] == "user" and row["prompt"][0]["content"]
         assert row["chosen"][0]["role"] == "assistant" and row["rejected"][0]["role"] == "assistant"
         assert row["strategy"] == "random" and row["negative_prompt"] != row["prompt"]
-        assert row["sampling"] == {"temperature": 0.1, "top_p": 0.9, "max_new_tokens": 12}
+        assert row["sampling"] == {"temperature": 0.1, "top_p": 0.9, "top_k": None, "max_new_tokens": 12,
+                                   "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0,
+                                   "seeding": "per-prompt-v1", "seed": 0, "batch_size": 8, "chunk_size": 256}
+        assert row["chosen_finish_reason"] in ("eos", "length") and row["rejected_finish_reason"] in ("eos", "length")
+    assert "cut at max_new_tokens=12" in sampled.stdout and "prompts cut to data.max_prompt_length" in sampled.stdout
+    assert not list((tmp_path / "cache" / "pairs").glob("*.partial"))  # removed once the pairs file is written
     # random negatives reuse another prompt's positive: every rejected is some row's chosen
     chosen = [r["chosen"][0]["content"] for r in rows]
     uid_to_chosen = {r["uid"]: r["chosen"][0]["content"] for r in rows}
@@ -63,6 +68,9 @@ def test_sample_train_evaluate(tmp_path: Path) -> None:
 
     first = run_entry("train.py", overrides, tmp_path / "train1")
     assert "reference cache miss" in first.stdout
+    summary = json.loads((tmp_path / "train1" / "train.json").read_text())
+    truncated = sum(r["chosen_finish_reason"] == "length" for r in rows) / len(rows)
+    assert summary["chosen_truncated_fraction"] == pytest.approx(truncated)
     metrics = [json.loads(line) for line in (tmp_path / "train1" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2]
     for key in ("loss", "reward_margin", "reward_accuracy", "logps_chosen", "logps_rejected", "grad_norm"):

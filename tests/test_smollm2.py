@@ -39,7 +39,7 @@ def test_gguf_is_converted_once_and_matches_direct_load(tmp_path: Path, model_cf
     # The model is real: its greedy answer is far more likely under its own question than under another.
     prompts = [[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
                [{"role": "user", "content": "Name a primary colour. Answer in one word."}]]
-    answers = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0.0, desc=None)
+    answers = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0.0, desc=None).texts
     assert "paris" in answers[0].lower()
     own = score_responses(model, tokenizer, prompts, answers, desc=None)
     swapped = score_responses(model, tokenizer, prompts[::-1], answers, desc=None)
