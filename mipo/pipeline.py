@@ -73,17 +73,18 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs: list[Preference
     """Run the three stages of ``cfg``; returns the evaluation results.
 
     ``pairs``: the contents of the pairs file when it existed before and was read already.
+    The run directory receives the training outputs after the evaluation, so that a run killed
+    while evaluating left nothing in it that would stop it from being run again.
     """
-    if not cfg.trainer.save_model:
-        raise ValueError("pipeline.py evaluates the trained model, so it needs trainer.save_model=true")
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     pairs_file = sample_pairs(cfg)
     stage_dir = train_stage(cfg, pairs_file, pairs)
+    results = evaluate(cfg, output_dir, model_path=stage_dir / "model", trained_id=stage_dir.name)
     for name in TRAIN_OUTPUTS:
         shutil.copy2(stage_dir / name, output_dir / name)
     model_link = output_dir / "model"
     if model_link.is_symlink() or model_link.exists():
         model_link.unlink() if model_link.is_symlink() else shutil.rmtree(model_link)
     model_link.symlink_to((stage_dir / "model").resolve(), target_is_directory=True)
-    return evaluate(cfg, output_dir, model_path=stage_dir / "model", trained_id=stage_dir.name)
+    return results

@@ -161,6 +161,7 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
             message = (f"step {step}: the loss ({metrics['loss']}) or the gradient norm ({metrics['grad_norm']}) is "
                        f"not finite for the batch of pairs {[pairs[i].label for i in batch_index]} of {path}")
             if not tcfg.skip_nonfinite:
+                progress.close()
                 raise NonFiniteError(f"{message}; nothing was trained on it. trainer.skip_nonfinite=true skips "
                                      "such steps (no update, counted in metrics.jsonl and train.json)")
             skipped.append(step)
