@@ -6,14 +6,15 @@
 import hydra
 from omegaconf import DictConfig
 
-from mipo.cli import setup
+from mipo.cli import entry_point, setup
 from mipo.evaluation import evaluate, format_table
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
+@entry_point("evaluate")
 def main(cfg: DictConfig) -> None:
-    output_dir = setup(cfg)
-    results = evaluate(cfg, output_dir, model_path=cfg.eval.model_path)
+    inputs = setup(cfg, "evaluate")
+    results = evaluate(cfg, inputs.run_dir, model_path=cfg.eval.model_path)
     print(format_table(results))
 
 

@@ -2,20 +2,24 @@
 
     python pipeline.py task=arc_challenge negatives=random
     python pipeline.py -m loss.beta=0.01,0.1,0.5 negatives=random,partial   # a sweep
+
+Killed while training with trainer.checkpoint_every set? The same command continues the train
+stage from its newest checkpoint.
 """
 
 import hydra
 from omegaconf import DictConfig
 
-from mipo.cli import setup
+from mipo.cli import entry_point, setup
 from mipo.evaluation import format_table
 from mipo.pipeline import run_pipeline
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
+@entry_point("pipeline")
 def main(cfg: DictConfig) -> None:
-    output_dir = setup(cfg)
-    results = run_pipeline(cfg, output_dir)
+    inputs = setup(cfg, "pipeline")
+    results = run_pipeline(cfg, inputs.run_dir, pairs=inputs.pairs)
     print(format_table(results))
 
 

@@ -9,13 +9,14 @@ resumes where it stopped when the same command is run again (``mipo/sampling.py`
 import hydra
 from omegaconf import DictConfig
 
-from mipo.cli import log, setup
+from mipo.cli import entry_point, log, setup
 from mipo.sampling import sample_pairs
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")
+@entry_point("sample")
 def main(cfg: DictConfig) -> None:
-    setup(cfg)
+    setup(cfg, "sample")
     path = sample_pairs(cfg)
     log.info("pairs: %s", path)
 

@@ -16,8 +16,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mipo.losses import check_loss_settings
-from mipo.models import DTYPES
+from mipo.losses import loss_settings_problems
+from mipo.models import DTYPES, model_source_problem
 from mipo.negatives import STRATEGIES
 from mipo.optim import LR_SCHEDULERS, MASTER_WEIGHTS
 from mipo.tasks import Example, Task, get_task, load_splits
@@ -70,7 +70,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     need(_is_int(data.max_length) and data.max_length > 1, f"data.max_length={data.max_length}: expected an int > 1")
     need(_is_int(data.max_prompt_length) and data.max_prompt_length > 0,
          f"data.max_prompt_length={data.max_prompt_length}: expected an int > 0")
-    if not problems:
+    if _is_int(data.max_length) and _is_int(data.max_prompt_length):
         need(data.max_prompt_length < data.max_length,
              f"data.max_prompt_length={data.max_prompt_length} must be < data.max_length={data.max_length} "
              "(the response needs room after the prompt)")
@@ -107,11 +107,19 @@ def config_problems(cfg: DictConfig) -> list[str]:
          f"trainer.autocast={trainer.autocast}: float16 autocast needs a gradient scaler, which this trainer does "
          "not use; use trainer.autocast=bfloat16 (fp32's exponent range, no scaler needed)")
 
+    # checkpoints, resume, numerics, the run directory
+    for key in ("checkpoint_every", "keep_checkpoints"):
+        value = trainer.get(key)
+        need(value is None or (_is_int(value) and value > 0), f"trainer.{key}={value}: expected null or an int > 0")
+    for name, value in (("trainer.resume", trainer.get("resume")), ("trainer.skip_nonfinite", trainer.get("skip_nonfinite")),
+                        ("overwrite", cfg.get("overwrite"))):
+        need(isinstance(value, bool), f"{name}={value}: expected true or false")
+    need(not (trainer.get("resume") is True and cfg.get("overwrite") is True),
+         "trainer.resume=true continues the run in the run directory and overwrite=true replaces it: choose one")
+
     # the loss
-    try:
-        check_loss_settings(loss.beta, loss.label_smoothing, loss.loss_type)
-    except ValueError as error:
-        problems.append(f"loss: {error} (loss.beta={loss.beta}, loss.loss_type={loss.loss_type}, "
+    for problem in loss_settings_problems(loss.beta, loss.label_smoothing, loss.loss_type):
+        problems.append(f"loss: {problem} (loss.beta={loss.beta}, loss.loss_type={loss.loss_type}, "
                         f"loss.label_smoothing={loss.label_smoothing})")
 
     # negatives against the task
@@ -148,6 +156,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
              f"K others) but data.num_eval={data.num_eval}: lower eval.mi_k or raise data.num_eval")
 
     # model, numerics, logging
+    source_problem = model_source_problem(cfg.model)
+    need(source_problem is None, f"{source_problem} (model={cfg.model.get('name')})")
     for key, value in (("model.dtype", cfg.model.get("dtype")), ("model.train_dtype", cfg.model.get("train_dtype")),
                        ("eval.dtype", ev.get("dtype"))):
         need(value is None or value == "auto" or value in DTYPES, f"{key}={value}: expected auto or one of {', '.join(DTYPES)}")
@@ -158,7 +168,11 @@ def config_problems(cfg: DictConfig) -> list[str]:
 
 def check_config(cfg: DictConfig) -> None:
     """Raise ``ConfigError`` listing every problem with ``cfg``; return quietly when it can run."""
-    problems = config_problems(cfg)
+    raise_problems("the config", config_problems(cfg))
+
+
+def raise_problems(what: str, problems: list[str]) -> None:
+    """Raise one ``ConfigError`` listing ``problems`` one per line, if there are any."""
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
-        raise ConfigError(f"the config cannot run ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+        raise ConfigError(f"{what} cannot run ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")

@@ -72,13 +72,25 @@ def dpo_loss(
     return losses, chosen_rewards, rejected_rewards
 
 
+def loss_settings_problems(beta: float, label_smoothing: float, loss_type: str) -> list[str]:
+    """Every reason (beta, label_smoothing, loss_type) do not define a loss of this module (empty: they do)."""
+    def number(value: object) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    problems = []
+    if loss_type not in LOSS_TYPES:
+        problems.append(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
+    if not (number(beta) and beta > 0):
+        problems.append(f"beta must be > 0, got {beta}")
+    if not (number(label_smoothing) and 0.0 <= label_smoothing < 0.5):
+        problems.append(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    elif label_smoothing and loss_type != "sigmoid":
+        problems.append(f"label_smoothing applies to loss_type='sigmoid' only, got {loss_type!r}")
+    return problems
+
+
 def check_loss_settings(beta: float, label_smoothing: float, loss_type: str) -> None:
     """Raise ValueError unless (beta, label_smoothing, loss_type) define a loss of this module."""
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    if not beta > 0:
-        raise ValueError(f"beta must be > 0, got {beta}")
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    if label_smoothing and loss_type != "sigmoid":
-        raise ValueError(f"label_smoothing applies to loss_type='sigmoid' only, got {loss_type!r}")
+    problems = loss_settings_problems(beta, label_smoothing, loss_type)
+    if problems:
+        raise ValueError("; ".join(problems))

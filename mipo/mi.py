@@ -211,6 +211,33 @@ def _sample_other_rows(keys: list[str], k: int, rng: np.random.Generator) -> lis
     return other_indices
 
 
+def _distinct_alternatives(messages: Messages, candidates: Sequence[Messages]) -> list[int]:
+    """Index into ``candidates`` of each distinct candidate that differs from ``messages`` (first of duplicates)."""
+    own = prompt_key(messages)
+    seen: set[str] = set()
+    distinct = []
+    for j, candidate in enumerate(candidates):
+        key = prompt_key(candidate)
+        if key != own and key not in seen:
+            seen.add(key)
+            distinct.append(j)
+    return distinct
+
+
+def available_k(prompts: Sequence[Messages], alternatives: Sequence[Sequence[Messages]] | None = None) -> int:
+    """The largest K that ``estimate_pmi`` can draw for every row of these prompts (0 for no rows).
+
+    Without ``alternatives``: the distinct prompts minus the row's own; with them: the fewest
+    distinct alternatives of any row. The evaluation checks ``eval.mi_k`` against it before
+    any model loads.
+    """
+    if not prompts:
+        return 0
+    if alternatives is None:
+        return len({prompt_key(messages) for messages in prompts}) - 1
+    return min(len(_distinct_alternatives(m, c)) for m, c in zip(prompts, alternatives))
+
+
 def _sample_alternatives(
     prompts: Sequence[Messages], alternatives: Sequence[Sequence[Messages]], k: int, rng: np.random.Generator
 ) -> list[list[int]]:
@@ -221,15 +248,9 @@ def _sample_alternatives(
     """
     other_indices = []
     for i, (messages, candidates) in enumerate(zip(prompts, alternatives)):
-        own = prompt_key(messages)
-        seen: set[str] = set()
-        distinct = []  # index into candidates of each distinct usable alternative
         for j, candidate in enumerate(candidates):
             _check_messages(candidate, f"alternatives[{i}][{j}]")
-            key = prompt_key(candidate)
-            if key != own and key not in seen:
-                seen.add(key)
-                distinct.append(j)
+        distinct = _distinct_alternatives(messages, candidates)
         if len(distinct) < k:
             raise ValueError(
                 f"row {i} has {len(distinct)} distinct alternatives that differ from its own prompt "

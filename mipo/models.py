@@ -256,8 +256,39 @@ def load_model(
     return model
 
 
+def model_source_problem(model_cfg: Mapping[str, Any]) -> str | None:
+    """Why the weights of ``model_cfg`` cannot be there, or None.
+
+    Checked without loading anything (``mipo.config.check_config`` calls it before any model
+    loads): a GGUF package that is not installed, a local path or GGUF file that does not
+    exist. A hub id is not checked (that needs the network).
+    """
+    if _get(model_cfg, "random_init", False):
+        return None
+    package = _get(model_cfg, "gguf_package")
+    if package:
+        try:
+            name = _package_dir(package)
+        except FileNotFoundError as error:
+            return str(error)
+    else:
+        name = str(_get(model_cfg, "name_or_path", ""))
+        if not name:
+            return "model.name_or_path is empty: expected a Hugging Face id or a local folder (or model.random_init=true)"
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+        if looks_local and not Path(name).expanduser().exists():
+            return f"model.name_or_path={name!r}: no such file or directory"
+    gguf_file = _get(model_cfg, "gguf_file")
+    if gguf_file and not (Path(name).expanduser() / gguf_file).exists():
+        return f"GGUF file {Path(name) / gguf_file} does not exist (model.name_or_path / model.gguf_file)"
+    return None
+
+
 def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None) -> tuple[str, dict]:
     """Where ``from_pretrained`` should read from, converting a GGUF checkpoint once if needed."""
+    problem = model_source_problem(model_cfg)
+    if problem:
+        raise FileNotFoundError(problem)
     name = str(_get(model_cfg, "name_or_path", ""))
     gguf_file = _get(model_cfg, "gguf_file")
     package = _get(model_cfg, "gguf_package")
@@ -271,18 +302,11 @@ def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLik
     if package:
         name = _package_dir(package)
     if gguf_file:
-        gguf_path = Path(name) / gguf_file
-        if not gguf_path.exists():
-            raise FileNotFoundError(f"GGUF file {gguf_path} does not exist (model.name_or_path / model.gguf_file)")
         if cache_dir is None:
             return name, {"gguf_file": gguf_file, **kwargs}
         return str(_converted_gguf(model_cfg, Path(name), gguf_file, Path(cache_dir))), kwargs
 
-    path = Path(name).expanduser()
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not path.exists():
-        raise FileNotFoundError(f"model.name_or_path={name!r}: no such file or directory")
-    if not path.exists():  # a hub id: load the commit the caches are keyed by (model_identity)
+    if not Path(name).expanduser().exists():  # a hub id: load the commit the caches are keyed by (model_identity)
         commit = hub_commit(name, revision or "main")
         if commit:
             kwargs["revision"] = commit

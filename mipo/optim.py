@@ -86,6 +86,23 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 p.copy_(state["master"])
         return loss
 
+    FP32_STATE = ("master", "exp_avg", "exp_avg_sq")
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, except that the fp32 state stays fp32 on the
+        master device: the base class casts every floating state tensor to its parameter's dtype,
+        which would round the masters to bf16 on resume (``tests/test_checkpoint.py``)."""
+        fp32 = {index: {key: value for key, value in state.items() if key in self.FP32_STATE}
+                for index, state in state_dict["state"].items()}
+        # the saved groups name parameters by index, or by name under torch.distributed.checkpoint
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        super().load_state_dict(state_dict)
+        params = dict(zip(saved_ids, (p for group in self.param_groups for p in group["params"])))
+        for saved_id, tensors in fp32.items():
+            param = params[saved_id]
+            for key, value in tensors.items():
+                self.state[param][key] = value.to(self.master_device or param.device, torch.float32, copy=True)
+
     @torch.no_grad()
     def load_masters_into(self, model: torch.nn.Module) -> None:
         """Make ``model`` fp32 and its parameters the fp32 masters: the weights to save or evaluate."""

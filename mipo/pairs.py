@@ -36,6 +36,13 @@ class PreferencePair:
     chosen: str
     rejected: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    where: str = field(default="", compare=False)  # where it was read: "<file> line <n>" (not written out)
+
+    @property
+    def label(self) -> str:
+        """How messages name this pair: its ``uid`` metadata, else where it was read."""
+        uid = self.metadata.get("uid")
+        return str(uid) if uid is not None else self.where or "<pair>"
 
     @property
     def chosen_finished(self) -> bool:
@@ -88,7 +95,7 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
         chosen = _response_text(row["chosen"], where, "chosen")
         rejected = _response_text(row["rejected"], where, "rejected")
         metadata = {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}
-        pairs.append(PreferencePair(prompt, chosen, rejected, metadata))
+        pairs.append(PreferencePair(prompt, chosen, rejected, metadata, where=where))
     return pairs
 
 

@@ -6,11 +6,18 @@ policy, then runs the loop: for each optimizer step, micro-batches through ``dpo
 (chosen and rejected concatenated into one forward, ``dpo_loss``), backward, clip, AdamW
 step, learning-rate schedule; finally it saves the policy (its fp32 master weights when the
 optimizer kept them) in Hugging Face format.
+
+Two things guard a long run. A step whose loss or gradient is not finite stops the run with
+the step and the pairs of its batch (``NonFiniteError``), or with ``trainer.skip_nonfinite``
+is skipped and counted: nothing is ever trained on NaN. With ``trainer.checkpoint_every`` the
+loop writes checkpoints (``mipo/checkpoint.py``) and ``resume`` continues from the newest one,
+bit for bit as if the run had never stopped.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import random
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,31 +26,70 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from mipo.checkpoint import (check_same_inputs, clear_checkpoints, latest_checkpoint, read_state,
+                             restore_checkpoint, save_checkpoint)
 from mipo.config import train_dtype
 from mipo.encoding import encode_pairs
-from mipo.files import write_json
+from mipo.files import sha256_file, write_json
 from mipo.forward import collate_pairs, dpo_forward
-from mipo.models import load_model, load_tokenizer, resolve_device
+from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
 from mipo.optim import build_optimizer, build_scheduler, final_weights, resolve_autocast
-from mipo.pairs import read_pairs, truncation_summary
+from mipo.pairs import PreferencePair, read_pairs, truncation_summary
 from mipo.reference import reference_logps
 from mipo.sampling import pairs_path
 from mipo.tracking import MetricsLogger
 
 log = logging.getLogger(__name__)
 
+# trainer keys that do not change the trained weights: left out of what a run is keyed by
+NOT_INPUTS = ("log_every", "checkpoint_every", "keep_checkpoints", "resume")
+# may change when a run resumes: it only decides what happens at a non-finite step
+RESUME_MAY_CHANGE = ("skip_nonfinite",)
 
-def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
-    """Train the policy of ``cfg`` on its pairs; writes ``model/``, ``metrics.jsonl`` and ``train.json``."""
+
+class NonFiniteError(FloatingPointError):
+    """A step's loss or gradient is not finite; the message names the step and the pairs of its batch."""
+
+
+def train_inputs(cfg: DictConfig, pairs_file: Path) -> dict[str, Any]:
+    """Everything a trained policy depends on (logging and checkpointing settings excluded)."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    for key in NOT_INPUTS:
+        trainer.pop(key, None)
+    return {
+        "pairs_sha256": sha256_file(pairs_file),
+        "model": model_identity(cfg.model),
+        "train_dtype": train_dtype(cfg),
+        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
+        "trainer": trainer,
+        "max_length": cfg.data.max_length,
+        "max_prompt_length": cfg.data.max_prompt_length,
+        "seed": cfg.seed,
+        "format": 1,
+    }
+
+
+def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] | None = None,
+          resume: bool | None = None) -> dict[str, Any]:
+    """Train the policy of ``cfg`` on its pairs; writes ``model/``, ``metrics.jsonl`` and ``train.json``.
+
+    Args:
+        pairs: the contents of the pairs file when the caller has read them already.
+        resume: continue from the newest checkpoint in ``output_dir`` if there is one
+            (default ``trainer.resume``); otherwise the run starts at step 0 and removes the
+            checkpoints and metrics an earlier run left in ``output_dir``.
+    """
     output_dir = Path(output_dir)
     tcfg = cfg.trainer
+    resume = tcfg.resume if resume is None else resume
     accumulation_steps = tcfg.batch_size // tcfg.micro_batch_size
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
     # ---- data and reference log-probs -------------------------------------------------------
     path = pairs_path(cfg)
-    pairs = read_pairs(path)
+    if pairs is None:
+        pairs = read_pairs(path)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     chosen_rows, rejected_rows = encode_pairs(tokenizer, pairs, cfg.data.max_length, cfg.data.max_prompt_length)
     reference = reference_logps(
@@ -58,6 +104,19 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
 
+    # ---- where to start: the newest checkpoint of this run, or step 0 ------------------------
+    inputs = train_inputs(cfg, path)
+    checkpoint = latest_checkpoint(output_dir) if resume else None
+    state = read_state(checkpoint) if checkpoint else None
+    if state:
+        check_same_inputs(checkpoint, _resume_view(state["inputs"]), _resume_view(inputs))
+        log.info("resuming from %s (step %d of %d)", checkpoint, state["step"], total_steps)
+    else:
+        clear_checkpoints(output_dir)
+    order = state["order"] if state else list(batch_order(len(pairs), tcfg.batch_size, tcfg.epochs, seed=cfg.seed))[:total_steps]
+    history: list[dict[str, float]] = state["history"] if state else []
+    skipped: list[int] = state["skipped_steps"] if state else []
+
     # ---- policy and optimizer -----------------------------------------------------------------
     policy = load_model(cfg.model, device=device, dtype=train_dtype(cfg), cache_dir=cfg.paths.cache_dir,
                         vocab_size=len(tokenizer))
@@ -69,16 +128,19 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     optimizer = build_optimizer(policy, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, total_steps)
 
-    logger = MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True))
+    logger = MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True),
+                           resume=state["logger"] if state else None)
     log.info("training on %d pairs: %d steps of %d pairs (%d x %d accumulation), lr %.2g, beta %.3g, loss %s",
              len(pairs), total_steps, tcfg.batch_size, tcfg.micro_batch_size, accumulation_steps, tcfg.lr,
              cfg.loss.beta, cfg.loss.loss_type)
+    if state:  # last before the loop: it sets the RNG states
+        restore_checkpoint(checkpoint, state, policy, optimizer, scheduler)
 
     # ---- the loop -------------------------------------------------------------------------------
-    history = []
-    progress = tqdm(total=total_steps, desc="training", unit="step")
-    batches = batch_order(len(pairs), tcfg.batch_size, tcfg.epochs, seed=cfg.seed)
-    for step, batch_index in zip(range(1, total_steps + 1), batches):
+    first_step = state["step"] + 1 if state else 1
+    progress = tqdm(total=total_steps, initial=first_step - 1, desc="training", unit="step")
+    for step in range(first_step, total_steps + 1):
+        batch_index = order[step - 1]
         metrics: dict[str, float] = {}
         for start in range(0, len(batch_index), tcfg.micro_batch_size):
             index = batch_index[start : start + tcfg.micro_batch_size]
@@ -90,21 +152,43 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 metrics[name] = metrics.get(name, 0.0) + float(value) / accumulation_steps
         metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), tcfg.max_grad_norm))
         metrics["lr"] = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
+
+        if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+            optimizer.step()
+            scheduler.step()
+            history.append(metrics)
+            record = metrics
+        else:
+            message = (f"step {step}: the loss ({metrics['loss']}) or the gradient norm ({metrics['grad_norm']}) is "
+                       f"not finite for the batch of pairs {[pairs[i].label for i in batch_index]} of {path}")
+            if not tcfg.skip_nonfinite:
+                progress.close()
+                raise NonFiniteError(f"{message}; nothing was trained on it. trainer.skip_nonfinite=true skips "
+                                     "such steps (no update, counted in metrics.jsonl and train.json)")
+            skipped.append(step)
+            log.warning("%s: skipped (no optimizer or scheduler step), %d so far", message, len(skipped))
+            record = {}
         optimizer.zero_grad(set_to_none=True)
 
-        history.append(metrics)
-        if step % tcfg.log_every == 0 or step == total_steps:
-            logger.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+        if step % tcfg.log_every == 0 or step == total_steps or not record:
+            logger.log({**{f"train/{k}": v for k, v in record.items()}, "train/skipped_nonfinite": len(skipped)},
+                       step=step)
+        if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
+            save_checkpoint(output_dir, step, policy, optimizer, scheduler, keep=tcfg.keep_checkpoints, loop_state={
+                "inputs": inputs, "order": order, "history": history, "skipped_steps": skipped,
+                "logger": logger.position()})
         progress.update(1)
-        progress.set_postfix(loss=f"{metrics['loss']:.4f}", acc=f"{metrics['reward_accuracy']:.2f}")
+        if record:
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")
     progress.close()
 
+    last = history[-5:]
     summary = {
-        "steps": len(history), "pairs": len(pairs), "pairs_path": str(path), "reference_cache": str(reference.path),
-        "reference_cache_hit": reference.cache_hit, **truncation_summary(pairs),
-        **{f"final_{k}": sum(m[k] for m in history[-5:]) / len(history[-5:]) for k in ("loss", "reward_margin", "reward_accuracy")},
+        "steps": total_steps, "optimizer_steps": len(history), "skipped_nonfinite": len(skipped),
+        "skipped_steps": skipped, "pairs": len(pairs), "pairs_path": str(path),
+        "reference_cache": str(reference.path), "reference_cache_hit": reference.cache_hit, **truncation_summary(pairs),
+        **{f"final_{k}": sum(m[k] for m in last) / len(last) if last else None
+           for k in ("loss", "reward_margin", "reward_accuracy")},
     }
     logger.summary(summary)
     logger.close()
@@ -115,6 +199,11 @@ def train(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
         summary["model_dir"] = str(model_dir)
     write_json(output_dir / "train.json", summary)
     return summary
+
+
+def _resume_view(inputs: dict[str, Any]) -> dict[str, Any]:
+    """The inputs a resumed run must share with its checkpoint."""
+    return {**inputs, "trainer": {k: v for k, v in inputs["trainer"].items() if k not in RESUME_MAY_CHANGE}}
 
 
 def batch_order(num_pairs: int, batch_size: int, epochs: int, seed: int) -> Iterator[list[int]]:

@@ -7,11 +7,20 @@ repository root on ``sys.path``; see ``[tool.pytest.ini_options] pythonpath``).
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import torch
+from hydra import compose, initialize_config_dir
 
 from mipo.models import load_model, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY_CONFIG: dict[str, Any] = {
     "random_init": True,
@@ -45,3 +54,87 @@ def tiny_model(tokenizer, cfg: dict[str, Any] | None = None, dtype: torch.dtype 
 
 def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
+
+
+# --------------------------------------------------------------------------------------------
+# The entry points and their config
+# --------------------------------------------------------------------------------------------
+
+def tiny_overrides(tmp_path: Path) -> list[str]:
+    """Overrides for a fast run of any entry point on the tiny model and offline ARC-Challenge."""
+    return [
+        "model=tiny-llama", "task=arc_challenge", "data.source=offline",
+        "data.num_train=8", "data.num_eval=6", "data.max_length=768", "data.max_prompt_length=700",
+        "sampling.max_new_tokens=12", "sampling.batch_size=8",
+        "eval.max_new_tokens=12", "eval.mi_k=2", "eval.batch_size=6", "eval.score_batch_size=6",
+        "trainer.batch_size=4", "trainer.micro_batch_size=2", "trainer.lr=1e-3",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+
+
+def entry_env() -> dict[str, str]:
+    """The environment of an entry point run by a test (offline; one thread, from conftest.py)."""
+    return {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HYDRA_FULL_ERROR": "0"}
+
+
+def entry_command(script: str, overrides: list[str], run_dir: Path | None = None) -> list[str]:
+    return [sys.executable, str(ROOT / script), *overrides, *([f"hydra.run.dir={run_dir}"] if run_dir else [])]
+
+
+def run_entry(script: str, overrides: list[str], run_dir: Path | None, expect_ok: bool = True,
+              merge_stderr: bool = True) -> subprocess.CompletedProcess:
+    """Run an entry point; ``stdout`` of the result holds its stdout and stderr (Hydra logs to stdout)
+    unless ``merge_stderr=False``."""
+    proc = subprocess.run(
+        entry_command(script, overrides, run_dir), cwd=ROOT, env=entry_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if merge_stderr else subprocess.PIPE, text=True, timeout=300,
+    )
+    if expect_ok:
+        assert proc.returncode == 0 and "Error executing job" not in proc.stdout, \
+            proc.stdout[-3000:] + (proc.stderr or "")[-3000:]
+    return proc
+
+
+def compose_config(*overrides: str):
+    """``conf/config.yaml`` composed with ``overrides``, as an entry point sees it (without Hydra's run)."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+# --------------------------------------------------------------------------------------------
+# Files
+# --------------------------------------------------------------------------------------------
+
+def write_pairs_file(path: Path, n: int, uids: bool = True) -> Path:
+    """``n`` distinct synthetic preference pairs (short, so the tiny model trains them fast)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(n):
+            row = {"prompt": [{"role": "user", "content": f"Question {i}: what is {i} plus {3 * i}?"}],
+                   "chosen": [{"role": "assistant", "content": f"It is {4 * i}. " * (1 + i % 3)}],
+                   "rejected": [{"role": "assistant", "content": f"Something about topic {(7 * i) % n}."}]}
+            if uids:
+                row["uid"] = f"q{i}"
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def tree_hashes(*roots: Path) -> dict[str, str]:
+    """sha256 of every file (and the target of every link) under ``roots``: compare before and after."""
+    hashes = {}
+    for root in roots:
+        for p in sorted([root, *root.rglob("*")] if root.is_dir() else [root]):
+            if p.is_symlink():
+                hashes[str(p)] = "link:" + os.readlink(p)
+            elif p.is_file():
+                hashes[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+            elif p.is_dir():
+                hashes[str(p)] = "dir"
+    return hashes
+
+
+def load_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "model.safetensors")

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-from hydra import compose, initialize_config_dir
 
 from mipo.config import ConfigError, check_config, config_problems
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
-
-
-def composed(*overrides: str):
-    with initialize_config_dir(config_dir=CONF, version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+from tests.helpers import compose_config as composed
 
 
 @pytest.mark.parametrize("experiment", ["demo_cpu", "paper_gsm8k", "paper_svamp", "paper_arc_challenge",
@@ -46,11 +37,34 @@ def test_shipped_configs_pass(experiment):
         (["sampling.max_batch_tokens=-1"], "sampling.max_batch_tokens=-1"),
         (["model.dtype=float8"], "model.dtype=float8"),
         (["kernel=cuda"], "kernel=cuda"),
+        (["trainer.lr=-1e-5"], "trainer.lr=-1e-05: expected a learning rate > 0"),
+        (["data.max_prompt_length=512", "data.max_length=512"], "data.max_prompt_length=512 must be < data.max_length=512"),
+        (["model=tiny-llama", "model.random_init=false", "model.name_or_path=./no/such/model"],
+         "model.name_or_path='./no/such/model': no such file or directory"),
+        (["model=smollm2-135m-instruct", "model.gguf_package=no_such_package"],
+         "model.gguf_package='no_such_package' is not installed"),
+        (["trainer.checkpoint_every=0"], "trainer.checkpoint_every=0: expected null or an int > 0"),
+        (["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints=-1: expected null or an int > 0"),
+        (["trainer.resume=maybe"], "trainer.resume=maybe: expected true or false"),
+        (["overwrite=1"], "overwrite=1: expected true or false"),
+        (["trainer.resume=true", "overwrite=true"], "trainer.resume=true continues the run"),
     ],
 )
 def test_each_bad_value_names_its_override(overrides, message):
     problems = config_problems(composed(*overrides))
     assert any(message in p for p in problems), problems
+
+
+def test_every_bad_loss_setting_is_named():
+    problems = config_problems(composed("loss.beta=0", "loss.loss_type=kto", "loss.label_smoothing=0.7"))
+    assert [p.split(" (loss.beta=")[0] for p in problems] == [
+        "loss: unknown loss_type 'kto'; expected one of ('sigmoid', 'ipo', 'hinge')",
+        "loss: beta must be > 0, got 0", "loss: label_smoothing must be in [0, 0.5), got 0.7"]
+
+
+def test_length_check_is_not_hidden_by_other_problems():
+    problems = config_problems(composed("loss.beta=0", "data.max_prompt_length=800", "data.max_length=512"))
+    assert any("data.max_prompt_length=800 must be < data.max_length=512" in p for p in problems), problems
 
 
 def test_all_problems_reported_together():

@@ -7,38 +7,11 @@ each a subprocess composed with Hydra overrides, exactly as a user runs them.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_overrides(tmp_path: Path) -> list[str]:
-    return [
-        "model=tiny-llama", "task=arc_challenge", "data.source=offline",
-        "data.num_train=8", "data.num_eval=6", "data.max_length=768", "data.max_prompt_length=700",
-        "sampling.max_new_tokens=12", "sampling.batch_size=8",
-        "eval.max_new_tokens=12", "eval.mi_k=2", "eval.batch_size=6", "eval.score_batch_size=6",
-        "trainer.batch_size=4", "trainer.micro_batch_size=2", "trainer.lr=1e-3",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-    ]
-
-
-def run_entry(script: str, overrides: list[str], run_dir: Path, expect_ok: bool = True) -> subprocess.CompletedProcess:
-    """Run an entry point; ``stdout`` of the result holds its stdout and stderr (Hydra logs to stdout)."""
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *overrides, f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
-    )
-    if expect_ok:
-        assert proc.returncode == 0 and "Error executing job" not in proc.stdout, proc.stdout[-3000:]
-    return proc
+from tests.helpers import run_entry, tiny_overrides
 
 
 def test_sample_train_evaluate(tmp_path: Path) -> None:

@@ -1,0 +1,241 @@
+"""Bad input gets a clear error, and nothing is lost.
+
+Every case runs an entry point as a subprocess, exactly as a user would. Each must exit non-zero
+with a message naming the file and line, or the field or override, and what was expected; it must
+fail in the inputs check (before any model loads and before the run directory gets a
+``config_resolved.yaml``); and the inputs, the caches and an earlier run's outputs must be byte for
+byte what they were (hashed before and after).
+
+To keep the suite fast, several cases share a process: config values in one single run (the
+check reports every problem at once), and files and data as the jobs of one Hydra multirun per
+entry point (each job fails on its own and prints its own message).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import mipo.reference
+from mipo.cli import reported_errors
+from mipo.trainer import train
+from tests.helpers import (compose_config, run_entry, tiny_overrides, tree_hashes,
+                           write_pairs_file)
+
+GOOD = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": "5", "uid": "a"}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Inputs, a cache and an earlier run's outputs, all of which the failed runs must leave alone."""
+    root = tmp_path_factory.mktemp("world")
+    inputs, cache = root / "inputs", root / "cache"
+    inputs.mkdir()
+    line = json.dumps(GOOD)
+    files = {
+        "invalid_json": f'{line}\n{{"prompt": "hi", "chosen": "a"\n',
+        "missing_field": f'{line}\n{json.dumps({"prompt": "hi", "chosen": "a"})}\n',
+        "empty": "",
+        "empty_prompt": f'{line}\n{json.dumps({**GOOD, "prompt": [{"role": "user", "content": "  "}]})}\n',
+        "non_string_response": f'{json.dumps({**GOOD, "chosen": 42})}\n',
+        "too_few": f"{line}\n",
+    }
+    for name, text in files.items():
+        (inputs / f"{name}.jsonl").write_text(text)
+    (inputs / "not_utf8.jsonl").write_bytes(f"{line}\n{line}\n".encode() + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    arc_row = {"question": "Which gas do plants take in?", "choices": ["oxygen", "carbon dioxide"], "answer": "B"}
+    other = {"question": "What melts ice?", "choices": ["heat", "cold"], "answer": "A"}
+    third = {"question": "What do bees make?", "choices": ["honey", "milk"], "answer": "A"}
+    (inputs / "arc_with_duplicates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (arc_row, arc_row, other, third)))
+    write_pairs_file(cache / "pairs" / "earlier.jsonl", 8)
+    (cache / "reference").mkdir()
+    (cache / "reference" / "earlier.pt").write_bytes(b"an earlier reference cache")
+    earlier = root / "earlier_run"
+    (earlier / ".hydra").mkdir(parents=True)
+    (earlier / ".hydra" / "overrides.yaml").write_text("- loss.beta=0.1\n")
+    (earlier / "train.json").write_text('{"steps": 2}\n')
+    (earlier / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n')
+    (earlier / "model").mkdir()
+    (earlier / "model" / "config.json").write_text("{}\n")
+    return {"root": root, "inputs": inputs, "cache": cache, "earlier": earlier}
+
+
+def base_overrides(world) -> list[str]:
+    return tiny_overrides(world["root"])  # paths.cache_dir = <root>/cache
+
+
+def fails_cleanly(world, script: str, overrides: list[str], run_dir: Path | None = None,
+                  sweep_dir: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` (a single run in ``run_dir``, or a multirun in ``sweep_dir``) expecting the
+    inputs check to refuse it; checks that nothing was touched."""
+    watched = (world["inputs"], world["cache"], world["earlier"])
+    before = tree_hashes(*watched)
+    if sweep_dir is not None:
+        overrides = ["-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
+    proc = run_entry(script, overrides, run_dir, expect_ok=False, merge_stderr=False)
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert tree_hashes(*watched) == before
+    out = run_dir if run_dir is not None else sweep_dir
+    assert not list(out.rglob("config_resolved.yaml")), "the run got past the inputs check"
+    for sign_of_work in ("reference cache", "training on", "sampling y+", "eval: "):
+        assert sign_of_work not in proc.stdout + proc.stderr
+    return proc
+
+
+def job_errors(proc: subprocess.CompletedProcess, script: str) -> list[str]:
+    """The message each job of a multirun printed, in job order."""
+    return [part.strip() for part in proc.stderr.split(f"{script}: error: ")[1:]]
+
+
+def test_config_values_are_all_reported_at_once_through_train_py(world):
+    cases = {  # override(s) -> what the message must say
+        "loss.beta=0": "loss: beta must be > 0, got 0",
+        "trainer.lr=-1e-05": "trainer.lr=-1e-05: expected a learning rate > 0",
+        "trainer.batch_size=5 trainer.micro_batch_size=2":
+            "trainer.batch_size=5 must be a multiple of trainer.micro_batch_size=2",
+        "data.max_prompt_length=512 data.max_length=512":
+            "data.max_prompt_length=512 must be < data.max_length=512",
+        "loss.loss_type=kto": "loss: unknown loss_type 'kto'; expected one of ('sigmoid', 'ipo', 'hinge')",
+        "data.num_train=-1": "data.num_train=-1: expected null (all) or an int >= 0",
+        "negatives=random_context": "negatives=random_context needs a personalization task whose prompts carry a "
+                                    "user context; task 'arc_challenge' has none",
+        "model.random_init=false model.name_or_path=./no/such/model":
+            "model.name_or_path='./no/such/model': no such file or directory",
+        "trainer.checkpoint_every=0": "trainer.checkpoint_every=0: expected null or an int > 0",
+    }
+    overrides = [o for case in cases for o in case.split()]
+    proc = fails_cleanly(world, "train.py", [*base_overrides(world), *overrides], world["root"] / "run-config")
+    assert proc.returncode == 1
+    assert f"the config cannot run ({len(cases)} problems)" in proc.stderr
+    for message in cases.values():
+        assert message in proc.stderr, message
+    # the message comes last, one line per problem, with no traceback
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith("train.py: error: the config cannot run") and len(lines) == len(cases) + 1
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_pairs_files_name_file_line_and_field(world):
+    inputs = world["inputs"]
+    cases = {
+        "invalid_json": "line 2: invalid JSON (Expecting ',' delimiter at column 31); expected one JSON object per line",
+        "missing_field": "line 2: field 'rejected' is missing (expected fields ('prompt', 'chosen', 'rejected'))",
+        "empty": ": the file has no rows (expected one JSON object per line)",
+        "not_utf8": "line 3: bytes that are not UTF-8 (b'\\xe9' at byte 16); expected UTF-8 text",
+        "empty_prompt": "line 2: field 'prompt' is empty (expected a non-empty user message)",
+        "non_string_response": "line 1: field 'chosen' must be a string or an assistant message, got int",
+        "too_few": "holds 1 pairs, fewer than one batch (trainer.batch_size=4): expected at least 4",
+        "no_such_file": "no such file (expected a pairs JSONL file)",
+    }
+    paths = ",".join(str(inputs / f"{name}.jsonl") for name in cases)
+    proc = fails_cleanly(world, "train.py", [*base_overrides(world), f"data.pairs_path={paths}"],
+                         sweep_dir=world["root"] / "sweep-pairs")
+    errors = job_errors(proc, "train.py")
+    assert len(errors) == len(cases), proc.stderr[-3000:]
+    for (name, message), error in zip(cases.items(), errors):
+        assert f"{inputs / name}.jsonl" in error and message in error, (name, error)
+
+
+def test_data_and_method_problems_through_sample_py(world):
+    cases = {
+        "data.num_train=100000": "data.num_train=100000, data.num_eval=6: load_splits: num_train=100000 but only "
+                                 "1166 arc_challenge examples are available from source 'offline' for it",
+        "data.num_train=1": "negatives=random on 1 training prompts (data.num_train=1): a derangement needs at least "
+                            "2 distinct prompts, got 1",
+        "trainer.lr=0": "trainer.lr=0: expected a learning rate > 0",
+    }
+    proc = fails_cleanly(world, "sample.py", [*base_overrides(world), "data.num_train=100000,1"],
+                         sweep_dir=world["root"] / "sweep-sample")
+    errors = job_errors(proc, "sample.py")
+    assert len(errors) == 2 and cases["data.num_train=100000"] in errors[0] and cases["data.num_train=1"] in errors[1]
+    single = fails_cleanly(world, "sample.py", [*base_overrides(world), "trainer.lr=0"], run_dir=world["root"] / "run-lr0")
+    assert cases["trainer.lr=0"] in single.stderr
+
+
+def test_evaluation_problems_through_evaluate_py(world):
+    data = world["inputs"] / "arc_with_duplicates.jsonl"
+    proc = fails_cleanly(world, "evaluate.py", [
+        *base_overrides(world), f"data.source={data}", "data.num_train=0", "data.num_eval=4",
+        "eval.mi_k=3", "eval.model_path=null,./no/such/model"], sweep_dir=world["root"] / "sweep-eval")
+    errors = job_errors(proc, "evaluate.py")
+    # 4 rows, 2 of them the same question: 3 distinct prompts, so at most 2 others per row
+    mi_k = "eval.mi_k=3: the 4 evaluation prompts give a row at most 2 other distinct prompts for the MI marginal " \
+           "(data.num_eval=4): expected eval.mi_k <= 2"
+    model = "eval.model_path=./no/such/model does not exist: expected a trained model folder"
+    assert len(errors) == 2, proc.stderr[-3000:]
+    assert mi_k in errors[0] and model not in errors[0]
+    assert mi_k in errors[1] and model in errors[1]
+
+
+def test_pipeline_checks_its_stages_up_front(world):
+    proc = fails_cleanly(world, "pipeline.py", [*base_overrides(world), "trainer.save_model=false", "data.num_eval=3",
+                                                "eval.mi_k=2", "data.num_train=100000"], world["root"] / "run-pipeline")
+    assert "pipeline.py: error: these inputs cannot run (2 problems)" in proc.stderr
+    assert "trainer.save_model=false: pipeline.py evaluates the trained model" in proc.stderr
+    assert "data.num_train=100000, data.num_eval=3: load_splits: num_train=100000" in proc.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    ("task=no_such_task", "Could not find 'task/no_such_task'"),
+    ("model=no_such_model", "Could not find 'model/no_such_model'"),
+])
+def test_unknown_config_group_options_are_hydras_message(world, override, message):
+    proc = fails_cleanly(world, "train.py", [*base_overrides(world), override], world["root"] / "run-group")
+    assert message in proc.stderr + proc.stdout and "Available options" in proc.stderr + proc.stdout
+
+
+def test_a_finished_run_is_never_overwritten(world):
+    earlier = world["earlier"]
+    proc = fails_cleanly(world, "train.py", [*base_overrides(world), f"data.pairs_path={world['cache'] / 'pairs' / 'earlier.jsonl'}"],
+                         earlier)
+    assert proc.stderr.strip() == (
+        f"train.py: error: these inputs cannot run (1 problem):\n  - hydra.run.dir={earlier} holds the "
+        "outputs of an earlier run (train.json, metrics.jsonl, model), which are never overwritten: choose another "
+        "hydra.run.dir, or add overwrite=true to replace them")
+    # refused before Hydra wrote into it: the earlier run's .hydra/ and log are untouched, no new file appeared
+    assert sorted(p.name for p in earlier.iterdir()) == [".hydra", "metrics.jsonl", "model", "train.json"]
+
+
+def test_full_disk_while_writing_the_reference_cache_leaves_no_partial_file(tmp_path, monkeypatch):
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", 4)
+    before = tree_hashes(pairs_file)
+    cfg = compose_config("model=tiny-llama", f"data.pairs_path={pairs_file}", f"paths.cache_dir={tmp_path / 'cache'}",
+                         "data.max_length=256", "data.max_prompt_length=128", "trainer.batch_size=2",
+                         "trainer.micro_batch_size=2")
+    real_save = torch.save
+
+    def disk_full(obj, path, *args, **kwargs):
+        real_save(obj, path, *args, **kwargs)  # the bytes reach the temporary file...
+        with open(path, "r+b") as f:
+            f.truncate(100)  # ...until the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(mipo.reference.torch, "save", disk_full)
+    with pytest.raises(OSError) as error:
+        train(cfg, tmp_path / "run")
+    assert error.value.errno == errno.ENOSPC
+    assert list((tmp_path / "cache" / "reference").iterdir()) == []  # no partial file, no temporary file
+    assert tree_hashes(pairs_file) == before
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+    # the entry points report it as a one-line message and exit 1
+    with pytest.raises(SystemExit) as exit_:
+        with reported_errors("train"):
+            raise error.value
+    assert exit_.value.code == 1
+
+
+def test_reported_errors_keep_the_traceback_with_hydra_full_error(monkeypatch):
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")
+    with pytest.raises(OSError):
+        with reported_errors("train"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.delenv("HYDRA_FULL_ERROR")
+    with pytest.raises(KeyError):  # a bug is never reduced to a one-line message
+        with reported_errors("train"):
+            raise KeyError("bug")
