@@ -24,6 +24,7 @@ from mipo.tracking import WANDB_MODES
 
 KERNELS = ("auto", "triton", "torch", "naive")
 AUTOCAST = ("auto", "none", "null", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+SHARED_ATTENTION = ("auto", "segments", "flex", "dense")
 
 
 class ConfigError(ValueError):
@@ -93,6 +94,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
          f"trainer.max_steps={trainer.max_steps}: expected null or an int > 0")
     need(str(trainer.autocast) in AUTOCAST if trainer.autocast is not None else True,
          f"trainer.autocast={trainer.autocast}: expected one of {', '.join(AUTOCAST)}")
+    need(trainer.share_prompt in ("auto", True, False),
+         f"trainer.share_prompt={trainer.share_prompt}: expected auto, true (one prompt-shared forward) or false")
+    need(trainer.shared_attention in SHARED_ATTENTION,
+         f"trainer.shared_attention={trainer.shared_attention}: expected one of {', '.join(SHARED_ATTENTION)}")
 
     # the loss
     try:
@@ -136,6 +141,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
         need(value is None or value == "auto" or value in DTYPES,
              f"model.{key}={value}: expected auto or one of {', '.join(DTYPES)}")
     need(cfg.kernel in KERNELS, f"kernel={cfg.kernel}: expected one of {', '.join(KERNELS)}")
+    need(isinstance(cfg.fused_lm_head, bool), f"fused_lm_head={cfg.fused_lm_head}: expected true or false")
     need(cfg.wandb.mode in WANDB_MODES, f"wandb.mode={cfg.wandb.mode!r}: expected one of {', '.join(WANDB_MODES)}")
     return problems
 

@@ -41,6 +41,9 @@ def test_shipped_configs_pass(experiment):
         (["sampling.top_p=1.5"], "sampling.top_p=1.5"),
         (["model.dtype=float8"], "model.dtype=float8"),
         (["kernel=cuda"], "kernel=cuda"),
+        (["trainer.share_prompt=sometimes"], "trainer.share_prompt=sometimes"),
+        (["trainer.shared_attention=flash"], "trainer.shared_attention=flash"),
+        (["fused_lm_head=auto"], "fused_lm_head=auto"),
     ],
 )
 def test_each_bad_value_names_its_override(overrides, message):
