@@ -58,6 +58,9 @@ def training_section(name: str, settings: Settings, num_pairs: int) -> str:
         f"**{reference[trl] / reference[mipo]:.2f}x** |",
         f"| peak RSS of the process (GiB) | {peak[mipo]:.2f} | {peak[trl]:.2f} | {peak[trl] / peak[mipo]:.2f}x |",
         "",
+        "reference passes (s): mipo " + " ".join(f"{t:.1f}" for t in result["reference_passes_s"][mipo])
+        + f"; TRL {reference[trl]:.1f}",
+        "",
         "every step (s): mipo " + " ".join(f"{t:.2f}" for t in result["step_s"][mipo]) + "; TRL "
         + " ".join(f"{t:.2f}" for t in result["step_s"][trl]),
         "",

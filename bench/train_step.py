@@ -5,7 +5,8 @@ for the whole comparison; the driver hands out work one item at a time and alter
 first, so machine noise hits both alike and only one of them computes at any moment:
 
     reference pass   mipo: ``Scorer.score_rows`` over all (x, y+) and (x, y-) rows, as
-                     ``mipo.reference`` runs it; TRL: ``DPOTrainer._precompute_ref_logps``
+                     ``mipo.reference`` runs it, once before and once after TRL's (the mean is
+                     reported, both are printed); TRL: ``DPOTrainer._precompute_ref_logps``
                      (``precompute_ref_log_probs=True``), timed around that call alone
     training steps   mipo: collate, ``TrainingForward`` (forward + loss), backward, clip, AdamW
                      step, as ``mipo.trainer.train`` runs them; TRL: ``trainer.train()``, each step
@@ -84,13 +85,13 @@ def mipo_worker(conn, settings: Settings) -> None:
 
     cfg, pairs, tokenizer, load = _setup(settings)
     chosen, rejected = encode_pairs(tokenizer, pairs, cfg.data.max_length, cfg.data.max_prompt_length)
-    assert conn.recv() == "reference"
     reference_model = load().requires_grad_(False)
     scorer = Scorer(reference_model, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length,
                     batch_size=2 * settings.reference_batch_pairs, kernel=cfg.kernel)
-    start = time.perf_counter()
-    logps = scorer.score_rows(chosen + rejected, desc=None)
-    conn.send(time.perf_counter() - start)
+    while conn.recv() == "reference":  # the driver asks twice, before and after TRL's pass
+        start = time.perf_counter()
+        logps = scorer.score_rows(chosen + rejected, desc=None)
+        conn.send(time.perf_counter() - start)
     del reference_model, scorer
     reference = ReferenceLogps(logps[: len(pairs)], logps[len(pairs):], path=None, cache_hit=False)
 
@@ -183,10 +184,13 @@ def compare(settings: Settings) -> dict[str, Any]:
         pipes[name] = parent
     order = list(WORKERS)
     try:
-        reference = {}
-        for name in order:  # one long pass each
+        # one long pass each, mipo before and after TRL's so that a change of load shows (mipo: the mean)
+        passes: dict[str, list[float]] = {name: [] for name in order}
+        for name in ("mipo", "trl", "mipo"):
             pipes[name].send("reference")
-            reference[name] = pipes[name].recv()
+            passes[name].append(pipes[name].recv())
+        pipes["mipo"].send("train")
+        reference = {name: statistics.mean(times) for name, times in passes.items()}
         steps: dict[str, list[float]] = {name: [] for name in order}
         for step in range(settings.steps):
             for name in order if step % 2 == 0 else order[::-1]:
@@ -202,5 +206,5 @@ def compare(settings: Settings) -> dict[str, Any]:
             if process.is_alive():
                 process.terminate()
     median = {name: statistics.median(times[min(settings.skip, len(times) - 1):]) for name, times in steps.items()}
-    return {"settings": asdict(settings), "reference_s": reference, "step_s": steps, "median_step_s": median,
+    return {"settings": asdict(settings), "reference_s": reference, "reference_passes_s": passes, "step_s": steps, "median_step_s": median,
             "peak_rss_gib": peak}
