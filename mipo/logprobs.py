@@ -7,6 +7,12 @@ MI estimator needs log pi_ref(y|x') for many prompts x'. Rows come from
 ``kernels.logprob_gather`` (Triton on GPU, a row-chunked PyTorch fallback elsewhere), or by
 ``kernels.linear_logprob`` that never materialises the (N, V) logits of the LM head.
 
+Two layouts: ``sequence_logps`` scores right-padded (prompt, response) rows; ``continuation_logps``
+scores a prompt tree (``mipo.packing``: each prompt, and the prefix prompts share, run once for
+all their continuations) and sends only the positions that predict a response token through the
+output layer (``output_layer_logps``). Training uses the tree (``mipo.forward``); so does
+``Scorer`` (``prompt_tree_logps``) unless ``share_prompts=False``.
+
 ``Scorer`` holds a model, its tokenizer and the scoring settings; the reference cache and the
 MI estimator score through it, without gradients.
 """
@@ -21,7 +27,41 @@ from tqdm.auto import tqdm
 
 from kernels import linear_logprob, logprob_gather
 from mipo.chat import Messages
-from mipo.encoding import IGNORE_INDEX, Batch, EncodedRow, encode_rows, left_pad, pad_batch
+from mipo.encoding import IGNORE_INDEX, Batch, EncodedRow, encode_rows, pad_batch
+from mipo import segment_attention
+from mipo.packing import PackedGroups, PromptGroup, block_mask, dense_mask, pack_groups
+from mipo.segment_attention import use_segment_attention
+
+
+def output_layer_logps(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kernel: str = "auto",
+                       fused_lm_head: bool = True) -> torch.Tensor:
+    """log p(target | hidden state) for N selected positions: the output layer and the log-softmax.
+
+    Args:
+        hidden: (N, H) last hidden states of the positions that predict ``targets`` (only those:
+            a prompt position that predicts nothing never reaches the output layer).
+        targets: (N,) token ids.
+        fused_lm_head: ``kernels.linear_logprob``, which holds at most a chunk of the (N, V)
+            logits at a time; otherwise the (N, V) logits are materialised and gathered.
+
+    Returns:
+        (N,) float32.
+    """
+    config = getattr(model, "config", None)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    if fused_lm_head and softcap:
+        raise ValueError("fused_lm_head does not implement final-logit softcapping; set fused_lm_head=false")
+    # logits = scale * (h W^T) = (scale * h) W^T: Granite divides by logits_scaling, Cohere multiplies by logit_scale
+    scale = getattr(config, "logit_scale", None) or 1.0
+    scale /= getattr(config, "logits_scaling", None) or 1.0
+    hidden = hidden * scale if scale != 1.0 else hidden  # (N, H)
+    lm_head = model.get_output_embeddings()
+    if fused_lm_head:
+        return linear_logprob(hidden, lm_head.weight, targets, bias=lm_head.bias, impl=kernel)  # (N,)
+    logits = lm_head(hidden)  # (N, V)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logprob_gather(logits, targets, ignore_index=IGNORE_INDEX, impl=kernel)  # (N,)
 
 
 def sequence_logps(
@@ -33,68 +73,83 @@ def sequence_logps(
         batch: right-padded rows, labels set to ``IGNORE_INDEX`` outside the response.
         kernel: ``auto``, ``triton``, ``torch`` or ``naive`` (see ``kernels.logprob``).
         fused_lm_head: compute log-probs from the last hidden states with
-            ``kernels.linear_logprob``, only at response positions, so the (B, T, V) logits
-            are never materialised.
+            ``output_layer_logps``, only at response positions, so the (B, T, V) logits are
+            never materialised.
 
     Returns:
         (B,) float32, differentiable when the model is.
     """
     targets = batch.labels[:, 1:]  # (B, T-1): token t is predicted at position t-1
     if fused_lm_head:
-        config = getattr(model, "config", None)
-        if getattr(config, "final_logit_softcapping", None):
-            raise ValueError("fused_lm_head does not implement final-logit softcapping; set fused_lm_head=false")
-        # logits = scale * (h W^T) = (scale * h) W^T: Granite divides by logits_scaling, Cohere multiplies by logit_scale
-        scale = getattr(config, "logit_scale", None) or 1.0
-        scale /= getattr(config, "logits_scaling", None) or 1.0
         hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        hidden = hidden[:, :-1] * scale if scale != 1.0 else hidden[:, :-1]  # (B, T-1, H)
         positions = targets != IGNORE_INDEX  # (B, T-1)
-        lm_head = model.get_output_embeddings()
         token_logps = hidden.new_zeros(targets.shape, dtype=torch.float32)  # (B, T-1)
-        token_logps[positions] = linear_logprob(
-            hidden[positions], lm_head.weight, targets[positions], bias=lm_head.bias, impl=kernel
-        )  # (N_response,)
+        token_logps[positions] = output_layer_logps(model, hidden[:, :-1][positions], targets[positions], kernel=kernel)
     else:
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits  # (B, T, V)
         token_logps = logprob_gather(logits[:, :-1], targets, ignore_index=IGNORE_INDEX, impl=kernel)  # (B, T-1)
     return token_logps.sum(-1)
 
 
-def prefix_shared_logps(
-    model: torch.nn.Module, rows: Sequence[EncodedRow], pad_token_id: int, kernel: str = "auto"
-) -> torch.Tensor:
-    """log pi(response | prompt) for encoded rows, running each distinct prompt once.
+def tree_attention_inputs(packed: PackedGroups, attn_implementation: str, dtype: torch.dtype) -> dict:
+    """What the model's forward needs, besides the tokens and positions, to follow the prompt tree's mask.
 
-    1. The k distinct prompts, left-padded to (k, P), go through the model once with a KV cache;
-       the logits at their last position predict each response's first token.
-    2. The cache is expanded to the b rows (row r continues prompt ``which[r]``), and the
-       right-padded responses (b, R) run on top of it.
-    Position ids are given explicitly so that padding never shifts a token's position.
+    A 4D mask passes through transformers unchanged, so it must already be the form the
+    attention function expects: a bool mask for sdpa, an additive float mask for eager, a
+    ``BlockMask`` for flex attention. ``segment_attention`` takes the tree itself.
+    """
+    if attn_implementation == segment_attention.NAME:
+        return {"prompt_tree": packed}
+    if attn_implementation == "flex_attention":
+        return {"attention_mask": block_mask(packed)}
+    if attn_implementation == "sdpa":
+        return {"attention_mask": dense_mask(packed)}
+    if attn_implementation == "eager":
+        allowed = dense_mask(packed)
+        additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return {"attention_mask": additive.masked_fill_(~allowed, torch.finfo(dtype).min)}
+    raise ValueError(f"prompt sharing needs an attention implementation that follows a custom mask ({segment_attention.NAME}, "
+                     f"flex_attention, sdpa, eager); the model uses {attn_implementation!r}: set trainer.share_prompt=false "
+                     "or trainer.shared_attention=segments")
 
-    Returns (b,) float32 (no gradients are needed: this is for scoring).
+
+def continuation_logps(model: torch.nn.Module, packed: PackedGroups, kernel: str = "auto",
+                       fused_lm_head: bool = True) -> torch.Tensor:
+    """log pi(y_k | x) for every continuation of prompt-shared groups, each shared prompt token run once.
+
+    One forward of the packed row (``mipo.packing``: positions restart after the prompt for every
+    continuation; the attention follows the prompt tree with the model's attention
+    implementation, see ``tree_attention_inputs``), then the output layer only at the positions
+    that predict a response token, summed per continuation. Differentiable: the gradients of
+    all continuations of a prompt meet in its (shared) activations.
+
+    Returns:
+        (C,) float32, continuations in ``pack_groups`` order (group by group, in order within a group).
+    """
+    attention = tree_attention_inputs(packed, model.config._attn_implementation, model.dtype)
+    hidden = model.base_model(input_ids=packed.input_ids, position_ids=packed.position_ids, use_cache=False,
+                              **attention).last_hidden_state  # (1, N, H)
+    hidden = hidden[0, packed.sources]  # (M, H): the position before each response token
+    token_logps = output_layer_logps(model, hidden, packed.targets, kernel=kernel, fused_lm_head=fused_lm_head)  # (M,)
+    return token_logps.new_zeros(packed.num_continuations).index_add(0, packed.owners, token_logps)  # (C,)
+
+
+def prompt_tree_logps(model: torch.nn.Module, rows: Sequence[EncodedRow], kernel: str = "auto") -> torch.Tensor:
+    """log pi(response | prompt) for encoded rows, running each distinct prompt, and the prefix
+    the prompts share, once: the rows become one prompt tree (``mipo.packing``) scored by
+    ``continuation_logps`` with ``segment_attention``.
+
+    Returns (b,) float32, in the order of ``rows`` (no gradients are needed: this is for scoring).
     """
     device = next(model.parameters()).device
-    distinct: dict[tuple[int, ...], int] = {}
-    which = [distinct.setdefault(row.prompt_ids, len(distinct)) for row in rows]
-    prompt_ids, prompt_mask = left_pad(list(distinct), pad_token_id)  # (k, P)
-    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    prompt_positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (k, P)
-    prefix = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prompt_positions,
-                   use_cache=True, logits_to_keep=1)
-    which_t = torch.tensor(which, device=device)
-    cache = prefix.past_key_values
-    cache.reorder_cache(which_t)  # (k, ...) -> (b, ...)
-    first_logits = prefix.logits[which_t, -1]  # (b, V): predicts each response's first token
-
-    responses = pad_batch([EncodedRow((), row.response_ids) for row in rows], pad_token_id).to(device)
-    response_ids, response_mask = responses.input_ids, responses.attention_mask  # (b, R)
-    response_positions = prompt_mask.sum(-1)[which_t, None] + torch.arange(response_ids.shape[1], device=device)
-    continued = model(input_ids=response_ids, attention_mask=torch.cat([prompt_mask[which_t], response_mask], dim=1),
-                      position_ids=response_positions, past_key_values=cache, use_cache=False)
-    # token t of the response is predicted by the prompt's last position (t = 0) or response position t-1
-    logits = torch.cat([first_logits[:, None], continued.logits[:, :-1]], dim=1)  # (b, R, V)
-    return logprob_gather(logits, responses.labels, ignore_index=IGNORE_INDEX, impl=kernel).sum(-1)
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        by_prompt.setdefault(row.prompt_ids, []).append(i)
+    groups = [PromptGroup(prompt, tuple(rows[i].response_ids for i in index)) for prompt, index in by_prompt.items()]
+    with use_segment_attention(model):
+        logps = continuation_logps(model, pack_groups(groups).to(device), kernel=kernel, fused_lm_head=False)  # (b,)
+    order = torch.tensor([i for index in by_prompt.values() for i in index], device=device)
+    return torch.empty_like(logps).index_copy_(0, order, logps)
 
 
 @dataclass
@@ -103,8 +158,9 @@ class Scorer:
 
     Holds what every scoring call shares: the model, its tokenizer, the truncation lengths,
     the batch size and the log-prob kernel. With ``share_prompts`` (the default), rows that
-    share a prompt are batched together and each distinct prompt of a batch is run once
-    (``prefix_shared_logps``): the MI estimator scores every prompt under K+1 responses and the
+    share a prompt are batched together and each distinct prompt of a batch, and the prefix the
+    prompts of a batch share (a system prompt, a few-shot block), is run once
+    (``prompt_tree_logps``): the MI estimator scores every prompt under K+1 responses and the
     reference cache every prompt under two, so this removes most prompt tokens from the
     forward passes. ``share_prompts=False`` runs every row in full; both give the same numbers
     up to float rounding.
@@ -140,7 +196,7 @@ class Scorer:
                 index = order[start : start + self.batch_size]
                 batch_rows = [rows[i] for i in index]
                 if self.share_prompts:
-                    logps = prefix_shared_logps(self.model, batch_rows, pad_token_id, kernel=self.kernel)
+                    logps = prompt_tree_logps(self.model, batch_rows, kernel=self.kernel)
                 else:
                     logps = sequence_logps(self.model, pad_batch(batch_rows, pad_token_id).to(device), kernel=self.kernel)
                 out[index] = logps.float().cpu()

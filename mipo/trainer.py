@@ -2,8 +2,8 @@
 
 Read top to bottom: ``train`` loads the pairs, encodes them once (``encode_pairs``: the rows
 the reference was scored on), gets log pi_ref from the cache or one fp32 pass, loads the
-policy, then runs the loop: for each optimizer step, micro-batches through ``dpo_forward``
-(chosen and rejected concatenated into one forward, ``dpo_loss``), backward, clip, AdamW
+policy, then runs the loop: for each optimizer step, micro-batches through ``TrainingForward``
+(``mipo.forward``: one prompt-shared forward of y+ and y-, ``dpo_loss``), backward, clip, AdamW
 step, learning-rate schedule; finally it saves the policy (its fp32 master weights when the
 optimizer kept them) in Hugging Face format.
 
@@ -31,7 +31,7 @@ from mipo.checkpoint import (check_same_inputs, clear_checkpoints, latest_checkp
 from mipo.config import train_dtype
 from mipo.encoding import encode_pairs
 from mipo.files import sha256_file, write_json
-from mipo.forward import collate_pairs, dpo_forward
+from mipo.forward import TrainingForward
 from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
 from mipo.optim import build_optimizer, build_scheduler, final_weights, resolve_autocast
 from mipo.pairs import PreferencePair, read_pairs, truncation_summary
@@ -125,6 +125,7 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
     policy.train()
+    forward = TrainingForward.prepare(cfg, policy, autocast_dtype)
     optimizer = build_optimizer(policy, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, total_steps)
 
@@ -144,9 +145,8 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
         metrics: dict[str, float] = {}
         for start in range(0, len(batch_index), tcfg.micro_batch_size):
             index = batch_index[start : start + tcfg.micro_batch_size]
-            micro_batch = collate_pairs(chosen_rows, rejected_rows, index, reference, tokenizer.pad_token_id).to(device)
-            loss, micro_metrics = dpo_forward(policy, micro_batch, cfg.loss, kernel=cfg.kernel,
-                                              fused_lm_head=cfg.fused_lm_head, autocast_dtype=autocast_dtype)
+            micro_batch = forward.collate(chosen_rows, rejected_rows, index, reference, tokenizer.pad_token_id).to(device)
+            loss, micro_metrics = forward(policy, micro_batch, cfg.loss)
             (loss / accumulation_steps).backward()
             for name, value in micro_metrics.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value) / accumulation_steps

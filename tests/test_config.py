@@ -48,6 +48,9 @@ def test_shipped_configs_pass(experiment):
         (["trainer.resume=maybe"], "trainer.resume=maybe: expected true or false"),
         (["overwrite=1"], "overwrite=1: expected true or false"),
         (["trainer.resume=true", "overwrite=true"], "trainer.resume=true continues the run"),
+        (["trainer.share_prompt=sometimes"], "trainer.share_prompt=sometimes"),
+        (["trainer.shared_attention=flash"], "trainer.shared_attention=flash"),
+        (["fused_lm_head=auto"], "fused_lm_head=auto"),
     ],
 )
 def test_each_bad_value_names_its_override(overrides, message):

@@ -16,7 +16,7 @@ import torch
 
 from mipo.encoding import EncodedRow, encode_pairs, pad_batch
 from mipo.forward import collate_pairs, dpo_forward
-from mipo.logprobs import Scorer, prefix_shared_logps, sequence_logps
+from mipo.logprobs import Scorer, prompt_tree_logps, sequence_logps
 from mipo.losses import dpo_loss
 from mipo.pairs import read_pairs
 from mipo.reference import ReferenceLogps, reference_logps
@@ -91,23 +91,28 @@ def test_concatenated_forward_equals_separate_forwards(tokenizer, rows):
     chosen, rejected = rows
     index = [1, 2, 4]
     reference = fake_reference(len(chosen))
-    batch = collate_pairs(chosen, rejected, index, reference, tokenizer.pad_token_id)
+    batch = collate_pairs(chosen, rejected, index, reference, tokenizer.pad_token_id, share_prompt=False)
     concatenated = sequence_logps(model, batch.inputs, kernel="torch")  # (2b,)
     separate_chosen = sequence_logps(model, pad_batch([chosen[i] for i in index], tokenizer.pad_token_id), kernel="torch")
     separate_rejected = sequence_logps(model, pad_batch([rejected[i] for i in index], tokenizer.pad_token_id),
                                        kernel="torch")
     torch.testing.assert_close(concatenated, torch.cat([separate_chosen, separate_rejected]), rtol=1e-6, atol=1e-5)
 
-    # and the loss and its gradient built on them
+    # and the loss and its gradient built on them, concatenated and prompt-shared
     loss, _ = dpo_forward(model, batch, LOSS, kernel="torch")
     grad_concatenated = torch.autograd.grad(loss, list(model.parameters()))
+    shared = collate_pairs(chosen, rejected, index, reference, tokenizer.pad_token_id, share_prompt=True)
+    loss_shared, _ = dpo_forward(model, shared, LOSS, kernel="torch")
+    grad_shared = torch.autograd.grad(loss_shared, list(model.parameters()))
     c = sequence_logps(model, pad_batch([chosen[i] for i in index], tokenizer.pad_token_id), kernel="torch")
     r = sequence_logps(model, pad_batch([rejected[i] for i in index], tokenizer.pad_token_id), kernel="torch")
     losses, _, _ = dpo_loss(c, r, reference.chosen[index], reference.rejected[index], **LOSS)
     grad_separate = torch.autograd.grad(losses.mean(), list(model.parameters()))
     torch.testing.assert_close(loss, losses.mean(), rtol=1e-6, atol=1e-6)
-    for a, b in zip(grad_concatenated, grad_separate):
+    torch.testing.assert_close(loss_shared, losses.mean(), rtol=1e-6, atol=1e-6)
+    for a, b, c in zip(grad_concatenated, grad_separate, grad_shared):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        torch.testing.assert_close(c, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("extra", [1, 37, 200])
@@ -124,15 +129,13 @@ def test_right_padding_does_not_change_sequence_logps(tokenizer, rows, extra):
                                    rtol=1e-6, atol=1e-5)
 
 
-def test_left_padding_of_shared_prompts_does_not_change_logps(tokenizer, rows):
+def test_prompt_tree_neighbours_do_not_change_logps(tokenizer, rows):
     model = tiny_model(tokenizer).eval()
     chosen, _ = rows
     long_prompt = EncodedRow(tuple(chosen[0].prompt_ids) * 3, chosen[0].response_ids)
     with torch.no_grad():
-        alone = torch.stack([prefix_shared_logps(model, [row], tokenizer.pad_token_id, kernel="torch")[0]
-                             for row in chosen[:4]])
-        beside_a_long_prompt = prefix_shared_logps(model, [*chosen[:4], long_prompt], tokenizer.pad_token_id,
-                                                   kernel="torch")[:4]
+        alone = torch.stack([prompt_tree_logps(model, [row], kernel="torch")[0] for row in chosen[:4]])
+        beside_a_long_prompt = prompt_tree_logps(model, [*chosen[:4], long_prompt], kernel="torch")[:4]
     torch.testing.assert_close(beside_a_long_prompt, alone, rtol=1e-6, atol=1e-5)
 
 
@@ -157,6 +160,6 @@ def test_cached_reference_equals_fresh_logps_under_another_batch_size(tmp_path, 
     with torch.no_grad():
         for start in range(0, 8, 2):
             batch = collate_pairs(chosen, rejected, list(range(start, start + 2)), again, tokenizer.pad_token_id)
-            logps = sequence_logps(model, batch.inputs, kernel="torch")
-            torch.testing.assert_close(logps, torch.cat([batch.reference_chosen_logps, batch.reference_rejected_logps]),
-                                       rtol=1e-6, atol=1e-4)
+            _, metrics = dpo_forward(model, batch, LOSS, kernel="torch")
+            torch.testing.assert_close(metrics["reward_chosen"], torch.tensor(0.0), rtol=0, atol=1e-5)
+            torch.testing.assert_close(metrics["reward_rejected"], torch.tensor(0.0), rtol=0, atol=1e-5)

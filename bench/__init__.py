@@ -1,0 +1,1 @@
+"""Benchmarks of mipo against TRL's DPOTrainer (``make bench``; see bench/README.md)."""

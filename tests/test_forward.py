@@ -1,0 +1,212 @@
+"""The prompt-shared training forward (mipo/packing.py, mipo/segment_attention.py, mipo/forward.py) against the
+unshared rows: same log-probs, same loss, same gradient of every parameter, on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from mipo.encoding import EncodedRow, encode_pair, encode_prompt, encode_response, pad_batch
+from mipo.forward import TrainingForward, collate_groups, collate_pairs, continuation_batch_logps, dpo_forward
+from mipo.logprobs import continuation_logps, sequence_logps
+from mipo.packing import PromptGroup, dense_mask, group_rows, pack_groups
+from mipo.reference import ReferenceLogps
+from mipo.segment_attention import NAME as SEGMENTS
+from tests.helpers import tiny_config, tiny_model, tiny_tokenizer, user
+
+FEWSHOT = "Solve. Q: 1+1? A: 2. Q: 2+3? A: 5. Q: 7-4? A: 3. "  # a shared prefix, as GSM8K's 8-shot block
+PROMPTS = [FEWSHOT + "Q: 2+2?", FEWSHOT + "Q: 10-1?", "Name a fruit.", FEWSHOT + "Q: 2+2?"]
+CONTINUATIONS = [  # three continuations per prompt, of different lengths
+    ["4, because two and two make four.", "Banana", "9"],
+    ["9", "I do not know, maybe ten?", "Nine."],
+    ["Apple.", "Four", "A fruit: the mango, sweet and yellow."],
+    ["Four", "4", "Twenty-two"],  # the same prompt as the first group
+]
+LOSS = {"beta": 0.1, "label_smoothing": 0.0, "loss_type": "sigmoid"}
+ATTENTIONS = [SEGMENTS, "sdpa", "eager"]  # sdpa and eager follow the dense mask
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+def sharp_model(tokenizer, seed=1, attn="sdpa"):
+    model = tiny_model(tokenizer, tiny_config(init_seed=seed))
+    with torch.no_grad():  # non-uniform next-token distributions, so that mistakes show
+        model.lm_head.weight.mul_(30.0)
+    model.set_attn_implementation(attn)
+    return model
+
+
+def rows_per_continuation(tokenizer, k=3):
+    """k lists of rows; rows at index i share prompt i."""
+    return [[encode_pair(encode_prompt(tokenizer, user(p)), encode_response(tokenizer, c[j]), 512, 256)
+             for p, c in zip(PROMPTS, CONTINUATIONS)] for j in range(k)]
+
+
+def unshared_logps(model, rows, kernel="torch"):
+    """(b, K) by the plain path: every (x, y_k) its own right-padded row."""
+    flat = [row for per_k in rows for row in per_k]
+    return sequence_logps(model, pad_batch(flat, 0), kernel=kernel).view(len(rows), -1).T
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same_gradients(got: dict, want: dict, tol: float = 1e-5) -> None:
+    """Every parameter's gradient equal within ``tol`` of its largest entry (fp32 rounding differs
+    elementwise: the shared path sums a prompt's gradient contributions in another order)."""
+    assert got.keys() == want.keys()
+    for name, g in want.items():
+        scale = g.abs().max()
+        assert scale > 0 or name.endswith("norm.weight"), f"no gradient reached {name}"
+        error = (got[name] - g).abs().max()
+        assert error <= tol * scale, f"gradient of {name}: max error {error:.3g} > {tol} x {scale:.3g}"
+
+
+# --------------------------------------------------------------------------------------------
+# Layout and mask
+# --------------------------------------------------------------------------------------------
+
+def test_pack_groups_layout_by_hand():
+    groups = [PromptGroup((1, 2, 3, 4), ((10, 11), (12,))), PromptGroup((1, 2, 5), ((13, 14, 15),))]
+    packed = pack_groups(groups)
+    # shared prefix (1, 2) | tail (3, 4) | (10, 11) | (12,) | tail (5,) | (13, 14, 15)
+    assert packed.input_ids.tolist() == [[1, 2, 3, 4, 10, 11, 12, 5, 13, 14, 15]]
+    assert packed.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 4, 2, 3, 4, 5]]
+    assert packed.segment_ids.tolist() == [[0, 0, 1, 1, 2, 2, 3, 4, 5, 5, 5]]
+    assert [s.parent for s in packed.segments] == [-1, 0, 1, 1, 0, 4]
+    # y_0 of a continuation is predicted by its prompt's last token, wherever the continuation sits
+    assert packed.sources.tolist() == [3, 4, 3, 7, 8, 9]
+    assert packed.targets.tolist() == [10, 11, 12, 13, 14, 15]
+    assert packed.owners.tolist() == [0, 0, 1, 2, 2, 2]
+    assert packed.num_continuations == 3
+
+
+def test_every_token_sees_exactly_its_unshared_row(tokenizer):
+    """Under the dense mask each token attends to the (token, position) pairs of its own unshared row, no more."""
+    rows = rows_per_continuation(tokenizer)
+    packed = pack_groups(group_rows(rows))
+    mask = dense_mask(packed)[0, 0]  # (N, N)
+    ids, pos = packed.input_ids[0].tolist(), packed.position_ids[0].tolist()
+    unshared_prefixes = set()
+    for per_k in rows:
+        for row in per_k:
+            seq = row.input_ids
+            unshared_prefixes |= {tuple(zip(seq[: t + 1], range(t + 1))) for t in range(len(seq))}
+    for q in range(len(ids)):
+        seen = tuple((ids[k], pos[k]) for k in range(len(ids)) if mask[q, k])
+        assert seen in unshared_prefixes, f"token {q} sees a context no unshared row has"
+    # and the shared prefix really is shared: fewer tokens than the unshared rows
+    assert packed.input_ids.shape[1] < sum(len(r.input_ids) for per_k in rows for r in per_k) // 2
+
+
+def test_group_rows_rejects_rows_of_different_prompts():
+    with pytest.raises(ValueError, match="different prompt ids"):
+        group_rows([[EncodedRow((1, 2), (3,))], [EncodedRow((1, 9), (3,))]])
+
+
+# --------------------------------------------------------------------------------------------
+# Values and gradients equal the unshared path
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("attn", ATTENTIONS)
+@pytest.mark.parametrize("fused", [True, False])
+def test_shared_forward_equals_unshared_values_and_gradients(tokenizer, attn, fused):
+    model = sharp_model(tokenizer)
+    rows = rows_per_continuation(tokenizer)
+    weights = torch.linspace(-1.0, 2.0, len(PROMPTS) * 3).view(len(PROMPTS), 3)  # a non-uniform upstream gradient
+
+    expected = unshared_logps(model, rows)
+    (expected * weights).sum().backward()
+    expected_grads = grads(model)
+    model.zero_grad(set_to_none=True)
+
+    model.set_attn_implementation(attn)
+    got = continuation_logps(model, pack_groups(group_rows(rows)), kernel="torch", fused_lm_head=fused).view(len(PROMPTS), 3)
+    (got * weights).sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert expected.std() > 1.0  # the continuations really differ, so a mix-up would show
+    assert_same_gradients(grads(model), expected_grads)
+
+
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_dpo_forward_loss_and_gradients_match_with_checkpointing(tokenizer, share_prompt):
+    """DPO through TrainingForward (micro-batch of 4 pairs, gradient checkpointing) equals the unshared loss."""
+    rows = rows_per_continuation(tokenizer, k=2)
+    reference = ReferenceLogps(torch.tensor([-40.0, -35.0, -50.0, -30.0]), torch.tensor([-45.0, -30.0, -52.0, -33.0]),
+                               path=None, cache_hit=True)
+
+    def run(share, checkpointing):
+        model = sharp_model(tokenizer)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        cfg = OmegaConf.create({"kernel": "torch", "fused_lm_head": True,
+                                "trainer": {"share_prompt": share, "shared_attention": "auto"}})
+        forward = TrainingForward.prepare(cfg, model)
+        assert forward.share_prompt is share
+        assert model.config._attn_implementation == (SEGMENTS if share else "sdpa")
+        batch = forward.collate(rows[0], rows[1], [2, 0, 3, 1], reference, tokenizer.pad_token_id)
+        loss, metrics = forward(model, batch, LOSS)
+        loss.backward()
+        return loss.detach(), metrics, grads(model)
+
+    base_loss, base_metrics, base_grads = run(False, checkpointing=False)
+    loss, metrics, got = run(share_prompt, checkpointing=True)
+    torch.testing.assert_close(loss, base_loss, rtol=1e-5, atol=1e-6)
+    for name in ("reward_margin", "logps_chosen", "logps_rejected"):
+        torch.testing.assert_close(metrics[name], base_metrics[name], rtol=1e-5, atol=1e-5)
+    assert_same_gradients(got, base_grads)
+
+
+def test_collate_orders_continuations_per_prompt(tokenizer):
+    rows = rows_per_continuation(tokenizer)
+    model = sharp_model(tokenizer, attn=SEGMENTS)
+    reference = torch.arange(12.0).view(4, 3)
+    index = [3, 1]
+    shared = collate_groups(rows, index, reference, tokenizer.pad_token_id, share_prompt=True)
+    unshared = collate_groups(rows, index, reference, tokenizer.pad_token_id, share_prompt=False)
+    assert shared.reference_logps.tolist() == unshared.reference_logps.tolist() == [[9, 10, 11], [3, 4, 5]]
+    with torch.no_grad():
+        got = continuation_batch_logps(model, shared.inputs, 2, kernel="torch")
+        model.set_attn_implementation("sdpa")
+        want = continuation_batch_logps(model, unshared.inputs, 2, kernel="torch")
+        single = sequence_logps(model, pad_batch([rows[2][1]], 0), kernel="torch")[0]
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[1, 2], single, rtol=1e-5, atol=1e-5)  # prompt 1, third continuation
+
+
+def test_flex_attention_block_mask_forward(tokenizer):
+    """flex attention with the tree's BlockMask gives the same log-probs (forward only: PyTorch has no flex
+    backward on CPU)."""
+    model = sharp_model(tokenizer, attn="flex_attention")
+    rows = rows_per_continuation(tokenizer)
+    with torch.no_grad():
+        got = continuation_logps(model, pack_groups(group_rows(rows)), kernel="torch").view(len(PROMPTS), 3)
+        model.set_attn_implementation("sdpa")
+        want = unshared_logps(model, rows)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_segment_attention_without_a_tree_says_what_to_do(tokenizer):
+    model = sharp_model(tokenizer, attn=SEGMENTS)
+    with pytest.raises(ValueError, match="prompt_tree"):
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+
+
+def test_share_prompt_false_keeps_the_policy_attention(tokenizer):
+    model = sharp_model(tokenizer)
+    cfg = OmegaConf.create({"kernel": "auto", "fused_lm_head": False, "trainer": {"share_prompt": False}})
+    forward = TrainingForward.prepare(cfg, model)
+    assert not forward.share_prompt and not forward.fused_lm_head
+    assert model.config._attn_implementation == "sdpa"
+    ref = ReferenceLogps(torch.zeros(4), torch.zeros(4), path=None, cache_hit=True)
+    rows = rows_per_continuation(tokenizer, k=2)
+    batch = collate_pairs(rows[0], rows[1], [0, 1], ref, tokenizer.pad_token_id, share_prompt=False)
+    loss, _ = dpo_forward(model, batch, LOSS, kernel="torch")
+    assert batch.inputs.input_ids.shape[0] == 4 and torch.isfinite(loss)
