@@ -14,12 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mipo.losses import loss_settings_problems
-from mipo.models import DTYPES, model_source_problem
+from mipo.models import DTYPES, model_source_problem, resolve_dtype
 from mipo.negatives import STRATEGIES
-from mipo.optim import LR_SCHEDULERS, MASTER_WEIGHTS
+from mipo.optim import LR_SCHEDULERS, MASTER_WEIGHTS, ForwardPrecision, resolve_autocast
 from mipo.tasks import Example, Task, get_task, load_splits
 from mipo.tracking import WANDB_MODES
 
@@ -47,6 +48,13 @@ def task_splits(cfg: DictConfig, task: Task | None = None) -> tuple[list[Example
 def train_dtype(cfg: DictConfig) -> str:
     """The dtype of the policy weights while training: ``model.train_dtype``, else ``model.dtype``."""
     return str(cfg.model.get("train_dtype") or cfg.model.dtype)
+
+
+def training_precision(cfg: DictConfig, device: torch.device) -> ForwardPrecision:
+    """The precision of the training forward: the policy's weights in ``train_dtype``, under
+    ``trainer.autocast``. The reference log-probs are computed in it too (``mipo.reference``)."""
+    weights = resolve_dtype(train_dtype(cfg), device)
+    return ForwardPrecision(weights, resolve_autocast(cfg.trainer.get("autocast"), device, weights))
 
 
 def _is_int(value: Any) -> bool:

@@ -134,7 +134,8 @@ def continuation_logps(model: torch.nn.Module, packed: PackedGroups, kernel: str
     return token_logps.new_zeros(packed.num_continuations).index_add(0, packed.owners, token_logps)  # (C,)
 
 
-def prompt_tree_logps(model: torch.nn.Module, rows: Sequence[EncodedRow], kernel: str = "auto") -> torch.Tensor:
+def prompt_tree_logps(model: torch.nn.Module, rows: Sequence[EncodedRow], kernel: str = "auto",
+                      fused_lm_head: bool = False) -> torch.Tensor:
     """log pi(response | prompt) for encoded rows, running each distinct prompt, and the prefix
     the prompts share, once: the rows become one prompt tree (``mipo.packing``) scored by
     ``continuation_logps`` with ``segment_attention``.
@@ -147,7 +148,8 @@ def prompt_tree_logps(model: torch.nn.Module, rows: Sequence[EncodedRow], kernel
         by_prompt.setdefault(row.prompt_ids, []).append(i)
     groups = [PromptGroup(prompt, tuple(rows[i].response_ids for i in index)) for prompt, index in by_prompt.items()]
     with use_segment_attention(model):
-        logps = continuation_logps(model, pack_groups(groups).to(device), kernel=kernel, fused_lm_head=False)  # (b,)
+        logps = continuation_logps(model, pack_groups(groups).to(device), kernel=kernel,
+                                   fused_lm_head=fused_lm_head)  # (b,)
     order = torch.tensor([i for index in by_prompt.values() for i in index], device=device)
     return torch.empty_like(logps).index_copy_(0, order, logps)
 
@@ -163,7 +165,8 @@ class Scorer:
     (``prompt_tree_logps``): the MI estimator scores every prompt under K+1 responses and the
     reference cache every prompt under two, so this removes most prompt tokens from the
     forward passes. ``share_prompts=False`` runs every row in full; both give the same numbers
-    up to float rounding.
+    up to float rounding. ``fused_lm_head`` takes the training forward's output-layer path, so
+    the reference scores with the policy's numerics (``mipo.reference``).
     """
 
     model: torch.nn.Module
@@ -173,6 +176,7 @@ class Scorer:
     batch_size: int = 8
     kernel: str = "auto"
     share_prompts: bool = True
+    fused_lm_head: bool = False
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str], desc: str | None = "scoring") -> torch.Tensor:
         """log pi(responses[i] | prompts[i]) for every row: (N,) float32 on the CPU, in input order."""
@@ -196,9 +200,10 @@ class Scorer:
                 index = order[start : start + self.batch_size]
                 batch_rows = [rows[i] for i in index]
                 if self.share_prompts:
-                    logps = prompt_tree_logps(self.model, batch_rows, kernel=self.kernel)
+                    logps = prompt_tree_logps(self.model, batch_rows, kernel=self.kernel, fused_lm_head=self.fused_lm_head)
                 else:
-                    logps = sequence_logps(self.model, pad_batch(batch_rows, pad_token_id).to(device), kernel=self.kernel)
+                    logps = sequence_logps(self.model, pad_batch(batch_rows, pad_token_id).to(device), kernel=self.kernel,
+                                           fused_lm_head=self.fused_lm_head)
                 out[index] = logps.float().cpu()
         finally:
             self.model.train(was_training)

@@ -16,6 +16,7 @@ to the master, and the parameter is the master rounded to its dtype.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -139,6 +140,28 @@ def final_weights(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     if isinstance(optimizer, MasterWeightAdamW):
         optimizer.load_masters_into(policy)
     return policy
+
+
+@dataclass(frozen=True)
+class ForwardPrecision:
+    """How a forward pass computes: the dtype of the weights and the autocast dtype (None: off).
+
+    The policy's training forward and the reference pass use the same one
+    (``mipo.config.training_precision``): log pi_ref is then what log pi is at step 0, up to
+    rounding, instead of differing by bf16 noise that grows with the response length.
+    """
+
+    weights: torch.dtype
+    autocast: torch.dtype | None = None
+
+    def context(self, device_type: str):
+        """The autocast context of this precision (a no-op context without autocast)."""
+        return torch.autocast(device_type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None)
+
+    def describe(self) -> dict[str, str | None]:
+        """Plain strings, for cache keys and logs."""
+        return {"weights": str(self.weights).removeprefix("torch."),
+                "autocast": str(self.autocast).removeprefix("torch.") if self.autocast else None}
 
 
 def resolve_autocast(setting: str | None, device: torch.device, weights_dtype: torch.dtype) -> torch.dtype | None:

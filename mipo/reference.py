@@ -1,4 +1,4 @@
-"""Reference-model log-probs, computed once with the frozen base model in fp32 and cached on disk.
+"""Reference-model log-probs, computed once with the frozen base model and cached on disk.
 
 DPO needs log pi_ref(y+|x) and log pi_ref(y-|x) for every pair. They never change during
 training, so they are computed once, before training, and stored in
@@ -27,10 +27,12 @@ from mipo.encoding import EncodedRow, encode_pairs
 from mipo.files import atomic_path, sha256_file, stable_hash
 from mipo.logprobs import Scorer
 from mipo.models import load_model, model_identity, tokenizer_identity
+from mipo.optim import ForwardPrecision
 from mipo.pairs import PreferencePair, read_pairs
 
 log = logging.getLogger(__name__)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the numerics are part of the key
+FP32 = ForwardPrecision(torch.float32)
 
 
 @dataclass
@@ -41,14 +43,20 @@ class ReferenceLogps:
     cache_hit: bool
 
 
-def reference_inputs(model_cfg: Mapping[str, Any], tokenizer, pairs_path: str | Path,
-                     max_length: int, max_prompt_length: int) -> dict[str, Any]:
+def reference_inputs(model_cfg: Mapping[str, Any], tokenizer, pairs_path: str | Path, max_length: int,
+                     max_prompt_length: int, precision: ForwardPrecision = FP32, device_type: str = "cpu",
+                     kernel: str = "auto", fused_lm_head: bool = False) -> dict[str, Any]:
     return {
         "model": model_identity(model_cfg),
         "tokenizer": tokenizer_identity(tokenizer),
         "pairs_sha256": sha256_file(pairs_path),
         "max_length": int(max_length),
         "max_prompt_length": int(max_prompt_length),
+        "precision": precision.describe(),
+        "device_type": device_type,
+        "attn_implementation": str(model_cfg.get("attn_implementation", "auto")),
+        "kernel": kernel,
+        "fused_lm_head": bool(fused_lm_head),
         "format": FORMAT_VERSION,
     }
 
@@ -89,8 +97,13 @@ def reference_logps(
     kernel: str = "auto",
     pairs: list[PreferencePair] | None = None,
     encoded: tuple[list[EncodedRow], list[EncodedRow]] | None = None,
+    precision: ForwardPrecision = FP32,
+    fused_lm_head: bool = False,
 ) -> ReferenceLogps:
     """log pi_ref(y+|x) and log pi_ref(y-|x) for every pair, from the cache or computed once.
+
+    ``precision`` and ``fused_lm_head``: the policy's training forward's (fp32 without autocast
+    by default); the trainer passes its own.
 
     ``pairs``: the contents of ``pairs_path`` when the caller has already read them;
     ``encoded``: their rows from ``mipo.encoding.encode_pairs`` with these lengths, which the
@@ -98,21 +111,23 @@ def reference_logps(
     """
     if pairs is None:
         pairs = read_pairs(pairs_path)
-    inputs = reference_inputs(model_cfg, tokenizer, pairs_path, max_length, max_prompt_length)
+    inputs = reference_inputs(model_cfg, tokenizer, pairs_path, max_length, max_prompt_length, precision,
+                              device.type, kernel, fused_lm_head)
     path = reference_cache_path(cache_dir, inputs)
     cached = load_cached(path, inputs, len(pairs))
     if cached is not None:
         log.info("reference cache hit: %s (the reference model is not loaded)", path)
         return cached
 
-    log.info("reference cache miss: computing log pi_ref for %d pairs in fp32 -> %s", len(pairs), path)
-    model = load_model(model_cfg, device=device, dtype=torch.float32, cache_dir=cache_dir, vocab_size=len(tokenizer))
+    log.info("reference cache miss: computing log pi_ref for %d pairs (%s) -> %s", len(pairs), precision.describe(), path)
+    model = load_model(model_cfg, device=device, dtype=precision.weights, cache_dir=cache_dir, vocab_size=len(tokenizer))
     model.requires_grad_(False)
     scorer = Scorer(model, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                    batch_size=batch_size, kernel=kernel)
+                    batch_size=batch_size, kernel=kernel, fused_lm_head=fused_lm_head)
     chosen_rows, rejected_rows = encoded or encode_pairs(tokenizer, pairs, max_length, max_prompt_length)
     # y+ and y- of a pair share the prompt x: one call lets the scorer run each prompt once
-    logps = scorer.score_rows(chosen_rows + rejected_rows, desc="reference log pi(y|x)")
+    with precision.context(device.type):
+        logps = scorer.score_rows(chosen_rows + rejected_rows, desc="reference log pi(y|x)")
     chosen, rejected = logps[: len(pairs)], logps[len(pairs):]
     del model, scorer
     with atomic_path(path) as tmp:

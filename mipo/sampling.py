@@ -37,7 +37,7 @@ from mipo.chat import Messages
 from mipo.config import build_task, task_splits
 from mipo.files import stable_hash, write_json
 from mipo.generation import SEEDING, Generation, Generations, Plan, decode_settings, generate_plan, plan_generation
-from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
+from mipo.models import load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype
 from mipo.negatives import plan_negatives
 from mipo.pairs import PreferencePair, write_pairs
 
@@ -48,9 +48,21 @@ BATCH_KEYS = ("batch_size", "chunk_size", "max_batch_tokens")  # which rows shar
 
 
 def sampling_inputs(cfg: DictConfig) -> dict[str, Any]:
-    """Everything the pairs depend on, and nothing else (training settings are not here)."""
+    """Everything the pairs depend on, and nothing else (training settings are not here).
+
+    Besides the weights, the data and the decode settings: how prompts are rendered (the
+    tokenizer comes with the weights; ``model.tokenizer`` and ``model.chat_template_kwargs``
+    can change it) and the numerics of the decode (inference dtype, device type, attention
+    implementation), which change the sampled strings.
+    """
+    device = resolve_device(cfg.device)
     return {
         "model": model_identity(cfg.model),
+        "rendering": {"tokenizer": cfg.model.get("tokenizer"),
+                      "chat_template_kwargs": OmegaConf.to_container(cfg.model.get("chat_template_kwargs") or {},
+                                                                     resolve=True)},
+        "inference": {"dtype": str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."),
+                      "device_type": device.type, "attn_implementation": cfg.model.get("attn_implementation")},
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval")},
         "negatives": OmegaConf.to_container(cfg.negatives, resolve=True),
@@ -58,7 +70,7 @@ def sampling_inputs(cfg: DictConfig) -> dict[str, Any]:
         "max_prompt_length": cfg.data.max_prompt_length,
         "seed": cfg.seed,
         "seeding": SEEDING,
-        "format": 2,
+        "format": 3,  # 3: rendering and inference numerics in the key
     }
 
 

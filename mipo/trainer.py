@@ -1,7 +1,7 @@
 """The training stage: DPO of the policy on MIPO pairs against cached reference log-probs.
 
 Read top to bottom: ``train`` loads the pairs, encodes them once (``encode_pairs``: the rows
-the reference was scored on), gets log pi_ref from the cache or one fp32 pass, loads the
+the reference was scored on), gets log pi_ref from the cache or one pass in the policy's precision, loads the
 policy, then runs the loop: for each optimizer step, micro-batches through ``TrainingForward``
 (``mipo.forward``: one prompt-shared forward of y+ and y-, ``dpo_loss``), backward, clip, AdamW
 step, learning-rate schedule; finally it saves the policy (its fp32 master weights when the
@@ -28,12 +28,12 @@ from tqdm.auto import tqdm
 
 from mipo.checkpoint import (check_same_inputs, clear_checkpoints, latest_checkpoint, read_state,
                              restore_checkpoint, save_checkpoint)
-from mipo.config import train_dtype
+from mipo.config import train_dtype, training_precision
 from mipo.encoding import encode_pairs
 from mipo.files import sha256_file, write_json
 from mipo.forward import TrainingForward
 from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
-from mipo.optim import build_optimizer, build_scheduler, final_weights, resolve_autocast
+from mipo.optim import build_optimizer, build_scheduler, final_weights
 from mipo.pairs import PreferencePair, read_pairs, truncation_summary
 from mipo.reference import reference_logps
 from mipo.sampling import pairs_path
@@ -92,10 +92,11 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
         pairs = read_pairs(path)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     chosen_rows, rejected_rows = encode_pairs(tokenizer, pairs, cfg.data.max_length, cfg.data.max_prompt_length)
+    precision = training_precision(cfg, device)  # the policy's forward; the reference is computed in it too
     reference = reference_logps(
         cfg.model, tokenizer, path, cfg.paths.cache_dir, cfg.data.max_length, cfg.data.max_prompt_length,
         device=device, batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel, pairs=pairs,
-        encoded=(chosen_rows, rejected_rows),
+        encoded=(chosen_rows, rejected_rows), precision=precision, fused_lm_head=cfg.fused_lm_head,
     )
     steps_per_epoch = len(pairs) // tcfg.batch_size
     if steps_per_epoch == 0:
@@ -118,14 +119,13 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     skipped: list[int] = state["skipped_steps"] if state else []
 
     # ---- policy and optimizer -----------------------------------------------------------------
-    policy = load_model(cfg.model, device=device, dtype=train_dtype(cfg), cache_dir=cfg.paths.cache_dir,
+    policy = load_model(cfg.model, device=device, dtype=precision.weights, cache_dir=cfg.paths.cache_dir,
                         vocab_size=len(tokenizer))
-    autocast_dtype = resolve_autocast(tcfg.get("autocast"), device, policy.dtype)
     if tcfg.gradient_checkpointing:
         policy.gradient_checkpointing_enable()
         policy.config.use_cache = False
     policy.train()
-    forward = TrainingForward.prepare(cfg, policy, autocast_dtype)
+    forward = TrainingForward.prepare(cfg, policy, precision.autocast)
     optimizer = build_optimizer(policy, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, total_steps)
 

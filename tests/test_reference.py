@@ -8,7 +8,11 @@ import pytest
 import torch
 
 import mipo.reference as reference
+from mipo.encoding import encode_pairs
+from mipo.forward import TrainingForward, continuation_batch_logps
 from mipo.logprobs import score_responses
+from mipo.optim import ForwardPrecision
+from mipo.pairs import read_pairs
 from mipo.pairs import PreferencePair, write_pairs
 from mipo.reference import reference_logps
 from tests.helpers import TINY_CONFIG, tiny_config, tiny_model, tiny_tokenizer, user
@@ -191,3 +195,42 @@ def test_tokenizer_change_gives_another_cache_path(tmp_path, pairs_path, tokeniz
                           "{% if add_generation_prompt %}[assistant] {% endif %}"
     second = _ref(pairs_path, cache_dir, other)
     assert second.cache_hit is False and second.path != first.path
+
+
+# ---- step 0: the reference in the policy's numerics --------------------------------------------
+
+BF16_AUTOCAST = ForwardPrecision(torch.float32, torch.bfloat16)  # fp32 weights, bf16 forward (a GPU run's default)
+
+
+def step0_gap(model_cfg, policy, tokenizer, pairs_file, cache_dir, reference_precision) -> float:
+    """Mean |log pi(y|x) - log pi_ref(y|x)| at step 0 over all y+ and y-, the policy's forward
+    run as the trainer runs it (prompt-shared, fused output layer, bf16 autocast)."""
+    pairs = read_pairs(pairs_file)
+    chosen, rejected = encode_pairs(tokenizer, pairs, MAX_LENGTH * 4, MAX_PROMPT_LENGTH * 4)
+    ref = reference_logps(model_cfg, tokenizer, pairs_file, cache_dir, MAX_LENGTH * 4, MAX_PROMPT_LENGTH * 4,
+                          device=torch.device("cpu"), batch_size=4, kernel="torch", pairs=pairs,
+                          encoded=(chosen, rejected), precision=reference_precision, fused_lm_head=True)
+    forward = TrainingForward.prepare({"trainer": {"share_prompt": "auto", "shared_attention": "auto"},
+                                       "kernel": "torch", "fused_lm_head": True}, policy, BF16_AUTOCAST.autocast)
+    gaps = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), 2):
+            batch = forward.collate(chosen, rejected, range(start, min(start + 2, len(pairs))), ref, tokenizer.pad_token_id)
+            with BF16_AUTOCAST.context("cpu"):
+                logps = continuation_batch_logps(policy, batch.inputs, len(batch.reference_logps), kernel="torch")
+            gaps.append((logps.float() - batch.reference_logps).abs().flatten())
+    return torch.cat(gaps).mean().item()
+
+
+def test_reference_in_the_policy_precision_makes_step_0_consistent(tmp_path, pairs_path, tokenizer):
+    """With bf16 autocast, an fp32 reference leaves the step-0 rewards as bf16 noise; the
+    reference computed in the policy's precision removes (at least 4/5 of) it."""
+    policy = tiny_model(tokenizer)
+    fp32 = step0_gap(TINY_CONFIG, policy, tokenizer, pairs_path, tmp_path / "a", reference.FP32)
+    same = step0_gap(TINY_CONFIG, policy, tokenizer, pairs_path, tmp_path / "b", BF16_AUTOCAST)
+    assert fp32 > 1e-3, fp32  # bf16 autocast does change the log-probs of this model
+    assert same <= fp32 / 5, (same, fp32)
+    # and the two are different caches: the precision is part of the key
+    assert len(list((tmp_path / "a" / "reference").glob("*.pt"))) == 1
+    keys = [reference.reference_inputs(TINY_CONFIG, tokenizer, pairs_path, 64, 40, p) for p in (reference.FP32, BF16_AUTOCAST)]
+    assert reference.reference_cache_path(tmp_path, keys[0]) != reference.reference_cache_path(tmp_path, keys[1])

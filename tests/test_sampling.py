@@ -88,7 +88,10 @@ def test_pairs_path_changes_with_every_sampling_setting(tmp_path: Path) -> None:
     base = composed("model=tiny-llama", f"paths.cache_dir={tmp_path}")
     seen = {pairs_path(base)}
     for override in ("sampling.top_k=5", "sampling.temperature=0.7", "sampling.batch_size=4",
-                     "sampling.chunk_size=8", "sampling.max_batch_tokens=4096", "sampling.overwrite=true"):
+                     "sampling.chunk_size=8", "sampling.max_batch_tokens=4096", "sampling.overwrite=true",
+                     # the numerics of the decode and how prompts are rendered
+                     "model.dtype=bfloat16", "device=cuda", "model.attn_implementation=eager",
+                     "model.chat_template_kwargs.date_string='01 Jan 2025'"):
         path = pairs_path(composed("model=tiny-llama", f"paths.cache_dir={tmp_path}", override))
         if override.startswith("sampling.overwrite"):
             assert path == pairs_path(base)  # what to do, not what is sampled

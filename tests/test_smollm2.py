@@ -57,3 +57,30 @@ def test_pipeline_on_smollm2(tmp_path: Path) -> None:
     assert "| base |" in proc.stdout and "| trained |" in proc.stdout
     metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(metrics) == 2
+
+
+def test_reference_in_the_policy_precision_on_smollm2(tmp_path: Path, model_cfg) -> None:
+    """Issue: with bf16 autocast on the policy and an fp32 reference, step-0 log-probs of SmolLM2
+    differ by tenths of a nat; computed in the policy's precision the gap is at most 1/5 of that."""
+    from mipo.pairs import PreferencePair, write_pairs
+    from mipo.reference import FP32
+    from tests.test_reference import BF16_AUTOCAST, step0_gap
+
+    questions = ["What is the boiling point of water at sea level?", "Name three primary colours.",
+                 "Why is the sky blue? Answer in two sentences.", "What is 12 times 7?"]
+    answers = ["Water boils at 100 degrees Celsius (212 degrees Fahrenheit) at sea level.",
+               "Red, blue and yellow are the three traditional primary colours.",
+               "Sunlight is scattered by the molecules of the air, and blue light is scattered the most. "
+               "So we see blue light coming from every direction of the sky.",
+               "12 times 7 is 84."]
+    pairs = [PreferencePair([{"role": "user", "content": q}], answers[i], answers[(i + 1) % 4], {"uid": str(i)})
+             for i, q in enumerate(questions)]
+    pairs_file = tmp_path / "pairs.jsonl"
+    write_pairs(pairs_file, pairs)
+    tokenizer = load_tokenizer(model_cfg, tmp_path)
+    policy = load_model(model_cfg, device="cpu", dtype=torch.float32, cache_dir=tmp_path, vocab_size=len(tokenizer))
+    fp32 = step0_gap(model_cfg, policy, tokenizer, pairs_file, tmp_path / "a", FP32)
+    same = step0_gap(model_cfg, policy, tokenizer, pairs_file, tmp_path / "b", BF16_AUTOCAST)
+    print(f"mean |log pi - log pi_ref| at step 0 under bf16 autocast: fp32 reference {fp32:.4f} nats, "
+          f"reference in the policy's precision {same:.4f} nats")
+    assert fp32 > 0.01 and same <= fp32 / 5, (same, fp32)
