@@ -3,9 +3,8 @@
 1. Training step and reference pass against TRL's DPOTrainer (``bench.train_step``), on the
    anchor workload (the demo's 64 ARC-Challenge pairs) and on GSM8K-shaped pairs
    (``bench.workloads``), with each framework's peak RSS.
-2. Sampling against the one-prompt loop: ``bench/sampling.py`` (delivered with the batched
-   sampling engine; this report says "not available yet" until it exists). Its contract:
-   ``main(argv: list[str]) -> str`` returns a markdown section with its ratios.
+2. Sampling against the one-prompt loop of ``model.generate``: ``mipo.bench_sampling.report``
+   (also ``make bench-sampling`` alone).
 3. The log-prob kernels (``python -m kernels.bench_logprob``, CPU-sized).
 
 Run it with the benchmark environment (``.venv-bench``: torch 2.13.0, TRL 1.16.0), which the
@@ -17,7 +16,6 @@ Makefile creates; the ``mipo`` package itself never imports TRL::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import platform
 import subprocess
@@ -69,12 +67,9 @@ def training_section(name: str, settings: Settings, num_pairs: int) -> str:
 
 
 def sampling_section(argv: list[str]) -> str:
-    header = "## Sampling against the one-prompt loop\n\n"
-    if importlib.util.find_spec("bench.sampling") is None:
-        return header + "not available yet (bench/sampling.py comes with the batched sampling engine)\n"
-    from bench import sampling  # the sampling benchmark module; see the module docstring for its contract
+    from mipo import bench_sampling  # `make bench-sampling` alone
 
-    return header + sampling.main(argv)
+    return "## Sampling against the one-prompt loop\n\n" + bench_sampling.report(argv)
 
 
 def kernel_section(argv: list[str]) -> str:

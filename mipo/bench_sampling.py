@@ -66,7 +66,8 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, 
     return total
 
 
-def main(argv: list[str] | None = None) -> None:
+def report(argv: list[str] | None = None) -> str:
+    """Run the comparison and return it as a Markdown section (``make bench`` includes it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -123,23 +124,28 @@ def main(argv: list[str] | None = None) -> None:
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
 
-    print(f"\nSampling throughput, {args.prompts} ARC-Challenge prompts (mean prompt "
-          f"{sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens), {args.max_new_tokens} new tokens, "
-          f"temperature {args.temperature}, top_p {args.top_p}; SmolLM2-135M-Instruct fp32 on CPU "
-          f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
-          f"median of {args.repeats}\n")
-    print("| method | seconds | CPU seconds | useful tokens | tokens/s | x one-prompt loop |")
-    print("|---|---|---|---|---|---|")
+    lines = [f"Sampling throughput, {args.prompts} ARC-Challenge prompts (mean prompt "
+             f"{sum(map(len, prompt_ids)) / len(prompt_ids):.0f} tokens), {args.max_new_tokens} new tokens, "
+             f"temperature {args.temperature}, top_p {args.top_p}; SmolLM2-135M-Instruct fp32 on CPU "
+             f"({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads), "
+             f"median of {args.repeats}", "",
+             "| method | seconds | CPU seconds | useful tokens | tokens/s | x one-prompt loop |",
+             "|---|---|---|---|---|---|"]
     base = None
     for name in methods:
         seconds = statistics.median(times[name])
         count = statistics.median(tokens[name])
         rate = count / seconds
         base = base or rate
-        print(f"| {name} | {seconds:.1f} | {statistics.median(cpu[name]):.1f} | {count:.0f} | {rate:.1f} | "
-              f"{rate / base:.2f} |")
-    print("\nCPU seconds: process time of all threads; on a machine shared with other jobs, with --threads 1, "
-          "it is close to the wall-clock time the run would take alone.")
+        lines.append(f"| {name} | {seconds:.1f} | {statistics.median(cpu[name]):.1f} | {count:.0f} | {rate:.1f} | "
+                     f"{rate / base:.2f} |")
+    lines += ["", "CPU seconds: process time of all threads; on a machine shared with other jobs, with --threads 1, "
+              "it is close to the wall-clock time the run would take alone.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(report(argv))
 
 
 if __name__ == "__main__":
