@@ -63,10 +63,12 @@ def test_bf16_with_master_weights_follows_the_fp32_trajectory():
     ratio_master = float((master_bf16 - w0).norm() / moved)
     ratio_pure = float((pure_bf16 - w0).norm() / moved)
     cosine = float(torch.nn.functional.cosine_similarity(master_bf16 - w0, fp32 - w0, dim=0))
-    # measured: master 1.00 (cosine 0.99+), pure bf16 ~0.02: almost every update rounded away
+    changed = float((pure_bf16 != w0).float().mean())
+    print(f"weight movement / fp32's after 100 steps at lr 5e-7: bf16 + fp32 masters {ratio_master:.3f} "
+          f"(cosine {cosine:.4f}), pure bf16 {ratio_pure:.3f} ({changed:.2%} of weights changed)")
     assert 0.9 < ratio_master < 1.1 and cosine > 0.95, (ratio_master, cosine)
     assert ratio_pure < 0.3, ratio_pure
-    assert float((pure_bf16 != w0).float().mean()) < 0.05
+    assert changed < 0.05
 
 
 def test_cosine_with_min_lr_schedule():
