@@ -10,7 +10,7 @@ from typing import Any
 from mipo.chat import Messages
 from mipo.tasks.base import Example, Task, require_context, require_scalar_text, require_text
 from mipo.tasks.sources import SOURCE_AUTO, SOURCE_HUB, SOURCE_OFFLINE
-from mipo.tasks.text import extract_number, normalize_number, user_turn_with_context
+from mipo.tasks.text import check_mode, extract_number, normalize_number, user_turn_with_context
 
 
 def _normalize_text_answer(text: str) -> str:
@@ -28,8 +28,9 @@ class JsonlTask(Task):
     Prompt: ``[system_prompt]`` + one user message (context block if any, then the question).
     ``partial`` drops the context when the task has a context field, otherwise one sentence
     (as for GSM8K). Grading: if the gold answer is a number, numeric match of
-    :func:`extract_number`; otherwise case- and whitespace-insensitive match of
-    :meth:`extract_answer` (text after the last ``####``, else the last non-empty line). Ask for
+    :func:`extract_number` (strict: after ``####``; flexible: else the last number); otherwise case-
+    and whitespace-insensitive match of :meth:`extract_answer` (strict: text after the last
+    ``####``; flexible: else the last non-empty line). Ask for
     ``#### <answer>`` in ``system_prompt`` or the questions.
     """
 
@@ -91,18 +92,23 @@ class JsonlTask(Task):
             return super().partial(ex, rng)
         return self._without_context(ex)
 
-    def extract_answer(self, text: str) -> str | None:
-        """Text after the last ``####`` (to the end of that line), else the last non-empty line."""
+    def extract_answer(self, text: str, mode: str = "strict") -> str | None:
+        """Strict: the text after the last ``####`` (to the end of that line); flexible: else the
+        last non-empty line."""
+        check_mode(mode)
         if "####" in text:
             tail = text.rsplit("####", 1)[1].strip()
-            return tail.splitlines()[0].strip() if tail else None
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+            if tail:
+                return tail.splitlines()[0].strip()
+        if mode == "strict":
+            return None
+        lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "####"]
         return lines[-1] if lines else None
 
-    def is_correct(self, response: str, ex: Example) -> bool:
+    def is_correct(self, response: str, ex: Example, mode: str = "strict") -> bool:
         self._require_answers(ex)
         gold_number = normalize_number(ex.answer)
         if gold_number is not None:
-            return extract_number(response) == gold_number
-        predicted = self.extract_answer(response)
+            return extract_number(response, mode) == gold_number
+        predicted = self.extract_answer(response, mode)
         return predicted is not None and _normalize_text_answer(predicted) == _normalize_text_answer(ex.answer)
