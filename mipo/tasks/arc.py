@@ -157,6 +157,12 @@ class ArcTask(Task):
         content = f"{self.instruction}\n\nQuestion: {ex.question}\n{choice_lines}"
         return [{"role": "user", "content": content}]
 
+    def loglik_messages(self, ex: Example) -> Messages:
+        """The prompt each option's text is scored after for log-likelihood accuracy: lm-evaluation-
+        harness's ARC prompt (``doc_to_text: "Question: {{question}}\\nAnswer:"``) as one user message;
+        the options are not listed (lm-eval's ``acc``/``acc_norm`` for ARC)."""
+        return [{"role": "user", "content": f"Question: {ex.question}\nAnswer:"}]
+
     def extract_answer(self, text: str, mode: str = "strict") -> str | None:
         """See :func:`extract_choice_letter`."""
         return extract_choice_letter(text, mode)

@@ -310,6 +310,10 @@ class Task:
         self._require_answers(ex)
         return self.extract_answer(response, mode=mode) == ex.answer
 
+    def loglik_messages(self, ex: Example) -> Messages:
+        """Multiple choice only: the prompt after which each option's text is scored (log-likelihood accuracy)."""
+        raise NotImplementedError(f"{self.name} is not a multiple-choice task: no log-likelihood accuracy (eval.loglik=false)")
+
     def _require_answers(self, ex: Example) -> None:
         if not self.has_answers:
             raise ValueError(f"{self.name} has no gold answers (has_answers=False); accuracy is undefined")
