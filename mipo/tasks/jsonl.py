@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from mipo.chat import Messages
-from mipo.tasks.base import Example, Task, require_context, require_scalar_text, require_text
+from mipo.tasks.base import Example, Task, optional_text, require_context, require_scalar_text, require_text
 from mipo.tasks.sources import SOURCE_AUTO, SOURCE_HUB, SOURCE_OFFLINE
 from mipo.tasks.text import check_mode, extract_number, normalize_number, user_turn_with_context
 
@@ -23,7 +23,8 @@ class JsonlTask(Task):
     Options: ``path`` (used for source 'auto'/'offline'; a path given as ``source`` overrides it),
     ``question_field``, ``answer_field`` (None = open-ended, ``has_answers`` False),
     ``context_field`` (None = no user context; else a string or list of facts per row),
-    ``system_prompt`` (optional system message).
+    ``system_prompt`` (optional system message), ``reference_field`` (None = no reference
+    response; else the response an LLM judge compares the model's with, ``Example.reference``).
 
     Prompt: ``[system_prompt]`` + one user message (context block if any, then the question).
     ``partial`` drops the context when the task has a context field, otherwise one sentence
@@ -45,6 +46,7 @@ class JsonlTask(Task):
         context_field: str | None = None,
         system_prompt: str | None = None,
         max_new_tokens: int | None = None,
+        reference_field: str | None = None,
     ) -> None:
         super().__init__(max_new_tokens)
         self.path = os.fspath(path) if path is not None else None
@@ -52,6 +54,7 @@ class JsonlTask(Task):
         self.answer_field = answer_field
         self.context_field = context_field
         self.system_prompt = system_prompt
+        self.reference_field = reference_field
         self.has_answers = answer_field is not None
         self.supports_context = context_field is not None
 
@@ -80,7 +83,9 @@ class JsonlTask(Task):
             answer = require_scalar_text(row, self.answer_field, where, expected)
             answer = normalize_number(answer) or answer
         context = require_context(row, self.context_field, where) if self.context_field else None
-        return Example(uid=uid, question=question, answer=answer, context=context)
+        reference = (optional_text(row, self.reference_field, where, "a string (the reference response)")
+                     if self.reference_field else None)
+        return Example(uid=uid, question=question, answer=answer, context=context, reference=reference)
 
     def messages(self, ex: Example) -> Messages:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
