@@ -48,7 +48,8 @@ from mipo.generation import generate
 from mipo.judge import JudgeScores, JudgeSettings, judge_metrics, prompt_problems, score_responses
 from mipo.logprobs import Scorer
 from mipo.mi import estimate_pmi, pmi_per_token
-from mipo.models import load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype, tokenizer_identity
+from mipo.models import (load_model, load_tokenizer, model_identity, model_source_problem, resolve_device,
+                         resolve_dtype, tokenizer_identity)
 from mipo.stats import mean_stderr, paired_comparison
 from mipo.tasks import Example, Task
 
@@ -175,7 +176,19 @@ def eval_config_problems(cfg: DictConfig) -> list[str]:
         batch = judge.get("batch_size")
         if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
             problems.append(f"judge.batch_size={batch}: expected auto or an int > 0")
+        may_run = judge.get("enabled") is True or (judge.get("enabled") == "auto" and _task_has_contexts(cfg))
+        source_problem = model_source_problem(judge.model) if may_run else None
+        if source_problem is not None:
+            problems.append(f"{source_problem} (judge={judge.get('name')}; judge.enabled=false turns the judge off)")
     return problems
+
+
+def _task_has_contexts(cfg: DictConfig) -> bool:
+    """Whether the configured task's prompts can carry a user context (the judge may run)."""
+    try:
+        return build_task(cfg).supports_context
+    except Exception:  # noqa: BLE001 - a bad task is reported by the task checks
+        return False
 
 
 def context_alternatives(task: Task, examples: list[Example]) -> list[list[Messages]] | None:

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 # ``deltas`` (written by the evaluation code before paired comparisons).
 DELTA_METRICS = ("accuracy", "mi_mean")
 # The field of eval.json holding a per-model metric's standard error, where it is not ``<name>_stderr``.
-STDERR_FIELDS = {"mi_mean": "mi_stderr", "mi_per_token_mean": "mi_per_token_stderr"}
+STDERR_FIELDS = {"mi_mean": "mi_stderr", "mi_per_token_mean": "mi_per_token_stderr", "judge_score_mean": "judge_score_stderr"}
 STDERR_SUFFIX = "_stderr"
 # Per-job numbers of a paired delta that are not averaged over seeds (runs.csv lists them).
 PER_JOB_SUFFIXES = ("_p_value", "_ci95_lo", "_ci95_hi")

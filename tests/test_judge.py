@@ -150,3 +150,12 @@ def test_judge_end_to_end_parsed_and_unparsed_with_deltas(tmp_path, monkeypatch)
     assert delta["mean"] == pytest.approx(results["models"]["trained"]["judge_win_rate"]
                                           - results["models"]["base"]["judge_win_rate"])
     assert "judge win rate (ties win)" in (tmp_path / "out" / "eval_table.md").read_text()
+
+
+def test_missing_judge_weights_are_reported_before_anything_loads(tmp_path):
+    from mipo.config import config_problems
+    missing = "judge.model.gguf_package=no_such_gguf_package"
+    problems = config_problems(tiny_cfg(tmp_path, "task=persistbench", missing))
+    assert any("judge=smollm2-135m-instruct" in p and "judge.enabled=false" in p for p in problems), problems
+    # a task without user contexts never runs the judge: nothing to report
+    assert not any("judge=" in p for p in config_problems(tiny_cfg(tmp_path, missing)))
