@@ -224,6 +224,8 @@ def results_of(metrics: dict[str, float]) -> dict[str, Result]:
     """
     def stderr_name(metric: str) -> str:
         prefix, _, name = metric.rpartition("/")
+        if prefix == "delta":  # a paired delta's stderr is always delta/<name>_stderr
+            return f"{metric}{STDERR_SUFFIX}"
         return f"{prefix}/{STDERR_FIELDS.get(name, name + STDERR_SUFFIX)}"
 
     return {m: Result(v, metrics.get(stderr_name(m))) for m, v in metrics.items()

@@ -416,6 +416,7 @@ def test_paired_deltas_averaged_over_seeds(tmp_path: Path):
     # one job: the delta's own error bar is its paired standard error; p-value and interval are per job only
     assert runs[0].results["delta/accuracy_strict"] == Result(0.05, 0.03)
     assert runs[0].results["delta/accuracy"] == Result(0.05, 0.03)  # alias of the strict delta
+    assert runs[0].results["delta/mi_mean"] == Result(1.0, 0.5)  # not base/trained's mi_stderr naming
     assert runs[0].metrics["delta/mi_mean_p_value"] == 0.04 and runs[0].metrics["delta/mi_mean_ci95_lo"] == 0.0
     assert not any(m.endswith(("_p_value", "_ci95_lo", "_ci95_hi")) for m in runs[0].results)
     (row,) = summarize(runs)
