@@ -65,5 +65,5 @@ clean-cache:
 # on the demo's setting; results land in docs/sweep_cpu/.
 sweep-cpu: $(STAMP)
 	WANDB_MODE=disabled $(PY) pipeline.py -m experiment=demo_cpu loss.beta=0.01,0.1,0.5 negatives=random,partial \
-		hydra.sweep.dir=multirun/sweep_cpu
+		seed=0,1,2 hydra.sweep.dir=multirun/sweep_cpu
 	$(PY) aggregate.py multirun/sweep_cpu --out docs/sweep_cpu

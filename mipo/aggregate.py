@@ -28,6 +28,7 @@ from mipo.summary import (
 from mipo.sweep import AggregateError, Run, collect_runs, is_number, sweep_title
 
 MI_METRIC = "trained/mi_mean"
+MI_PER_TOKEN_METRIC = "trained/mi_per_token_mean"
 NO_X_NOTE = "nothing was swept apart from the seed: no figures drawn (they need a swept key for the x axis)"
 
 
@@ -93,13 +94,15 @@ def choose_x(rows: Sequence[SummaryRow], requested: str | None) -> str | None:
 
 
 def choose_y(rows: Sequence[SummaryRow], requested: str | None) -> str:
-    """``requested`` if it is a metric with values; else ``trained/accuracy`` or ``trained/mi_mean``."""
+    """``requested`` if it is a metric with values; else ``trained/accuracy_strict`` (``trained/accuracy`` in
+    older sweeps) or ``trained/mi_mean``."""
     metrics = metric_columns(rows)
     if requested is not None:
         if requested not in metrics:
             raise AggregateError(f"unknown --y {requested!r}; available metrics: {metrics}")
         return requested
-    for candidate in ("trained/accuracy", MI_METRIC, "base/accuracy", "base/mi_mean"):
+    for candidate in ("trained/accuracy_strict", "trained/accuracy", MI_METRIC, "base/accuracy_strict",
+                      "base/accuracy", "base/mi_mean"):
         if candidate in metrics:
             return candidate
     return metrics[0]
@@ -107,8 +110,8 @@ def choose_y(rows: Sequence[SummaryRow], requested: str | None) -> str:
 
 def draw_figures(rows: Sequence[SummaryRow], x: str, y: str, group: list[str] | None,
                  out_dir: Path, title: str) -> list[Path]:
-    """The ``y`` figure and, when it is another metric that exists, the MI figure."""
-    ys = [y] + ([MI_METRIC] if MI_METRIC != y and MI_METRIC in metric_columns(rows) else [])
+    """The ``y`` figure and, when they are other metrics that exist, the MI and per-token MI figures."""
+    ys = [y] + [m for m in (MI_METRIC, MI_PER_TOKEN_METRIC) if m != y and m in metric_columns(rows)]
     return [plot(rows, x=x, y=metric, group=group, path=out_dir / figure_name(metric, x), title=title)
             for metric in ys]
 

@@ -177,6 +177,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
     need(cfg.kernel in KERNELS, f"kernel={cfg.kernel}: expected one of {', '.join(KERNELS)}")
     need(isinstance(cfg.fused_lm_head, bool), f"fused_lm_head={cfg.fused_lm_head}: expected true or false")
     need(cfg.wandb.mode in WANDB_MODES, f"wandb.mode={cfg.wandb.mode!r}: expected one of {', '.join(WANDB_MODES)}")
+    from mipo.evaluation import eval_config_problems  # evaluation imports this module
+    problems += eval_config_problems(cfg)
     return problems
 
 

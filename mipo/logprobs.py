@@ -178,9 +178,15 @@ class Scorer:
     share_prompts: bool = True
     fused_lm_head: bool = False
 
-    def score(self, prompts: Sequence[Messages], responses: Sequence[str], desc: str | None = "scoring") -> torch.Tensor:
-        """log pi(responses[i] | prompts[i]) for every row: (N,) float32 on the CPU, in input order."""
-        rows = encode_rows(self.tokenizer, prompts, responses, self.max_length, self.max_prompt_length)
+    def score(self, prompts: Sequence[Messages], responses: Sequence[str], desc: str | None = "scoring",
+              finished: Sequence[bool] | None = None) -> torch.Tensor:
+        """log pi(responses[i] | prompts[i]) for every row: (N,) float32 on the CPU, in input order.
+
+        ``finished[i]`` False scores response i without the end-of-turn token (a response cut at
+        ``max_new_tokens``, or a continuation such as a multiple-choice option); default: all finished.
+        """
+        rows = encode_rows(self.tokenizer, prompts, responses, self.max_length, self.max_prompt_length,
+                           finished=finished)
         return self.score_rows(rows, desc=desc)
 
     @torch.no_grad()

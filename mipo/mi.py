@@ -149,6 +149,27 @@ def conditional_pointwise_mi(
     return pointwise_mi(logp_y_given_cq, logp_y_given_other_contexts, include_positive=include_positive)
 
 
+def pmi_per_token(pmi_values: Sequence[float], token_counts: Sequence[int]) -> list[float]:
+    """Per-token pmi: each response's pmi divided by the number of tokens it was scored on.
+
+    pmi(x; y) compares log-probabilities of the whole response, sums over its tokens, so it grows
+    with length: a model whose responses get shorter can lower the summed pmi while raising the
+    pmi per token. ``token_counts[i]`` is the
+    response's scored length, end-of-turn token included for a finished response (what
+    ``mipo.encoding.encode_rows`` scores); a zero count is treated as one.
+
+    Args:
+        pmi_values: (N,) per-response pmi (``MIEstimate.values``).
+        token_counts: (N,) scored response tokens.
+
+    Returns:
+        (N,) pmi / tokens.
+    """
+    if len(pmi_values) != len(token_counts):
+        raise ValueError(f"{len(pmi_values)} pmi values but {len(token_counts)} token counts: give one per response")
+    return [float(value) / max(int(count), 1) for value, count in zip(pmi_values, token_counts)]
+
+
 # --------------------------------------------------------------------------------------------
 # The estimator on a model
 # --------------------------------------------------------------------------------------------
@@ -277,6 +298,7 @@ def estimate_pmi(
     alternatives: Sequence[Sequence[Messages]] | None = None,
     include_positive: bool = False,
     desc: str | None = "MI",
+    finished: Sequence[bool] | None = None,
 ) -> MIEstimate:
     """Estimate pmi(x_i; y_i) under the scorer's model for every (prompt, response) row (see ``pointwise_mi``).
 
@@ -307,6 +329,9 @@ def estimate_pmi(
         alternatives: per-row candidate prompts (length N), or None to draw from the rows.
         include_positive: InfoNCE form (marginal also averages over x_i; pmi <= log(K+1)).
         desc: progress-bar label, None to hide it.
+        finished: (N,) False for a response cut at ``max_new_tokens``: it is scored without an
+            end-of-turn token under every prompt, as training scores it. None: all finished (and
+            ``scorer.score`` is called without the argument, so stand-ins need not take it).
 
     Returns:
         An ``MIEstimate`` with per-row values, their mean and standard error, the log-probs
@@ -345,7 +370,14 @@ def estimate_pmi(
         flat_prompts.append(prompts[i])
         flat_prompts.extend(other_prompts[i])
         flat_responses.extend([responses[i]] * (k + 1))
-    logps = torch.as_tensor(scorer.score(flat_prompts, flat_responses, desc=desc)).view(n, k + 1)  # (N, K+1)
+    if finished is None:
+        scored = scorer.score(flat_prompts, flat_responses, desc=desc)
+    else:
+        if len(finished) != n:
+            raise ValueError(f"{len(finished)} finished flags but {n} responses: give one per response")
+        flat_finished = [bool(done) for done in finished for _ in range(k + 1)]
+        scored = scorer.score(flat_prompts, flat_responses, desc=desc, finished=flat_finished)
+    logps = torch.as_tensor(scored).view(n, k + 1)  # (N, K+1)
     logp_y_given_x, logp_y_given_others = logps[:, 0], logps[:, 1:]  # (N,), (N, K)
 
     values = pointwise_mi(logp_y_given_x, logp_y_given_others, include_positive=include_positive)  # (N,)

@@ -19,11 +19,20 @@ from typing import Any, Sequence
 from mipo.sweep import AggregateError, Result, Run, hashable, sort_key, swept_keys
 
 # Metrics a researcher looks at first, in table order; ``default_columns`` keeps those that exist.
+# ``*/accuracy`` (an alias of ``*/accuracy_strict``, all older sweeps have) is shown only where
+# ``*/accuracy_strict`` is not there.
 DEFAULT_METRICS = (
+    "trained/accuracy_strict", "base/accuracy_strict", "delta/accuracy_strict",
     "trained/accuracy", "base/accuracy", "delta/accuracy",
+    "trained/accuracy_flexible", "base/accuracy_flexible", "delta/accuracy_flexible",
+    "trained/accuracy_loglik", "base/accuracy_loglik", "delta/accuracy_loglik",
     "trained/mi_mean", "base/mi_mean", "delta/mi_mean",
+    "trained/mi_per_token_mean", "base/mi_per_token_mean", "delta/mi_per_token_mean",
+    "trained/mean_response_tokens", "base/mean_response_tokens",
+    "trained/judge_win_rate", "base/judge_win_rate", "delta/judge_win_rate",
     "train/final_loss", "train/final_reward_accuracy",
 )
+ALIASES = {"/accuracy": "/accuracy_strict"}
 # The count fields of ``SummaryRow``, as table columns.
 COUNT_COLUMNS = ("n_seeds", "n_failed")
 SEM_SUFFIX = "_sem"
@@ -129,10 +138,14 @@ def metric_columns(rows: Sequence[SummaryRow]) -> list[str]:
 def default_columns(rows: Sequence[SummaryRow], extra_metrics: Sequence[str] = ()) -> list[str]:
     """Swept keys, then the ``DEFAULT_METRICS`` (and ``extra_metrics``) that exist, then ``n_seeds``.
 
+    An alias (``trained/accuracy``) is left out where its target (``trained/accuracy_strict``) exists.
+
     ``n_failed`` is added when a combination has a failed job.
     """
     available = metric_columns(rows)
     wanted = list(DEFAULT_METRICS) + [m for m in extra_metrics if m not in DEFAULT_METRICS]
+    wanted = [m for m in wanted if m in extra_metrics or not any(
+        m.endswith(alias) and m[: -len(alias)] + target in available for alias, target in ALIASES.items())]
     counts = ["n_seeds"] + (["n_failed"] if any(r.n_failed for r in rows) else [])
     return key_columns(rows) + [m for m in wanted if m in available] + counts
 

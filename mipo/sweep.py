@@ -22,11 +22,14 @@ from typing import Any, Iterable, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-# Per-model metrics from eval.json that get a ``delta/<name>`` (trained minus base).
+# Per-model metrics that get a ``delta/<name>`` as trained minus base when eval.json has no paired
+# ``deltas`` (written by the evaluation code before paired comparisons).
 DELTA_METRICS = ("accuracy", "mi_mean")
 # The field of eval.json holding a per-model metric's standard error, where it is not ``<name>_stderr``.
-STDERR_FIELDS = {"mi_mean": "mi_stderr"}
+STDERR_FIELDS = {"mi_mean": "mi_stderr", "mi_per_token_mean": "mi_per_token_stderr", "judge_score_mean": "judge_score_stderr"}
 STDERR_SUFFIX = "_stderr"
+# Per-job numbers of a paired delta that are not averaged over seeds (runs.csv lists them).
+PER_JOB_SUFFIXES = ("_p_value", "_ci95_lo", "_ci95_hi")
 NO_JOBS_HINT = "expected Hydra multirun job directories with .hydra/overrides.yaml"
 _NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
 
@@ -175,12 +178,36 @@ def train_metrics(train: dict[str, Any]) -> dict[str, float]:
 
 
 def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """``eval.json`` numbers as ``<model>/<name>`` (``trained/accuracy``), ``eval/<name>`` and ``delta/<name>``."""
+    """``eval.json`` numbers as ``<model>/<name>`` (``trained/accuracy_strict``), ``eval/<name>`` and ``delta/<name>``.
+
+    ``delta/<name>`` is the paired comparison ``deltas.<name>`` (trained minus base over the same
+    prompts): its mean, with ``delta/<name>_stderr`` (the paired standard error, used as the
+    run's own error bar when there is one seed) and, per job only, ``_p_value``, ``_ci95_lo`` and
+    ``_ci95_hi``. ``delta/accuracy`` aliases ``delta/accuracy_strict``, as ``accuracy`` aliases
+    ``accuracy_strict``. An eval.json without ``deltas`` (older evaluation code) gets trained
+    minus base of ``DELTA_METRICS``, without a standard error.
+    """
     metrics = {f"eval/{k}": v for k, v in evaluation.items() if is_number(v)}
     models = evaluation.get("models") or {}
     for model, values in models.items():
         if isinstance(values, dict):
             metrics.update({f"{model}/{k}": v for k, v in values.items() if is_number(v)})
+    deltas = evaluation.get("deltas")
+    if isinstance(deltas, dict) and deltas:
+        if "accuracy_strict" in deltas and "accuracy" not in deltas:
+            deltas = {**deltas, "accuracy": deltas["accuracy_strict"]}
+        for name, delta in deltas.items():
+            if not isinstance(delta, dict) or not is_number(delta.get("mean")):
+                continue
+            metrics[f"delta/{name}"] = delta["mean"]
+            if is_number(delta.get("stderr")):
+                metrics[f"delta/{name}{STDERR_SUFFIX}"] = delta["stderr"]
+            if is_number(delta.get("p_value")):
+                metrics[f"delta/{name}_p_value"] = delta["p_value"]
+            ci = delta.get("ci95")
+            if isinstance(ci, list) and len(ci) == 2 and all(is_number(v) for v in ci):
+                metrics[f"delta/{name}_ci95_lo"], metrics[f"delta/{name}_ci95_hi"] = ci
+        return metrics
     for name in DELTA_METRICS:
         trained, base = metrics.get(f"trained/{name}"), metrics.get(f"base/{name}")
         if trained is not None and base is not None:
@@ -192,13 +219,17 @@ def results_of(metrics: dict[str, float]) -> dict[str, Result]:
     """The metrics worth averaging over seeds, each with its standard error from the same file.
 
     A number named ``<name>_stderr`` (``mi_stderr`` for ``mi_mean``) is the standard error of
-    ``<name>``, not a metric of its own.
+    ``<name>``, not a metric of its own; a delta's p-value and interval bounds describe one job
+    and are not averaged over seeds.
     """
     def stderr_name(metric: str) -> str:
         prefix, _, name = metric.rpartition("/")
+        if prefix == "delta":  # a paired delta's stderr is always delta/<name>_stderr
+            return f"{metric}{STDERR_SUFFIX}"
         return f"{prefix}/{STDERR_FIELDS.get(name, name + STDERR_SUFFIX)}"
 
-    return {m: Result(v, metrics.get(stderr_name(m))) for m, v in metrics.items() if not m.endswith(STDERR_SUFFIX)}
+    return {m: Result(v, metrics.get(stderr_name(m))) for m, v in metrics.items()
+            if not m.endswith((STDERR_SUFFIX, *PER_JOB_SUFFIXES))}
 
 
 def swept_keys(runs: Sequence[Run]) -> list[str]:

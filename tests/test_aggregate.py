@@ -386,3 +386,45 @@ def test_base_reference_line_only_when_one_base_model():
     # two different base models: no single reference line
     rows[1] = summary_row({"trained/accuracy": 0.6, "base/accuracy": 0.3})
     assert base_reference(rows, "trained/accuracy") is None
+
+
+# --------------------------------------------------------------------------------------------------
+# Paired deltas (eval.json written by the current evaluation)
+# --------------------------------------------------------------------------------------------------
+
+def write_paired_job(sweep: Path, num: int, beta: float, seed: int, delta_strict: float, delta_mi: float) -> Path:
+    """A job whose eval.json has strict/flexible accuracy, per-token MI and paired ``deltas``."""
+    job = write_job(sweep, num, beta, "random", seed)
+    evaluation = json.loads((job / "eval.json").read_text())
+    for name, acc in (("base", 0.20), ("trained", 0.20 + delta_strict)):
+        evaluation["models"][name].update(accuracy_strict=acc, accuracy_strict_stderr=0.04, accuracy_flexible=acc + 0.1,
+                                          accuracy_flexible_stderr=0.05, mi_per_token_mean=0.5, mi_per_token_stderr=0.02)
+    evaluation["deltas"] = {
+        "accuracy_strict": {"mean": delta_strict, "stderr": 0.03, "ci95": [delta_strict - 0.06, delta_strict + 0.06],
+                            "p_value": 0.2, "n": 40, "test": "mcnemar_exact"},
+        "mi_mean": {"mean": delta_mi, "stderr": 0.5, "ci95": [delta_mi - 1, delta_mi + 1], "p_value": 0.04,
+                    "n": 40, "test": "sign_flip"},
+    }
+    (job / "eval.json").write_text(json.dumps(evaluation))
+    return job
+
+
+def test_paired_deltas_averaged_over_seeds(tmp_path: Path):
+    for num, (seed, d_acc, d_mi) in enumerate([(0, 0.05, 1.0), (1, 0.15, 3.0), (2, 0.10, 2.0)]):
+        write_paired_job(tmp_path, num, 0.1, seed, d_acc, d_mi)
+    runs = collect_runs(tmp_path)
+    # one job: the delta's own error bar is its paired standard error; p-value and interval are per job only
+    assert runs[0].results["delta/accuracy_strict"] == Result(0.05, 0.03)
+    assert runs[0].results["delta/accuracy"] == Result(0.05, 0.03)  # alias of the strict delta
+    assert runs[0].results["delta/mi_mean"] == Result(1.0, 0.5)  # not base/trained's mi_stderr naming
+    assert runs[0].metrics["delta/mi_mean_p_value"] == 0.04 and runs[0].metrics["delta/mi_mean_ci95_lo"] == 0.0
+    assert not any(m.endswith(("_p_value", "_ci95_lo", "_ci95_hi")) for m in runs[0].results)
+    (row,) = summarize(runs)
+    # three seeds: the mean of the deltas, and the standard error over seeds (std ddof=1 / sqrt(3))
+    stat = row.stats["delta/accuracy_strict"]
+    assert (stat.mean, stat.stderr, stat.n) == (pytest.approx(0.10), pytest.approx(0.05 / 3 ** 0.5), 3)
+    assert row.stats["delta/mi_mean"].mean == pytest.approx(2.0) and row.n_seeds == 3
+    columns = default_columns([row])
+    assert "delta/accuracy_strict" in columns and "trained/accuracy_flexible" in columns
+    assert "trained/mi_per_token_mean" in columns
+    assert "trained/accuracy" not in columns and "delta/accuracy" not in columns  # the alias stays out

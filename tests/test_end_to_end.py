@@ -66,6 +66,8 @@ def test_sample_train_evaluate(tmp_path: Path) -> None:
         assert 0.0 <= row["accuracy"] <= 1.0
         assert row["mi_stderr"] >= 0
     assert "| base |" in evaluation.stdout and "| trained |" in evaluation.stdout
+    assert "| trained − base |" in evaluation.stdout and "accuracy flexible" in evaluation.stdout
+    assert {"accuracy_strict", "accuracy_flexible", "mi_mean", "mi_per_token_mean"} <= set(results["deltas"])
 
 
 @pytest.mark.parametrize(

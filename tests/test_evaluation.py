@@ -71,3 +71,107 @@ def test_half_precision_evaluation_is_an_explicit_logged_choice(tmp_path, dtype,
     with caplog.at_level("WARNING"):
         assert evaluation.eval_dtype(cfg) == torch.bfloat16
     assert "round small trained updates away" in caplog.text
+
+
+# -- eval.json: accuracies, per-token pmi, lengths, paired deltas -----------------------------------------
+
+
+def _perturbed_model(cfg, path: Path, scale: float = 0.05) -> Path:
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, device="cpu", dtype=torch.float32, vocab_size=len(tokenizer))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    model.save_pretrained(path)
+    return path
+
+
+def test_eval_json_reports_every_metric_and_paired_deltas(tmp_path):
+    cfg = tiny_cfg(tmp_path, "data.num_eval=6", "eval.bootstrap_resamples=500")
+    results = evaluation.evaluate(cfg, tmp_path / "out", model_path=_perturbed_model(cfg, tmp_path / "trained"))
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["deltas"].keys() == results["deltas"].keys()
+    for name in ("base", "trained"):
+        m, rows = results["models"][name], results["per_prompt"][name]
+        for key in ("accuracy_strict", "accuracy_flexible", "accuracy_loglik", "accuracy_loglik_norm",
+                    "mean_response_tokens"):
+            assert key in m and key + "_stderr" in m
+        assert {"mi_mean", "mi_stderr", "mi_per_token_mean", "mi_per_token_stderr", "truncated_fraction"} <= m.keys()
+        assert (m["accuracy"], m["accuracy_stderr"]) == (m["accuracy_strict"], m["accuracy_strict_stderr"])  # alias
+        assert m["mi_mean"] == pytest.approx(sum(rows["mi"]) / 6) and "mi_stderr" in m
+        # per-token pmi: each response's pmi over its scored tokens, end-of-turn included when it finished
+        assert rows["mi_per_token"] == pytest.approx([v / n for v, n in zip(rows["mi"], rows["scored_tokens"])])
+        tokenizer = load_tokenizer(cfg.model)
+        texts = [json.loads(line)[name] for line in (tmp_path / "out" / "responses.jsonl").read_text().splitlines()]
+        assert rows["scored_tokens"] == [len(tokenizer(t, add_special_tokens=False)["input_ids"]) + (not cut)
+                                         for t, cut in zip(texts, rows["truncated"])]
+        assert m["truncated_fraction"] == sum(rows["truncated"]) / 6
+        assert m["mean_response_tokens"] == pytest.approx(sum(rows["response_tokens"]) / 6)
+        assert {"self_bleu", "distinct_1", "distinct_2"} <= m.keys()
+    for metric in ("accuracy_strict", "accuracy_flexible", "accuracy_loglik", "mi_mean", "mi_per_token_mean",
+                   "mean_response_tokens", "truncated_fraction"):
+        delta = results["deltas"][metric]
+        assert set(delta) == {"mean", "stderr", "ci95", "p_value", "n", "test"} and delta["n"] == 6
+        assert delta["ci95"][0] <= delta["mean"] <= delta["ci95"][1] and 0 < delta["p_value"] <= 1
+    mi = results["deltas"]["mi_mean"]
+    assert mi["mean"] == pytest.approx(results["models"]["trained"]["mi_mean"] - results["models"]["base"]["mi_mean"])
+    assert results["deltas"]["accuracy_strict"]["test"] == "mcnemar_exact" and mi["test"] == "sign_flip"
+    assert results["decoding"]["temperature"] == 0.0 and results["precision"]["generation"] == "float32"
+    table = (tmp_path / "out" / "eval_table.md").read_text()
+    assert "| trained − base |" in table and "accuracy flexible" in table and "pmi / token (nats)" in table
+
+
+def test_loglik_accuracy_agrees_with_unshared_scoring(tmp_path):
+    # the prompt-tree scorer's pick of each option equals plain right-padded scoring's
+    from mipo.logprobs import Scorer
+    cfg = tiny_cfg(tmp_path, "data.num_eval=5")
+    task = evaluation.build_task(cfg)
+    _, examples = task_splits(cfg, task)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, device="cpu", dtype=torch.float32, vocab_size=len(tokenizer))
+    shared = evaluation.loglik_correct(Scorer(model, tokenizer, max_length=768, max_prompt_length=700), task, examples)
+    plain_scorer = Scorer(model, tokenizer, max_length=768, max_prompt_length=700, share_prompts=False)
+    expected_raw, expected_norm = [], []
+    for ex in examples:
+        texts = [text for _, text in ex.choices]
+        logps = plain_scorer.score([task.loglik_messages(ex)] * len(texts), texts, finished=[False] * len(texts))
+        raw = max(range(len(texts)), key=lambda j: (logps[j].item(), -j))
+        norm = max(range(len(texts)), key=lambda j: (logps[j].item() / len(texts[j]), -j))
+        expected_raw.append(int(ex.choices[raw][0] == ex.answer))
+        expected_norm.append(int(ex.choices[norm][0] == ex.answer))
+    assert shared == {"correct_loglik": expected_raw, "correct_loglik_norm": expected_norm}
+
+
+def test_choose_option_by_hand():
+    # raw: -4 is the highest; per character: -6/12 = -0.5 beats -4/2 = -2 and -5/5 = -1
+    assert evaluation.choose_option([-4.0, -6.0, -5.0], [2, 12, 5]) == (0, 1)
+    assert evaluation.choose_option([-3.0, -3.0], [4, 4]) == (0, 0)  # ties: the first option, as numpy's argmax
+
+
+def test_paired_deltas_skip_prompts_missing_either_value():
+    base = {"judge_score": [3.0, None, 2.0, 4.0], "mi": [1.0, 2.0, 3.0, 4.0]}
+    trained = {"judge_score": [4.0, 5.0, None, 5.0], "mi": [2.0, 2.0, 5.0, 4.0]}
+    deltas = evaluation.paired_deltas(base, trained, resamples=200)
+    assert deltas["judge_score_mean"]["n"] == 2 and deltas["judge_score_mean"]["mean"] == pytest.approx(1.0)
+    assert deltas["mi_mean"]["n"] == 4 and deltas["mi_mean"]["mean"] == pytest.approx(0.75)
+    assert "accuracy_strict" not in deltas  # not measured: no delta
+
+
+def test_old_eval_json_without_new_fields_is_not_reused(tmp_path):
+    # the cache key carries the format: an evaluation cached by the previous code is not read back
+    cfg = tiny_cfg(tmp_path)
+    tokenizer = load_tokenizer(cfg.model)
+    assert evaluation.eval_inputs(cfg, "m", tokenizer)["format"] == evaluation.CACHE_FORMAT >= 3
+    assert "bootstrap_resamples" not in evaluation.eval_inputs(cfg, "m", tokenizer)["eval"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("eval.bootstrap_resamples=0", "eval.bootstrap_resamples=0: expected an int >= 1"),
+    ("eval.loglik=maybe", "eval.loglik=maybe: expected auto, true or false"),
+    ("judge.prompt='Rate {response}'", "judge.prompt lacks {preference}, {query}"),
+    ("judge.batch_size=0", "judge.batch_size=0: expected auto or an int > 0"),
+])
+def test_bad_eval_and_judge_settings_are_config_problems(tmp_path, override, message):
+    from mipo.config import config_problems
+    problems = config_problems(tiny_cfg(tmp_path, override))
+    assert any(message in p for p in problems), problems

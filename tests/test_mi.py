@@ -359,3 +359,26 @@ def test_estimate_with_a_scorer_of_known_log_probs_and_no_model():
         expected = pointwise_mi(torch.tensor([own], dtype=torch.float64), alternatives)
         assert estimate.values[i] == pytest.approx(float(expected[0]), abs=1e-12)
         assert i not in others
+
+
+def test_finished_flags_reach_the_scorer_for_every_alternative():
+    # a response cut at max_new_tokens is scored without end-of-turn under its own prompt and all K others
+    seen = {}
+
+    class RecordingScorer:
+        def score(self, prompts, responses, desc=None, finished=None):
+            seen["finished"] = list(finished)
+            return torch.zeros(len(prompts))
+
+    prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
+    estimate_pmi(RecordingScorer(), prompts, ["a", "b", "c"], k=2, finished=[True, False, True])
+    assert seen["finished"] == [True] * 3 + [False] * 3 + [True] * 3
+    with pytest.raises(ValueError, match="2 finished flags but 3 responses"):
+        estimate_pmi(RecordingScorer(), prompts, ["a", "b", "c"], k=2, finished=[True, False])
+
+
+def test_pmi_per_token_by_hand():
+    from mipo.mi import pmi_per_token
+    assert pmi_per_token([6.0, -3.0, 2.0], [3, 2, 0]) == [2.0, -1.5, 2.0]  # a zero count counts as one token
+    with pytest.raises(ValueError, match="one per response"):
+        pmi_per_token([1.0], [1, 2])

@@ -55,7 +55,13 @@ def test_multirun_sweep_then_aggregate(tmp_path: Path) -> None:
         job = next(j for j in jobs if f"loss.beta={float(row['loss.beta'])}" in j.name and f"negatives={row['negatives']}" in j.name)
         results = json.loads((job / "eval.json").read_text())
         assert float(row["trained/mi_mean"]) == results["models"]["trained"]["mi_mean"]
-        assert float(row["base/accuracy"]) == results["models"]["base"]["accuracy"]
+        assert float(row["base/accuracy_strict"]) == results["models"]["base"]["accuracy_strict"]
+        assert float(row["trained/accuracy_flexible"]) == results["models"]["trained"]["accuracy_flexible"]
+        assert float(row["trained/mi_per_token_mean"]) == results["models"]["trained"]["mi_per_token_mean"]
+        # one seed: the delta is the run's paired comparison, its error bar the paired standard error
+        assert float(row["delta/mi_mean"]) == results["deltas"]["mi_mean"]["mean"]
+        assert float(row["delta/mi_mean_sem"]) == results["deltas"]["mi_mean"]["stderr"]
+        assert float(row["delta/accuracy_strict"]) == results["deltas"]["accuracy_strict"]["mean"]
         assert float(row["train/final_loss"]) == json.loads((job / "train.json").read_text())["final_loss"]
     # all jobs share the base model's evaluation
     assert len({r["base/mi_mean"] for r in rows if r["negatives"] == "random"}) == 1

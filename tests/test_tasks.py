@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 
 import pytest
@@ -272,46 +273,86 @@ def test_gsm8k_rejects_bad_num_fewshot(k):
 
 
 @pytest.mark.parametrize(
-    ("text", "expected"),
+    ("text", "strict", "flexible"),
     [
-        ("She has 3 + 4 = 7 apples.\n#### 7", "7"),
-        ("Total: 1,000 + 234.\n#### 1,234", "1234"),
-        ("#### $1,234.50", "1234.5"),
-        ("The profit is $70,000.\n#### $70,000", "70000"),
-        ("#### 18.", "18"),
-        ("#### 18.00", "18"),
-        ("#### -5", "-5"),
-        ("The temperature drops to 2 - 7 = -5 degrees.\n#### -5 degrees", "-5"),
-        ("#### 0.25", "0.25"),
-        ("#### 007", "7"),
-        ("First #### 3 then a correction.\n#### 4", "4"),
-        ("So she makes 9 * 2 = $18 every day.", "18"),  # no #### -> last number
-        ("5 - 3 = 2", "2"),
-        ("It is 12.5 meters long.", "12.5"),
-        ("#### \nThe answer is 42.", "42"),
-        ("#### unknown", None),
-        ("I cannot solve this.", None),
-        ("", None),
+        ("She has 3 + 4 = 7 apples.\n#### 7", "7", "7"),
+        ("Total: 1,000 + 234.\n#### 1,234", "1234", "1234"),
+        ("#### $1,234.50", "1234.5", "1234.5"),
+        ("The profit is $70,000.\n#### $70,000", "70000", "70000"),
+        ("#### 18.", "18", "18"),
+        ("#### 18.00", "18", "18"),
+        ("#### -5", "-5", "-5"),
+        ("The temperature drops to 2 - 7 = -5 degrees.\n#### -5 degrees", "-5", "-5"),
+        ("#### 0.25", "0.25", "0.25"),
+        ("#### 007", "7", "7"),
+        ("####18", "18", "18"),
+        ("First #### 3 then a correction.\n#### 4", "4", "4"),  # the last ####; lm-eval takes the first
+        # no "####": strict fails, flexible takes the last number (lm-eval "flexible-extract")
+        ("So she makes 9 * 2 = $18 every day.", None, "18"),
+        ("5 - 3 = 2", None, "2"),
+        ("It is 12.5 meters long.", None, "12.5"),
+        ("She pays $1,234.50 in total.", None, "1234.5"),
+        ("#### \nThe answer is 42.", None, "42"),  # strict: only whitespace or $ between #### and the number
+        ("The answer is 42. #### unknown", None, "42"),
+        ("#### unknown", None, None),
+        ("I cannot solve this.", None, None),
+        ("", None, None),
     ],
 )
-def test_gsm8k_extract_answer(text, expected):
-    assert get_task("gsm8k").extract_answer(text) == expected
+def test_gsm8k_extract_answer(text, strict, flexible):
+    task = get_task("gsm8k")
+    assert task.extract_answer(text) == strict  # strict is the default
+    assert task.extract_answer(text, mode="strict") == strict
+    assert task.extract_answer(text, mode="flexible") == flexible
 
 
 @pytest.mark.parametrize(
-    ("response", "gold", "correct"),
+    ("text", "expected_strict"),
     [
-        ("... so 70000.\n#### 70,000", "70000", True),
-        ("#### $70,000.00", "70000", True),
-        ("#### 70001", "70000", False),
-        ("#### -3", "3", False),
-        ("No final number here.", "3", False),
-        ("#### 2.5", "2.5", True),
+        ("Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether.\n#### 72", "72"),
+        ("He has 3 + 4 = 7 apples.", None),
+        ("Total: $1,000", None),
+        ("It costs 5 dollars, so 10 in all.", None),
     ],
 )
-def test_gsm8k_is_correct(response, gold, correct):
+def test_gsm8k_modes_agree_with_lm_eval_regexes(text, expected_strict):
+    # lm-evaluation-harness gsm8k.yaml: strict-match "#### (\-?[0-9\.\,]+)" (first match) and
+    # flexible-extract "(-?[$0-9.,]{2,})|(-?[0-9]+)" (group_select -1: the last match)
+    lm_eval_strict = re.findall(r"#### (\-?[0-9\.\,]+)", text)
+    lm_eval_flexible = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
+    task = get_task("gsm8k")
+    assert task.extract_answer(text, mode="strict") == expected_strict
+    assert expected_strict == (normalize_number(lm_eval_strict[0]) if lm_eval_strict else None)
+    flexible = expected_strict or normalize_number("".join(lm_eval_flexible[-1]))
+    assert task.extract_answer(text, mode="flexible") == flexible
+
+
+def test_answer_mode_must_be_strict_or_flexible():
+    with pytest.raises(ValueError, match=r"mode must be one of \['strict', 'flexible'\], got 'loose'"):
+        get_task("gsm8k").extract_answer("#### 3", mode="loose")
+    with pytest.raises(ValueError, match="got 'loose'"):
+        get_task("arc_challenge").extract_answer("The answer is B", mode="loose")
+    with pytest.raises(ValueError, match="got 'loose'"):
+        get_task("persistbench").extract_answer("x", mode="loose")
+
+
+@pytest.mark.parametrize(
+    ("response", "gold", "strict", "flexible"),
+    [
+        ("... so 70000.\n#### 70,000", "70000", True, True),
+        ("#### $70,000.00", "70000", True, True),
+        ("#### 70001", "70000", False, False),
+        ("#### -3", "3", False, False),
+        ("No final number here.", "3", False, False),
+        ("#### 2.5", "2.5", True, True),
+        ("So the answer is 18.", "18", False, True),
+    ],
+)
+def test_gsm8k_is_correct(response, gold, strict, flexible):
     ex = Example(uid="gsm8k/test/0", question="q?", answer=gold)
-    assert get_task("gsm8k").is_correct(response, ex) is correct
+    assert get_task("gsm8k").is_correct(response, ex) is strict
+    assert get_task("gsm8k").is_correct(response, ex, mode="flexible") is flexible
+    assert get_task("svamp").is_correct(response, ex, mode="flexible") is flexible
 
 
 def test_gsm8k_gold_parsed_from_worked_solution(tmp_path):
@@ -381,7 +422,53 @@ def test_arc_answer_must_be_a_label(tmp_path):
     ],
 )
 def test_arc_extract_answer(text, expected):
-    assert get_task("arc_challenge").extract_answer(text) == expected
+    task = get_task("arc_challenge")
+    assert task.extract_answer(text) == expected
+    assert task.extract_answer(text, mode="flexible") == expected  # flexible keeps every strict answer
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # "Answer: X" and "the correct choice/option is X"
+        ("Answer: B", "B"),
+        ("Reasoning first.\n**Answer:** (D)", "D"),
+        ("Final answer: C.", "C"),
+        ("The correct choice is B because metals conduct.", "B"),
+        ("The correct option is (A).", "A"),
+        ("the correct choice is: **D**", "D"),
+        ("Answer: B. Hmm, the correct option is C.", None),  # explicit letters that differ: unparsed
+        ("Answer: B ... Answer: B", "B"),
+        # a lone option letter at the start: plain, in parentheses or bold, alone or with "." / ")" and the text
+        ("C", "C"),
+        ("C.", "C"),
+        ("C)", "C"),
+        ("(C)", "C"),
+        ("**C**", "C"),
+        ("**C.** speed of Earth's rotation", "C"),
+        ("C. speed of Earth's rotation", "C"),
+        ("(C) speed of Earth's rotation", "C"),
+        ("C) speed of Earth's rotation", "C"),
+        ("  B\nBecause iron is a metal.", "B"),
+        # not a lone letter
+        ("A good question. Plants need light.", None),
+        ("I think the Earth rotates.", None),
+        ("Cats are mammals.", None),
+        ("c. speed", None),  # lowercase
+        ("The Earth rotates. C.", None),  # not at the start
+        # a response that lists the options (several different letters at line starts) is unparsed
+        ("A. wood\nB. iron\nC. glass\nD. paper", None),
+        ("(A) wood\n(B) iron", None),
+        ("C. glass\nD. paper", None),
+        ("**A.** wood\n**B.** iron", None),
+        # ... unless an explicit statement chooses one
+        ("A. wood\nB. iron\nC. glass\nD. paper\n\nAnswer: B", "B"),
+    ],
+)
+def test_arc_flexible_rules(text, expected):
+    task = get_task("arc_challenge")
+    assert task.extract_answer(text, mode="flexible") == expected
+    assert task.extract_answer(text, mode="strict") is None  # none of these says "the answer is X"
 
 
 def test_arc_is_correct():
@@ -389,7 +476,9 @@ def test_arc_is_correct():
     task = get_task("arc_challenge")
     assert task.is_correct("reasoning... The answer is (C)", ex)
     assert not task.is_correct("reasoning... The answer is (B)", ex)
-    assert not task.is_correct("C", ex)
+    assert not task.is_correct("C. speed of Earth's rotation", ex)
+    assert task.is_correct("C. speed of Earth's rotation", ex, mode="flexible")
+    assert not task.is_correct("A. a\nB. b\nC. c", ex, mode="flexible")
 
 
 # -- partial prompts -----------------------------------------------------------------------------
@@ -533,8 +622,11 @@ def test_jsonl_task_with_numeric_and_string_answers(tmp_path):
     assert task.is_correct("2 + 2 = 4\n#### 4.0", numeric)
     assert not task.is_correct("#### 5", numeric)
     assert task.is_correct("It is Paris.\n#### paris.", text)
-    assert task.is_correct("Thinking...\nParis", text)
-    assert not task.is_correct("#### Lyon", text)
+    assert not task.is_correct("Thinking...\nParis", text)  # strict: only after ####
+    assert task.is_correct("Thinking...\nParis", text, mode="flexible")  # flexible: the last line
+    assert not task.is_correct("2 + 2 is 4", numeric)
+    assert task.is_correct("2 + 2 is 4", numeric, mode="flexible")
+    assert not task.is_correct("#### Lyon", text, mode="flexible")
     assert task.load(str(path)) == [numeric, text]  # a path as source overrides nothing else
 
 

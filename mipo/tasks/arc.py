@@ -15,23 +15,65 @@ from typing import Any
 
 from mipo.chat import Messages
 from mipo.tasks.base import Example, Task, field_error, require_scalar_text, require_text
+from mipo.tasks.text import check_mode
 
 # The offline copy of ARC-Challenge (ARC-Easy has none).
 ARC_CHALLENGE_OFFLINE = (("test", "benchkit", "datasets/arc_challenge.jsonl"),)
 
+_LETTER_END = r"(?![A-Za-z0-9])"
 _ARC_ANSWER_PATTERN = re.compile(
-    r"(?i:answer\s+is)\s*:?\s*[*_(\[\s]*(?i:(?:option|choice)\s+)?[*_(\[\s$]*(?:\\boxed\{)?([A-Z])(?![A-Za-z0-9])"
+    r"(?i:answer\s+is)\s*:?\s*[*_(\[\s]*(?i:(?:option|choice)\s+)?[*_(\[\s$]*(?:\\boxed\{)?([A-Z])" + _LETTER_END
 )
+# Flexible only: explicit statements other than "the answer is X".
+_EXPLICIT_PATTERNS = (
+    # "Answer: B", "**Answer:** (B)", "Final answer: B"
+    re.compile(r"(?i:answer)\s*[*_]*\s*:\s*[*_(\[\s]*([A-Z])" + _LETTER_END),
+    # "the correct choice is B", "The correct option is (B)", "the correct answer is: **B**"
+    re.compile(r"(?i:correct\s+(?:choice|option|answer)\s+is)\s*:?\s*[*_(\[\s]*([A-Z])" + _LETTER_END),
+)
+# Flexible only: a lone option letter at the start of the response: "C", "(C)", "**C**", "C.",
+# "C)", "C. speed of Earth's rotation", "(C) speed ...", "**C.** speed ...".
+_LEADING_LETTER = re.compile(r"\A\s*(?:\*\*|__|\*|_)?\s*(?:\(([A-Z])\)|([A-Z])(?=[.)]|\*|_|\s*\n|\s*\Z))")
+# A line that starts like an option of a list: "A. text", "(B) text", "- C) text", "**D.** text".
+_OPTION_LINE = re.compile(r"^\s*(?:[-*]\s+)?(?:\*\*)?\(?([A-Z])[.)]", re.MULTILINE)
 
 
-def extract_choice_letter(text: str) -> str | None:
-    """Letter after the last "the answer is" (case-insensitive phrase; capital letter).
+def _lists_options(text: str) -> bool:
+    """True when two or more lines of ``text`` start with different option letters (the response
+    restates the options rather than choosing one)."""
+    return len(set(_OPTION_LINE.findall(text))) >= 2
 
-    Tolerates ``"(B)"``, ``"B."``, ``"**B**"``, ``": B"``, ``"option B"``, ``"\\boxed{B}"``. A lowercase letter is
-    not accepted (``"the answer is a ..."`` is usually an article). No match gives None.
+
+def extract_choice_letter(text: str, mode: str = "strict") -> str | None:
+    """The chosen option letter of a multiple-choice response, or None (unparsed).
+
+    ``strict``: the letter after the last "the answer is" (case-insensitive phrase; capital
+    letter), which is the format the prompt asks for. Tolerates ``"(B)"``, ``"B."``, ``"**B**"``,
+    ``": B"``, ``"option B"``, ``"\\boxed{B}"``. A lowercase letter is not accepted (``"the answer
+    is a ..."`` is usually an article).
+
+    ``flexible``: the strict answer if there is one, else
+
+    1. an explicit statement, "Answer: X" or "the correct choice/option/answer is X"; when these
+       name different letters the response is unparsed; else
+    2. a lone option letter at the start of the response, plain, in parentheses or in bold,
+       alone or followed by "." or ")" and the option text ("C", "(C)", "**C**", "C. speed of
+       Earth's rotation"), unless the response lists the options (two or more lines starting
+       with different option letters: "A. ...\\nB. ..."), which is unparsed.
     """
+    check_mode(mode)
     matches = list(_ARC_ANSWER_PATTERN.finditer(text))
-    return matches[-1].group(1) if matches else None
+    if matches:
+        return matches[-1].group(1)
+    if mode == "strict":
+        return None
+    explicit = {m.group(1) for pattern in _EXPLICIT_PATTERNS for m in pattern.finditer(text)}
+    if explicit:
+        return explicit.pop() if len(explicit) == 1 else None
+    leading = _LEADING_LETTER.match(text)
+    if leading is None or _lists_options(text):
+        return None
+    return leading.group(1) or leading.group(2)
 
 
 def _arc_choices(row: dict[str, Any], where: str) -> tuple[list[str], list[str], str]:
@@ -115,6 +157,12 @@ class ArcTask(Task):
         content = f"{self.instruction}\n\nQuestion: {ex.question}\n{choice_lines}"
         return [{"role": "user", "content": content}]
 
-    def extract_answer(self, text: str) -> str | None:
+    def loglik_messages(self, ex: Example) -> Messages:
+        """The prompt each option's text is scored after for log-likelihood accuracy: lm-evaluation-
+        harness's ARC prompt (``doc_to_text: "Question: {{question}}\\nAnswer:"``) as one user message;
+        the options are not listed (lm-eval's ``acc``/``acc_norm`` for ARC)."""
+        return [{"role": "user", "content": f"Question: {ex.question}\nAnswer:"}]
+
+    def extract_answer(self, text: str, mode: str = "strict") -> str | None:
         """See :func:`extract_choice_letter`."""
-        return extract_choice_letter(text)
+        return extract_choice_letter(text, mode)

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 from mipo.chat import Messages
 from mipo.tasks import sources
 from mipo.tasks.sources import SOURCE_AUTO, SOURCE_HUB
-from mipo.tasks.text import drop_one_sentence, normalize_number, user_turn_with_context
+from mipo.tasks.text import check_mode, drop_one_sentence, normalize_number, user_turn_with_context
 
 PARTIAL_SUFFIX = "#partial"
 
@@ -295,14 +295,24 @@ class Task:
 
     # -- grading ------------------------------------------------------------------------------
 
-    def extract_answer(self, text: str) -> str | None:
-        """The final answer stated in a model response, or None (always None if no answers)."""
+    def extract_answer(self, text: str, mode: str = "strict") -> str | None:
+        """The final answer stated in a model response, or None (always None if no answers).
+
+        ``mode`` (:data:`~mipo.tasks.text.ANSWER_MODES`): ``"strict"`` accepts only the format
+        the prompt asks for; ``"flexible"`` adds the fallbacks lm-evaluation-harness's
+        "flexible-extract" filters use. The evaluation reports both accuracies.
+        """
+        check_mode(mode)
         return None
 
-    def is_correct(self, response: str, ex: Example) -> bool:
-        """Whether ``response`` states the gold answer of ``ex``."""
+    def is_correct(self, response: str, ex: Example, mode: str = "strict") -> bool:
+        """Whether ``response`` states the gold answer of ``ex`` (``mode`` as in :meth:`extract_answer`)."""
         self._require_answers(ex)
-        return self.extract_answer(response) == ex.answer
+        return self.extract_answer(response, mode=mode) == ex.answer
+
+    def loglik_messages(self, ex: Example) -> Messages:
+        """Multiple choice only: the prompt after which each option's text is scored (log-likelihood accuracy)."""
+        raise NotImplementedError(f"{self.name} is not a multiple-choice task: no log-likelihood accuracy (eval.loglik=false)")
 
     def _require_answers(self, ex: Example) -> None:
         if not self.has_answers:

@@ -83,7 +83,8 @@ class Gsm8kTask(Task):
     al. (2022) as ``Question/Answer/#### N`` blocks, then ``Question: <q>\\nAnswer:``. The model is
     asked to end with ``#### <number>``. (One user message rather than alternating turns, so the
     prompt is the same for every chat template, including ones without a system role.)
-    Grading: exact match of the normalised number (:func:`extract_number`).
+    Grading: exact match of the normalised number (:func:`extract_number`), strict (after
+    ``####``) or flexible (else the last number).
     """
 
     name = "gsm8k"
@@ -121,6 +122,7 @@ class Gsm8kTask(Task):
         parts.append(f"Question: {ex.question}\nAnswer:")
         return [{"role": "user", "content": "\n\n".join(parts)}]
 
-    def extract_answer(self, text: str) -> str | None:
-        """Number after the last ``####``, else the last number in the text; normalised."""
-        return extract_number(text)
+    def extract_answer(self, text: str, mode: str = "strict") -> str | None:
+        """Strict: the number after the last ``####``; flexible: else the last number in the text
+        (lm-eval's gsm8k filters; :func:`~mipo.tasks.text.extract_number`). Normalised."""
+        return extract_number(text, mode)

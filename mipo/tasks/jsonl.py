@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from mipo.chat import Messages
-from mipo.tasks.base import Example, Task, require_context, require_scalar_text, require_text
+from mipo.tasks.base import Example, Task, optional_text, require_context, require_scalar_text, require_text
 from mipo.tasks.sources import SOURCE_AUTO, SOURCE_HUB, SOURCE_OFFLINE
-from mipo.tasks.text import extract_number, normalize_number, user_turn_with_context
+from mipo.tasks.text import check_mode, extract_number, normalize_number, user_turn_with_context
 
 
 def _normalize_text_answer(text: str) -> str:
@@ -23,13 +23,15 @@ class JsonlTask(Task):
     Options: ``path`` (used for source 'auto'/'offline'; a path given as ``source`` overrides it),
     ``question_field``, ``answer_field`` (None = open-ended, ``has_answers`` False),
     ``context_field`` (None = no user context; else a string or list of facts per row),
-    ``system_prompt`` (optional system message).
+    ``system_prompt`` (optional system message), ``reference_field`` (None = no reference
+    response; else the response an LLM judge compares the model's with, ``Example.reference``).
 
     Prompt: ``[system_prompt]`` + one user message (context block if any, then the question).
     ``partial`` drops the context when the task has a context field, otherwise one sentence
     (as for GSM8K). Grading: if the gold answer is a number, numeric match of
-    :func:`extract_number`; otherwise case- and whitespace-insensitive match of
-    :meth:`extract_answer` (text after the last ``####``, else the last non-empty line). Ask for
+    :func:`extract_number` (strict: after ``####``; flexible: else the last number); otherwise case-
+    and whitespace-insensitive match of :meth:`extract_answer` (strict: text after the last
+    ``####``; flexible: else the last non-empty line). Ask for
     ``#### <answer>`` in ``system_prompt`` or the questions.
     """
 
@@ -44,6 +46,7 @@ class JsonlTask(Task):
         context_field: str | None = None,
         system_prompt: str | None = None,
         max_new_tokens: int | None = None,
+        reference_field: str | None = None,
     ) -> None:
         super().__init__(max_new_tokens)
         self.path = os.fspath(path) if path is not None else None
@@ -51,6 +54,7 @@ class JsonlTask(Task):
         self.answer_field = answer_field
         self.context_field = context_field
         self.system_prompt = system_prompt
+        self.reference_field = reference_field
         self.has_answers = answer_field is not None
         self.supports_context = context_field is not None
 
@@ -79,7 +83,9 @@ class JsonlTask(Task):
             answer = require_scalar_text(row, self.answer_field, where, expected)
             answer = normalize_number(answer) or answer
         context = require_context(row, self.context_field, where) if self.context_field else None
-        return Example(uid=uid, question=question, answer=answer, context=context)
+        reference = (optional_text(row, self.reference_field, where, "a string (the reference response)")
+                     if self.reference_field else None)
+        return Example(uid=uid, question=question, answer=answer, context=context, reference=reference)
 
     def messages(self, ex: Example) -> Messages:
         messages = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -91,18 +97,23 @@ class JsonlTask(Task):
             return super().partial(ex, rng)
         return self._without_context(ex)
 
-    def extract_answer(self, text: str) -> str | None:
-        """Text after the last ``####`` (to the end of that line), else the last non-empty line."""
+    def extract_answer(self, text: str, mode: str = "strict") -> str | None:
+        """Strict: the text after the last ``####`` (to the end of that line); flexible: else the
+        last non-empty line."""
+        check_mode(mode)
         if "####" in text:
             tail = text.rsplit("####", 1)[1].strip()
-            return tail.splitlines()[0].strip() if tail else None
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
+            if tail:
+                return tail.splitlines()[0].strip()
+        if mode == "strict":
+            return None
+        lines = [line.strip() for line in text.splitlines() if line.strip() and line.strip() != "####"]
         return lines[-1] if lines else None
 
-    def is_correct(self, response: str, ex: Example) -> bool:
+    def is_correct(self, response: str, ex: Example, mode: str = "strict") -> bool:
         self._require_answers(ex)
         gold_number = normalize_number(ex.answer)
         if gold_number is not None:
-            return extract_number(response) == gold_number
-        predicted = self.extract_answer(response)
+            return extract_number(response, mode) == gold_number
+        predicted = self.extract_answer(response, mode)
         return predicted is not None and _normalize_text_answer(predicted) == _normalize_text_answer(ex.answer)

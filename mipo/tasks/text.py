@@ -10,7 +10,6 @@ import re
 # Numbers
 # ---------------------------------------------------------------------------------------------
 
-_NUMBER_PATTERN = re.compile(r"(?:(?<![\w.])-)?\$?\d(?:[\d,]*\d)?(?:\.\d+)?")
 _CANONICAL_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-"})
 
@@ -36,19 +35,55 @@ def normalize_number(text: str) -> str | None:
     return f"-{canonical}" if negative and canonical != "0" else canonical
 
 
-def extract_number(text: str) -> str | None:
-    """The final numeric answer of a response, normalised.
+ANSWER_MODES = ("strict", "flexible")
 
-    The first number after the last ``####``; if there is none, the last number in the text.
+# lm-evaluation-harness, gsm8k.yaml (tasks/gsm8k): "strict-match" regex ``#### (\-?[0-9\.\,]+)`` and
+# "flexible-extract" regex ``(-?[$0-9.,]{2,})|(-?[0-9]+)`` with group_select -1 (the last match).
+# Here the strict pattern also allows a ``$`` and no space after ``####``, as the model is asked
+# for ``#### <number>`` and ``"####$18"`` states the same answer.
+_STRICT_NUMBER = re.compile(r"####\s*\$?(-?[0-9.,]+)")
+_FLEXIBLE_NUMBER = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def check_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`ANSWER_MODES`; else a ValueError naming the choices."""
+    if mode not in ANSWER_MODES:
+        raise ValueError(f"answer extraction mode must be one of {list(ANSWER_MODES)}, got {mode!r}")
+    return mode
+
+
+def extract_number_strict(text: str) -> str | None:
+    """The number right after the last ``####`` (lm-eval's gsm8k "strict-match"), normalised.
+
+    Only whitespace and a ``$`` may separate it from ``####``: ``"#### 18 dollars"`` gives
+    ``"18"``, ``"####\nThe answer is 18"`` gives None. lm-eval takes the *first* ``####`` match;
+    the last is taken here, so a response that corrects itself is graded on its final answer.
     """
-    text = text.translate(_MINUS_SIGNS)
-    if "####" in text:
-        tail = text.rsplit("####", 1)[1]
-        match = _NUMBER_PATTERN.search(tail)
-        if match:
-            return normalize_number(match.group())
-    matches = _NUMBER_PATTERN.findall(text)
+    matches = _STRICT_NUMBER.findall(text.translate(_MINUS_SIGNS))
     return normalize_number(matches[-1]) if matches else None
+
+
+def extract_number_flexible(text: str) -> str | None:
+    """The strict answer if there is one, else the last number in the text, normalised.
+
+    The fallback is lm-eval's gsm8k "flexible-extract": the last match of
+    ``(-?[$0-9.,]{2,})|(-?[0-9]+)``; a match that is not a number (``".."``) gives None, as it
+    does there.
+    """
+    strict = extract_number_strict(text)
+    if strict is not None:
+        return strict
+    matches = _FLEXIBLE_NUMBER.findall(text.translate(_MINUS_SIGNS))
+    if not matches:
+        return None
+    return normalize_number("".join(matches[-1]))
+
+
+def extract_number(text: str, mode: str = "flexible") -> str | None:
+    """The final numeric answer of a response, normalised: :func:`extract_number_strict` or
+    :func:`extract_number_flexible` (the default, for callers that want the most lenient grade)."""
+    check_mode(mode)
+    return extract_number_strict(text) if mode == "strict" else extract_number_flexible(text)
 
 
 # ---------------------------------------------------------------------------------------------
