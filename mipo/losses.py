@@ -292,14 +292,19 @@ def loss_config_problems(loss: Mapping[str, Any]) -> list[str]:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
 
     loss_type = loss.get("loss_type")
-    if loss_type not in LOSS_FAMILIES:
-        return [f"unknown loss.loss_type={loss_type!r}; expected one of {tuple(LOSS_FAMILIES)}"]
-    family = LOSS_FAMILIES[loss_type]
+    family = LOSS_FAMILIES.get(loss_type)
     problems = []
-    if family.name == "dpo":
-        problems += [f"{p} (loss.beta={loss.get('beta')}, loss.loss_type={loss_type}, "
-                     f"loss.label_smoothing={loss.get('label_smoothing')})"
-                     for p in loss_settings_problems(loss.get("beta"), loss.get("label_smoothing", 0.0), loss_type)]
+    if family is None or family.name == "dpo":  # an unknown type is checked as the DPO family it most often mistypes
+        where = (f" (loss.beta={loss.get('beta')}, loss.loss_type={loss_type}, "
+                 f"loss.label_smoothing={loss.get('label_smoothing')})")
+        for problem in loss_settings_problems(loss.get("beta"), loss.get("label_smoothing", 0.0), loss_type):
+            if problem.startswith("unknown loss_type"):
+                problem = f"unknown loss_type {loss_type!r}; expected one of {tuple(LOSS_FAMILIES)}"
+            elif problem.startswith("label_smoothing applies") and family is None:
+                continue
+            problems.append(problem + where)
+        if family is None:
+            return problems
         multi = loss.get("multi_negative", "mean")
         if multi not in MULTI_NEGATIVE:
             problems.append(f"unknown loss.multi_negative={multi!r}; expected one of {MULTI_NEGATIVE}")

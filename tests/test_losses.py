@@ -243,4 +243,4 @@ def test_loss_families_and_config_problems():
     assert "loss.temperature" in loss_config_problems({"loss_type": "infonce", "temperature": 0})[0]
     assert "loss.gamma" in loss_config_problems({"loss_type": "simpo", "beta": 2.0, "gamma": -1,
                                                  "length_normalize": True})[0]
-    assert "unknown loss.loss_type" in loss_config_problems({"loss_type": "kto"})[0]
+    assert "unknown loss_type" in loss_config_problems({"loss_type": "kto"})[0]
