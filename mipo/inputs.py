@@ -119,7 +119,8 @@ def _data_problems(cfg: DictConfig, entry: str, sample: bool) -> list[str]:
     if sample:
         strategy = cfg.negatives.strategy
         try:
-            plan_negatives(task, train_examples, strategy, random.Random(cfg.seed))
+            plan_negatives(task, train_examples, strategy, random.Random(cfg.seed),
+                           num_negatives=cfg.negatives.get("num_negatives", 1))
         except ValueError as error:
             problems.append(f"negatives={strategy} on {len(train_examples)} training prompts "
                             f"(data.num_train={data.num_train}): {error}")
