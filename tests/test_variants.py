@@ -104,3 +104,27 @@ def test_sample_writes_k_negatives_and_k1_keeps_its_pairs(tmp_path: Path) -> Non
     run_entry("train.py", [*overrides, "negatives.num_negatives=3", "trainer.save_model=false"], tmp_path / "train3")
     summary = json.loads((tmp_path / "train3" / "train.json").read_text())
     assert summary["steps"] == 2
+
+
+def test_train_refuses_pairs_without_what_the_loss_needs(tmp_path: Path) -> None:
+    """Pairs without x' under loss=sami, or without extra negatives under K = 2: one line each, in the inputs
+    check that train.py runs before any model loads (``mipo.inputs``)."""
+    from mipo.cli import ConfigError
+    from mipo.inputs import check_inputs
+    from tests.helpers import compose_config, write_pairs_file
+
+    pairs = write_pairs_file(tmp_path / "plain.jsonl", 8)
+
+    def problems(*overrides: str) -> str:
+        with pytest.raises(ConfigError) as error:
+            check_inputs(compose_config(*tiny_overrides(tmp_path), f"data.pairs_path={pairs}", *overrides), "train",
+                         tmp_path / "run")
+        return str(error.value)
+
+    assert "plain.jsonl line 1: field 'negative_prompt' is missing (8 of 8 pairs" in problems("loss=sami")
+    assert "field 'extra_negatives' holds fewer than 1 responses" in problems("negatives.num_negatives=2")
+    both = problems("negatives.num_negatives=2", "loss=sft", "negatives=partial")
+    assert "it needs negatives=random with negatives.reuse_positives=true" in both
+    assert "loss.loss_type=sft trains on one negative per prompt" in both
+    check_inputs(compose_config(*tiny_overrides(tmp_path), f"data.pairs_path={write_variant_pairs(tmp_path / 'v.jsonl')}",
+                                "loss=sami", "negatives.num_negatives=1"), "train", tmp_path / "run")
