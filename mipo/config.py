@@ -133,6 +133,12 @@ def config_problems(cfg: DictConfig) -> list[str]:
     # the loss
     problems += [f"loss: {problem}" for problem in loss_config_problems(OmegaConf.to_container(loss, resolve=True))]
 
+    rounds = cfg.get("rounds", 1)
+    need(_is_int(rounds) and rounds >= 1, f"rounds={rounds}: expected an int >= 1 (pipeline.py's rounds of iterative MIPO)")
+    if _is_int(rounds) and rounds > 1:
+        need(not data.pairs_path, f"rounds={rounds} samples new pairs every round, but data.pairs_path={data.pairs_path} "
+             "fixes one pairs file: leave data.pairs_path unset")
+
     # negatives against the task
     strategy = cfg.negatives.strategy
     need(strategy in STRATEGIES, f"unknown negatives.strategy {strategy!r}; expected one of {STRATEGIES}")

@@ -128,3 +128,30 @@ def test_train_refuses_pairs_without_what_the_loss_needs(tmp_path: Path) -> None
     assert "loss.loss_type=sft trains on one negative per prompt" in both
     check_inputs(compose_config(*tiny_overrides(tmp_path), f"data.pairs_path={write_variant_pairs(tmp_path / 'v.jsonl')}",
                                 "loss=sami", "negatives.num_negatives=1"), "train", tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_iterative_mipo_two_rounds_then_resume(tmp_path: Path) -> None:
+    """pipeline.py rounds=2: round 2 samples with round 1's policy and trains against it as the reference; each
+    round has its own pairs, reference cache, policy and evaluation; a second run redoes nothing."""
+    overrides = [*tiny_overrides(tmp_path), "rounds=2", "trainer.max_steps=1"]
+    run_entry("pipeline.py", overrides, tmp_path / "run")
+    run = tmp_path / "run"
+    rounds = json.loads((run / "rounds.json").read_text())["per_round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    assert rounds[1]["sampled_and_reference_by"] == str(Path(rounds[0]["model_dir"]).resolve())
+    assert rounds[0]["pairs"] != rounds[1]["pairs"] and rounds[0]["model_dir"] != rounds[1]["model_dir"]
+    for r in (1, 2):
+        for name in ("eval.json", "train.json", "metrics.jsonl", "model", "pairs.jsonl"):
+            assert (run / f"round-{r}" / name).exists(), (r, name)
+    assert len(list((tmp_path / "cache" / "reference").glob("*.pt"))) == 2
+    round2 = json.loads((run / "round-2" / "train.json").read_text())
+    assert not round2["reference_cache_hit"]
+    metrics = [json.loads(line) for line in (run / "round-2" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["train/loss"] == pytest.approx(0.6931, abs=1e-3)  # round 2's policy starts as its reference
+    assert (run / "eval.json").read_text() == (run / "round-2" / "eval.json").read_text()
+
+    again = run_entry("pipeline.py", [*overrides, "overwrite=true"], tmp_path / "run")
+    assert again.stdout.count("train stage: outputs exist for these inputs, skipping") == 2
+    assert "pairs exist, not re-sampling" in again.stdout
+    assert json.loads((run / "rounds.json").read_text())["per_round"] == rounds
