@@ -155,3 +155,15 @@ def test_iterative_mipo_two_rounds_then_resume(tmp_path: Path) -> None:
     assert again.stdout.count("train stage: outputs exist for these inputs, skipping") == 2
     assert "pairs exist, not re-sampling" in again.stdout
     assert json.loads((run / "rounds.json").read_text())["per_round"] == rounds
+
+
+def test_compare_cpu_arms_compose() -> None:
+    """Each arm of ``make compare-cpu`` composes to its loss and negative strategy on the demo's setting."""
+    from tests.helpers import compose_config
+    arms = {"sft": ("sft", "random"), "dpo_random": ("sigmoid", "random"), "dpo_partial": ("sigmoid", "partial"),
+            "sami": ("sami", "random"), "infonce": ("infonce", "random")}
+    for method, (loss_type, strategy) in arms.items():
+        cfg = compose_config("experiment=compare_cpu", f"+method={method}", "seed=2")
+        assert (cfg.loss.loss_type, cfg.negatives.strategy, cfg.seed) == (loss_type, strategy, 2)
+        assert (cfg.model.name, cfg.task.name, cfg.data.num_train, cfg.trainer.lr) == (
+            "smollm2-135m-instruct", "arc_challenge", 64, 1e-5)
