@@ -69,8 +69,10 @@ def train_inputs(cfg: DictConfig, pairs_file: Path) -> dict[str, Any]:
         "format": 1,
     }
     num_negatives = cfg.negatives.get("num_negatives", 1)
-    if num_negatives > 1:  # K = 1 keeps the key it always had
+    if num_negatives > 1:
         inputs["num_negatives"] = num_negatives
+    else:  # K = 1 keeps the key it always had: loss.multi_negative changes nothing then
+        inputs["loss"].pop("multi_negative", None)
     return inputs
 
 
