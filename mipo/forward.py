@@ -226,7 +226,8 @@ def dpo_forward(
     Returns:
         ``(loss, metrics)``: the mean loss over the b pairs (a scalar with a graph) and detached
         scalar metrics (loss, policy log-probs, response lengths; implicit rewards, their margin
-        and accuracy for DPO and SimPO; the pointwise-MI margin log pi(y|x) - log pi(y|x') of y+
+        and accuracy for DPO and SimPO (with K negatives: the mean rejected reward, and y+ above
+        all K); the pointwise-MI margin log pi(y|x) - log pi(y|x') of y+
         over y- for SAMI and InfoNCE).
     """
     b = batch.num_pairs
