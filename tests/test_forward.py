@@ -257,8 +257,8 @@ def expected_loss(name, loss_cfg, columns, lengths, reference):
                     beta=0.1)[0].mean()
 
 
-@pytest.mark.parametrize("name, share_prompt", [(name, True) for name in FAMILY_LOSSES] + [
-    pytest.param("sami", False, marks=pytest.mark.slow), pytest.param("dpo_k2_mean", False, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name, share_prompt", [(name, True) for name in FAMILY_LOSSES] + [("sami", False),
+                                                                                       ("dpo_k2_mean", False)])
 def test_every_loss_matches_separate_forwards(tokenizer, name, share_prompt):
     """One (prompt-shared) forward of each loss's continuations gives the loss and every parameter gradient that
     separate per-row forwards give (fp32, 1e-5): SAMI/InfoNCE's x' groups and K = 2 negatives included."""

@@ -42,11 +42,9 @@ VARIANTS = {  # name -> overrides, train/ metrics every step must log
     "dpo_k2_plackett_luce": (["negatives.num_negatives=2", "loss.multi_negative=plackett_luce"],
                              ["reward_margin", "reward_accuracy"]),
 }
-DEFAULT_SUITE = ("sami", "dpo_k2_plackett_luce")  # the others are slow-marked: same code paths, other loss
 
 
-@pytest.mark.parametrize("name", [n if n in DEFAULT_SUITE else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in VARIANTS])
+@pytest.mark.parametrize("name", list(VARIANTS))
 def test_variant_trains_through_train_py(tmp_path: Path, name: str) -> None:
     overrides, keys = VARIANTS[name]
     pairs = write_variant_pairs(tmp_path / "pairs.jsonl")
