@@ -1,7 +1,8 @@
 """The training stage: DPO of the policy on MIPO pairs against cached reference log-probs.
 
-Read top to bottom: ``train`` loads the pairs, encodes them once (``encode_pairs``: the rows
-the reference was scored on), gets log pi_ref from the cache or one pass in the policy's precision, loads the
+Read top to bottom: ``train`` loads the pairs, encodes them once (``encode_training_rows``: the
+rows the reference was scored on, and whatever else the loss needs), gets log pi_ref from the cache
+or one pass in the policy's precision (DPO only: the other losses are reference-free), loads the
 policy, then runs the loop: for each optimizer step, micro-batches through ``TrainingForward``
 (``mipo.forward``: one prompt-shared forward of y+ and y- (and of whatever else ``loss.loss_type``
 needs: K negatives, x'), the loss), backward, clip, AdamW
@@ -198,8 +199,8 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     summary = {
         "steps": total_steps, "optimizer_steps": len(history), "skipped_nonfinite": len(skipped),
         "skipped_steps": skipped, "pairs": len(pairs), "pairs_path": str(path),
-        "reference_cache": str(reference.path) if reference else None,
-        "reference_cache_hit": reference.cache_hit if reference else None, **truncation_summary(pairs),
+        "reference_cache": str(reference.path) if reference is not None else None,
+        "reference_cache_hit": reference.cache_hit if reference is not None else None, **truncation_summary(pairs),
         **{f"final_{k}": sum(m[k] for m in last) / len(last) if last and k in last[0] else None
            for k in ("loss", "reward_margin", "reward_accuracy", "pmi_margin", "pmi_accuracy")},
         "length_chosen": float(rows.pair_lengths[:, 0].float().mean()),  # response tokens trained on, all pairs
