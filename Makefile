@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench bench-kernel bench-sampling sweep-cpu env clean-cache
+.PHONY: demo test test-slow test-gpu bench bench-kernel bench-sampling sweep-cpu compare-cpu env clean-cache
 
 env: $(STAMP)
 
@@ -67,3 +67,10 @@ sweep-cpu: $(STAMP)
 	WANDB_MODE=disabled $(PY) pipeline.py -m experiment=demo_cpu loss.beta=0.01,0.1,0.5 negatives=random,partial \
 		seed=0,1,2 hydra.sweep.dir=multirun/sweep_cpu
 	$(PY) aggregate.py multirun/sweep_cpu --out docs/sweep_cpu
+
+# The paper's comparison in miniature (README, "Baselines and variants"): base, SFT, DPO-MIPO (random),
+# DPO-MIPO (partial), SAMI and InfoNCE x seeds 0,1,2 on the demo's setting; results land in docs/compare_cpu/.
+compare-cpu: $(STAMP)
+	WANDB_MODE=disabled $(PY) pipeline.py -m experiment=compare_cpu +method=sft,dpo_random,dpo_partial,sami,infonce \
+		seed=0,1,2 hydra.sweep.dir=multirun/compare_cpu
+	$(PY) aggregate.py multirun/compare_cpu --x method --out docs/compare_cpu

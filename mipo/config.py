@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mipo.losses import loss_settings_problems
+from mipo.losses import LOSS_FAMILIES, loss_config_problems
 from mipo.models import DTYPES, model_source_problem, resolve_dtype
 from mipo.negatives import STRATEGIES
 from mipo.optim import LR_SCHEDULERS, MASTER_WEIGHTS, ForwardPrecision, resolve_autocast
@@ -131,13 +131,29 @@ def config_problems(cfg: DictConfig) -> list[str]:
          f"trainer.shared_attention={trainer.shared_attention}: expected one of {', '.join(SHARED_ATTENTION)}")
 
     # the loss
-    for problem in loss_settings_problems(loss.beta, loss.label_smoothing, loss.loss_type):
-        problems.append(f"loss: {problem} (loss.beta={loss.beta}, loss.loss_type={loss.loss_type}, "
-                        f"loss.label_smoothing={loss.label_smoothing})")
+    problems += [f"loss: {problem}" for problem in loss_config_problems(OmegaConf.to_container(loss, resolve=True))]
+
+    rounds = cfg.get("rounds", 1)
+    need(_is_int(rounds) and rounds >= 1, f"rounds={rounds}: expected an int >= 1 (pipeline.py's rounds of iterative MIPO)")
+    if _is_int(rounds) and rounds > 1:
+        need(not data.pairs_path, f"rounds={rounds} samples new pairs every round, but data.pairs_path={data.pairs_path} "
+             "fixes one pairs file: leave data.pairs_path unset")
 
     # negatives against the task
     strategy = cfg.negatives.strategy
     need(strategy in STRATEGIES, f"unknown negatives.strategy {strategy!r}; expected one of {STRATEGIES}")
+    num_negatives = cfg.negatives.get("num_negatives", 1)
+    need(_is_int(num_negatives) and num_negatives >= 1,
+         f"negatives.num_negatives={num_negatives}: expected an int >= 1 (rejected responses per prompt)")
+    if _is_int(num_negatives) and num_negatives > 1:
+        need(strategy == "random" and cfg.negatives.get("reuse_positives") is True,
+             f"negatives.num_negatives={num_negatives} takes the K negatives from K distinct other training prompts' "
+             f"responses: it needs negatives=random with negatives.reuse_positives=true, got negatives.strategy="
+             f"{strategy}, reuse_positives={cfg.negatives.get('reuse_positives')}")
+        family = LOSS_FAMILIES.get(loss.get("loss_type"))
+        need(family is None or family.multi_negative,
+             f"negatives.num_negatives={num_negatives}: loss.loss_type={loss.get('loss_type')} trains on one negative "
+             "per prompt; K > 1 needs a DPO loss (loss=dpo, cdpo, ipo or hinge)")
     try:
         task = build_task(cfg)
     except ValueError as error:

@@ -11,7 +11,8 @@
 
    ==========  ====================================================================================
    sample      the training prompts exist in the numbers asked for; the negative strategy can pair them
-   train       the pairs file exists, every line is a valid pair, and it holds at least one batch
+   train       the pairs file exists, every line is a valid pair, it holds at least one batch, and every
+               pair carries what the loss needs (x' for SAMI/InfoNCE, K - 1 extra negatives for K > 1)
    evaluate    the evaluation prompts exist; eval.mi_k is at most the distinct other prompts of a
                row; eval.model_path exists
    pipeline    sample's checks (train's if the pairs file exists), then evaluate's
@@ -31,6 +32,7 @@ from omegaconf import DictConfig
 
 from mipo.config import build_task, check_config, raise_problems, task_splits
 from mipo.evaluation import context_alternatives
+from mipo.losses import LOSS_FAMILIES
 from mipo.mi import available_k
 from mipo.negatives import plan_negatives
 from mipo.pairs import PairsFileError, PreferencePair, read_pairs
@@ -104,7 +106,28 @@ def _read_pairs(cfg: DictConfig, path: Path) -> tuple[list[PreferencePair] | Non
     if len(pairs) < cfg.trainer.batch_size:
         return pairs, [f"{path} holds {len(pairs)} pairs, fewer than one batch (trainer.batch_size="
                        f"{cfg.trainer.batch_size}): expected at least {cfg.trainer.batch_size}"]
-    return pairs, []
+    return pairs, _pairs_loss_problems(cfg, path, pairs)
+
+
+def _pairs_loss_problems(cfg: DictConfig, path: Path, pairs: list[PreferencePair]) -> list[str]:
+    """What the loss needs from every pair: x' for SAMI/InfoNCE, K - 1 extra negatives for K > 1."""
+    loss_type = cfg.loss.loss_type
+    family = LOSS_FAMILIES.get(loss_type)
+    problems = []
+    if family is not None and family.needs_negative_prompt:
+        missing = [p.where for p in pairs if p.metadata.get("negative_prompt") is None]
+        if missing:
+            problems.append(f"{missing[0]}: field 'negative_prompt' is missing ({len(missing)} of {len(pairs)} pairs of "
+                            f"{path}): loss.loss_type={loss_type} scores y+ and y- under x' too (pairs written by "
+                            "sample.py carry it)")
+    k = cfg.negatives.get("num_negatives", 1)
+    if isinstance(k, int) and k > 1:
+        short = [p.where for p in pairs if len(p.metadata.get("extra_negatives") or []) < k - 1]
+        if short:
+            problems.append(f"{short[0]}: field 'extra_negatives' holds fewer than {k - 1} responses ({len(short)} of "
+                            f"{len(pairs)} pairs of {path}): negatives.num_negatives={k} needs {k - 1} per pair; "
+                            "sample the pairs with the same negatives.num_negatives")
+    return problems
 
 
 def _data_problems(cfg: DictConfig, entry: str, sample: bool) -> list[str]:
@@ -119,7 +142,8 @@ def _data_problems(cfg: DictConfig, entry: str, sample: bool) -> list[str]:
     if sample:
         strategy = cfg.negatives.strategy
         try:
-            plan_negatives(task, train_examples, strategy, random.Random(cfg.seed))
+            plan_negatives(task, train_examples, strategy, random.Random(cfg.seed),
+                           num_negatives=cfg.negatives.get("num_negatives", 1))
         except ValueError as error:
             problems.append(f"negatives={strategy} on {len(train_examples)} training prompts "
                             f"(data.num_train={data.num_train}): {error}")

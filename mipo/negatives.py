@@ -10,6 +10,10 @@ Strategies (the Hydra group ``negatives``):
   science question dropped; the user's context dropped for personalization). Rows where the
   task can remove nothing are dropped.
 - ``random_context``: personalization only: the same query with another user's context.
+
+K negatives per prompt (``negatives.num_negatives`` = K > 1, ``random`` only): besides sigma(i),
+each row gets K - 1 more source rows (``extra_sources``), so its K rejected responses answer K
+distinct other prompts. K = 1 draws nothing more from the generator: the plan is the one it was.
 """
 
 from __future__ import annotations
@@ -65,13 +69,56 @@ class NegativePlan:
     negatives: list[Example]  # x'_i, aligned with ``examples``
     source_index: list[int] | None  # random: sigma(i), the row whose response y- is reused
     dropped: int = 0  # rows for which the strategy had nothing to remove
+    extra_source_index: list[list[int]] | None = None  # K > 1: the K - 1 further source rows of each row
 
 
-def plan_negatives(task: Task, examples: list[Example], strategy: str, rng: random.Random) -> NegativePlan:
-    """Pick the negative prompt x' of every example according to ``strategy``."""
+def extra_sources(keys: list[str], sigma: list[int], num_extra: int, rng: random.Random) -> list[list[int]]:
+    """For each row i, ``num_extra`` rows j whose keys differ from keys[i], keys[sigma(i)] and each other's.
+
+    Together with sigma(i) they give row i K = 1 + num_extra negatives from K distinct other prompts.
+    Drawn by rejection (a uniform row, kept if its key is new for row i): with many more distinct keys
+    than K a few draws suffice; ValueError if there are not K + 1 distinct keys.
+    """
+    distinct = len(set(keys))
+    if distinct < num_extra + 2:
+        raise ValueError(f"negatives.num_negatives={num_extra + 1} needs at least {num_extra + 2} distinct prompts "
+                         f"(each prompt's own and {num_extra + 1} others), got {distinct}: lower "
+                         "negatives.num_negatives or raise data.num_train")
+    n = len(keys)
+    by_key: dict[str, list[int]] = {}
+    for j, key in enumerate(keys):
+        by_key.setdefault(key, []).append(j)
+    extras = []
+    for i in range(n):
+        used = {keys[i], keys[sigma[i]]}
+        chosen: list[int] = []
+        for _ in range(64 * (num_extra + 1)):
+            if len(chosen) == num_extra:
+                break
+            j = rng.randrange(n)
+            if keys[j] not in used:
+                used.add(keys[j])
+                chosen.append(j)
+        if len(chosen) < num_extra:  # few distinct keys: draw among the keys left
+            left = sorted(k for k in by_key if k not in used)
+            for key in rng.sample(left, num_extra - len(chosen)):
+                chosen.append(rng.choice(by_key[key]))
+        extras.append(chosen)
+    return extras
+
+
+def plan_negatives(task: Task, examples: list[Example], strategy: str, rng: random.Random,
+                   num_negatives: int = 1) -> NegativePlan:
+    """Pick the negative prompt x' of every example according to ``strategy`` (and, for ``random`` with
+    ``num_negatives`` = K > 1, K - 1 more source rows each)."""
+    if num_negatives > 1 and strategy != "random":
+        raise ValueError(f"negatives.num_negatives={num_negatives} takes negatives from other prompts: it needs "
+                         f"negatives=random, got {strategy}")
     if strategy == "random":
-        sigma = derangement([e.question if e.context is None else f"{e.context}\n{e.question}" for e in examples], rng)
-        return NegativePlan(examples, [examples[j] for j in sigma], sigma)
+        keys = [e.question if e.context is None else f"{e.context}\n{e.question}" for e in examples]
+        sigma = derangement(keys, rng)
+        extra = extra_sources(keys, sigma, num_negatives - 1, rng) if num_negatives > 1 else None
+        return NegativePlan(examples, [examples[j] for j in sigma], sigma, extra_source_index=extra)
     if strategy == "partial":
         kept, negatives = [], []
         for example in examples:

@@ -8,7 +8,12 @@ One line per pair::
      "negative_prompt": [{"role": "user", "content": "..."}], # x'
      "strategy": "random", "task": "gsm8k", "uid": "gsm8k/test/17", "answer": "18",
      "chosen_finish_reason": "eos", "rejected_finish_reason": "length",
-     "seed": 0, "model": "...", "sampling": {"temperature": 0.1, "top_p": 0.9, ...}}
+     "seed": 0, "model": "...", "sampling": {"temperature": 0.1, "top_p": 0.9, ...},
+     "extra_negatives": [{"negative_prompt": [...], "negative_uid": "...", "rejected": "...",
+                          "rejected_finish_reason": "eos"}, ...]}   # only with negatives.num_negatives = K > 1
+
+``extra_negatives`` holds the K - 1 rejected responses beyond ``rejected``, each the response to
+another training prompt (K distinct other prompts per pair, ``mipo.negatives.extra_derangements``).
 
 Only ``prompt``, ``chosen`` and ``rejected`` are required to train; the rest is metadata.
 A ``*_finish_reason`` of ``"length"`` marks a response cut at ``max_new_tokens``: it is
@@ -54,6 +59,24 @@ class PreferencePair:
         """False when y- was cut at ``max_new_tokens`` instead of ending."""
         return self.metadata.get("rejected_finish_reason", "eos") != "length"
 
+    @property
+    def negative_prompt(self) -> Messages:
+        """x', the prompt y- answered (SAMI and InfoNCE score y+ and y- under it)."""
+        value = self.metadata.get("negative_prompt")
+        if value is None:
+            raise PairsFileError(f"{self.where or self.label}: field 'negative_prompt' is missing; loss.loss_type=sami "
+                                 "and infonce need x' (pairs written by sample.py carry it)")
+        return value
+
+    def extra_rejected(self, k: int, num_negatives: int) -> tuple[str, bool]:
+        """(text, finished) of the (k + 2)-th rejected response, from ``extra_negatives[k]``."""
+        extras = self.metadata.get("extra_negatives") or []
+        if len(extras) < num_negatives - 1:
+            raise PairsFileError(f"{self.where or self.label}: field 'extra_negatives' holds {len(extras)} responses, "
+                                 f"negatives.num_negatives={num_negatives} needs {num_negatives - 1} (sample the pairs "
+                                 "with the same negatives.num_negatives)")
+        return extras[k]["rejected"], extras[k].get("rejected_finish_reason", "eos") != "length"
+
     def to_json(self) -> dict[str, Any]:
         return {
             "prompt": self.prompt,
@@ -95,22 +118,34 @@ def read_pairs(path: str | os.PathLike) -> list[PreferencePair]:
         chosen = _response_text(row["chosen"], where, "chosen")
         rejected = _response_text(row["rejected"], where, "rejected")
         metadata = {k: v for k, v in row.items() if k not in REQUIRED_FIELDS}
+        if row.get("negative_prompt") is not None:
+            metadata["negative_prompt"] = _prompt_messages(row["negative_prompt"], where, "negative_prompt")
+        if "extra_negatives" in row:
+            _check_extra_negatives(row["extra_negatives"], where)
         pairs.append(PreferencePair(prompt, chosen, rejected, metadata, where=where))
     return pairs
 
 
-def _prompt_messages(value: Any, where: str) -> Messages:
+def _check_extra_negatives(value: Any, where: str) -> None:
+    if not isinstance(value, list):
+        raise PairsFileError(f"{where}: field 'extra_negatives' must be a list of objects, got {type(value).__name__}")
+    for i, extra in enumerate(value):
+        if not isinstance(extra, dict) or not isinstance(extra.get("rejected"), str):
+            raise PairsFileError(f"{where}: field 'extra_negatives'[{i}] must be an object with a string 'rejected'")
+
+
+def _prompt_messages(value: Any, where: str, name: str = "prompt") -> Messages:
     if isinstance(value, str):
         value = [{"role": "user", "content": value}]
     if not isinstance(value, list) or not value:
-        raise PairsFileError(f"{where}: field 'prompt' must be a non-empty list of messages or a string, got {value!r:.80}")
+        raise PairsFileError(f"{where}: field {name!r} must be a non-empty list of messages or a string, got {value!r:.80}")
     for i, message in enumerate(value):
         if not isinstance(message, dict) or not {"role", "content"} <= message.keys():
-            raise PairsFileError(f"{where}: field 'prompt'[{i}] must be an object with 'role' and 'content'")
+            raise PairsFileError(f"{where}: field {name!r}[{i}] must be an object with 'role' and 'content'")
         if not isinstance(message["content"], str):
-            raise PairsFileError(f"{where}: field 'prompt'[{i}].content must be a string")
+            raise PairsFileError(f"{where}: field {name!r}[{i}].content must be a string")
     if not any(m["content"].strip() for m in value if m["role"] != "assistant"):
-        raise PairsFileError(f"{where}: field 'prompt' is empty (expected a non-empty user message)")
+        raise PairsFileError(f"{where}: field {name!r} is empty (expected a non-empty user message)")
     return value
 
 

@@ -8,10 +8,13 @@ training, so they are computed once, before training, and stored in
 - the tokenizer (vocabulary, special tokens, chat template),
 - the content of the pairs file (sha256),
 - ``max_length`` and ``max_prompt_length`` (truncation changes the sums),
+- with K > 1 negatives per prompt (``negatives.num_negatives``), K (the file then also holds the
+  K - 1 extra rejected responses' log-probs, (N, K - 1); for K = 1 the key and file are as before),
 
 so a cache computed for other inputs is never reused. The file also stores those inputs and
 is checked against them on load. Writes are atomic. When the cache is valid the reference
-model is not even loaded.
+model is not even loaded. Reference-free losses (SFT, SimPO, SAMI, InfoNCE: ``mipo.losses.LOSS_FAMILIES``)
+never call this module.
 """
 
 from __future__ import annotations
@@ -41,12 +44,20 @@ class ReferenceLogps:
     rejected: torch.Tensor  # (N,) float32, log pi_ref(y-|x)
     path: Path
     cache_hit: bool
+    extra_rejected: torch.Tensor | None = None  # (N, K - 1) log pi_ref(y-_k|x) of the extra negatives; None for K = 1
+
+    def stacked(self) -> torch.Tensor:
+        """(N, 1 + K): log pi_ref(y+|x), then the K rejected responses' log pi_ref(y-_k|x)."""
+        columns = [self.chosen[:, None], self.rejected[:, None]]
+        if self.extra_rejected is not None:
+            columns.append(self.extra_rejected)
+        return torch.cat(columns, dim=1)
 
 
 def reference_inputs(model_cfg: Mapping[str, Any], tokenizer, pairs_path: str | Path, max_length: int,
                      max_prompt_length: int, precision: ForwardPrecision = FP32, device_type: str = "cpu",
-                     kernel: str = "auto", fused_lm_head: bool = False) -> dict[str, Any]:
-    return {
+                     kernel: str = "auto", fused_lm_head: bool = False, num_negatives: int = 1) -> dict[str, Any]:
+    inputs = {
         "model": model_identity(model_cfg),
         "tokenizer": tokenizer_identity(tokenizer),
         "pairs_sha256": sha256_file(pairs_path),
@@ -59,13 +70,16 @@ def reference_inputs(model_cfg: Mapping[str, Any], tokenizer, pairs_path: str | 
         "fused_lm_head": bool(fused_lm_head),
         "format": FORMAT_VERSION,
     }
+    if num_negatives > 1:  # K = 1 keeps the key (and the cache) it always had
+        inputs["num_negatives"] = int(num_negatives)
+    return inputs
 
 
 def reference_cache_path(cache_dir: str | Path, inputs: Mapping[str, Any]) -> Path:
     return Path(cache_dir) / "reference" / f"{stable_hash(dict(inputs), 20)}.pt"
 
 
-def load_cached(path: Path, inputs: Mapping[str, Any], num_pairs: int) -> ReferenceLogps | None:
+def load_cached(path: Path, inputs: Mapping[str, Any], num_pairs: int, num_negatives: int = 1) -> ReferenceLogps | None:
     """The cached log-probs at ``path`` if they exist and were computed for exactly ``inputs``."""
     if not path.exists():
         return None
@@ -78,11 +92,14 @@ def load_cached(path: Path, inputs: Mapping[str, Any], num_pairs: int) -> Refere
         isinstance(stored, dict)
         and stored.get("inputs") == dict(inputs)
         and all(isinstance(stored.get(k), torch.Tensor) and stored[k].shape == (num_pairs,) for k in ("chosen", "rejected"))
+        and (num_negatives == 1 or (isinstance(stored.get("extra_rejected"), torch.Tensor)
+                                    and stored["extra_rejected"].shape == (num_pairs, num_negatives - 1)))
     )
     if not valid:
         log.warning("reference cache %s was computed for other inputs; recomputing", path)
         return None
-    return ReferenceLogps(stored["chosen"], stored["rejected"], path, cache_hit=True)
+    return ReferenceLogps(stored["chosen"], stored["rejected"], path, cache_hit=True,
+                          extra_rejected=stored.get("extra_rejected") if num_negatives > 1 else None)
 
 
 def reference_logps(
@@ -96,7 +113,7 @@ def reference_logps(
     batch_size: int = 8,
     kernel: str = "auto",
     pairs: list[PreferencePair] | None = None,
-    encoded: tuple[list[EncodedRow], list[EncodedRow]] | None = None,
+    encoded: tuple[list[EncodedRow], ...] | None = None,
     precision: ForwardPrecision = FP32,
     fused_lm_head: bool = False,
 ) -> ReferenceLogps:
@@ -107,14 +124,18 @@ def reference_logps(
 
     ``pairs``: the contents of ``pairs_path`` when the caller has already read them;
     ``encoded``: their rows from ``mipo.encoding.encode_pairs`` with these lengths, which the
-    trainer passes so that the reference scores exactly the tokens the policy will.
+    trainer passes so that the reference scores exactly the tokens the policy will: (chosen,
+    rejected) rows, then the K - 1 extra rejected rows' lists for K > 1 negatives per prompt
+    (``mipo.forward.TrainingRows``).
     """
     if pairs is None:
         pairs = read_pairs(pairs_path)
+    rows = encoded or encode_pairs(tokenizer, pairs, max_length, max_prompt_length)
+    num_negatives = len(rows) - 1
     inputs = reference_inputs(model_cfg, tokenizer, pairs_path, max_length, max_prompt_length, precision,
-                              device.type, kernel, fused_lm_head)
+                              device.type, kernel, fused_lm_head, num_negatives)
     path = reference_cache_path(cache_dir, inputs)
-    cached = load_cached(path, inputs, len(pairs))
+    cached = load_cached(path, inputs, len(pairs), num_negatives)
     if cached is not None:
         log.info("reference cache hit: %s (the reference model is not loaded)", path)
         return cached
@@ -124,12 +145,16 @@ def reference_logps(
     model.requires_grad_(False)
     scorer = Scorer(model, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
                     batch_size=batch_size, kernel=kernel, fused_lm_head=fused_lm_head)
-    chosen_rows, rejected_rows = encoded or encode_pairs(tokenizer, pairs, max_length, max_prompt_length)
-    # y+ and y- of a pair share the prompt x: one call lets the scorer run each prompt once
+    # y+ and the y- of a pair share the prompt x: one call lets the scorer run each prompt once
     with precision.context(device.type):
-        logps = scorer.score_rows(chosen_rows + rejected_rows, desc="reference log pi(y|x)")
-    chosen, rejected = logps[: len(pairs)], logps[len(pairs):]
+        logps = scorer.score_rows([row for column in rows for row in column], desc="reference log pi(y|x)")
+    columns = logps.view(len(rows), len(pairs))  # (1 + K, N)
+    chosen, rejected = columns[0].clone(), columns[1].clone()
+    extra = columns[2:].T.contiguous() if num_negatives > 1 else None  # (N, K - 1)
     del model, scorer
+    stored = {"inputs": dict(inputs), "chosen": chosen, "rejected": rejected}
+    if extra is not None:
+        stored["extra_rejected"] = extra
     with atomic_path(path) as tmp:
-        torch.save({"inputs": dict(inputs), "chosen": chosen, "rejected": rejected}, tmp)
-    return ReferenceLogps(chosen, rejected, path, cache_hit=False)
+        torch.save(stored, tmp)
+    return ReferenceLogps(chosen, rejected, path, cache_hit=False, extra_rejected=extra)

@@ -65,13 +65,21 @@ def sampling_inputs(cfg: DictConfig) -> dict[str, Any]:
                       "device_type": device.type, "attn_implementation": cfg.model.get("attn_implementation")},
         "task": OmegaConf.to_container(cfg.task, resolve=True),
         "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval")},
-        "negatives": OmegaConf.to_container(cfg.negatives, resolve=True),
+        "negatives": _negatives_inputs(cfg),
         "sampling": {k: cfg.sampling.get(k) for k in (*DECODE_KEYS, *BATCH_KEYS)},
         "max_prompt_length": cfg.data.max_prompt_length,
         "seed": cfg.seed,
         "seeding": SEEDING,
         "format": 3,  # 3: rendering and inference numerics in the key
     }
+
+
+def _negatives_inputs(cfg: DictConfig) -> dict[str, Any]:
+    """``negatives.*``; ``num_negatives`` only when K > 1, so K = 1 pairs keep the path they always had."""
+    negatives = OmegaConf.to_container(cfg.negatives, resolve=True)
+    if negatives.get("num_negatives", 1) == 1:
+        negatives.pop("num_negatives", None)
+    return negatives
 
 
 def pairs_path(cfg: DictConfig) -> Path:
@@ -148,7 +156,8 @@ def sample_pairs(cfg: DictConfig) -> Path:
     task = build_task(cfg)
     train_examples, _ = task_splits(cfg, task)
     rng = random.Random(cfg.seed)
-    plan = plan_negatives(task, train_examples, cfg.negatives.strategy, rng)
+    plan = plan_negatives(task, train_examples, cfg.negatives.strategy, rng,
+                          num_negatives=cfg.negatives.get("num_negatives", 1))
     if plan.dropped:
         log.info("negatives=%s: %d prompts had no information to remove and were dropped", cfg.negatives.strategy, plan.dropped)
     prompts = [task.messages(e) for e in plan.examples]
@@ -204,6 +213,11 @@ def sample_pairs(cfg: DictConfig) -> Path:
         for prompt, neg_prompt, y_pos, y_neg, example, negative in zip(
             prompts, negative_prompts, chosen, rejected, plan.examples, plan.negatives)
     ]
+    if plan.extra_source_index is not None:  # K > 1: y-_k is the response sampled for the k-th other prompt
+        for pair, sources in zip(pairs, plan.extra_source_index):
+            pair.metadata["extra_negatives"] = [
+                {"negative_prompt": prompts[j], "negative_uid": plan.examples[j].uid, "rejected": chosen[j].text,
+                 "rejected_finish_reason": chosen[j].finish_reason} for j in sources]
     write_pairs(path, pairs)
     store.remove()
     log.info("wrote %d pairs to %s", len(pairs), path)

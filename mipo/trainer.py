@@ -1,9 +1,11 @@
 """The training stage: DPO of the policy on MIPO pairs against cached reference log-probs.
 
-Read top to bottom: ``train`` loads the pairs, encodes them once (``encode_pairs``: the rows
-the reference was scored on), gets log pi_ref from the cache or one pass in the policy's precision, loads the
+Read top to bottom: ``train`` loads the pairs, encodes them once (``encode_training_rows``: the
+rows the reference was scored on, and whatever else the loss needs), gets log pi_ref from the cache
+or one pass in the policy's precision (DPO only: the other losses are reference-free), loads the
 policy, then runs the loop: for each optimizer step, micro-batches through ``TrainingForward``
-(``mipo.forward``: one prompt-shared forward of y+ and y-, ``dpo_loss``), backward, clip, AdamW
+(``mipo.forward``: one prompt-shared forward of y+ and y- (and of whatever else ``loss.loss_type``
+needs: K negatives, x'), the loss), backward, clip, AdamW
 step, learning-rate schedule; finally it saves the policy (its fp32 master weights when the
 optimizer kept them) in Hugging Face format.
 
@@ -29,9 +31,9 @@ from tqdm.auto import tqdm
 from mipo.checkpoint import (check_same_inputs, clear_checkpoints, latest_checkpoint, read_state,
                              restore_checkpoint, save_checkpoint)
 from mipo.config import train_dtype, training_precision
-from mipo.encoding import encode_pairs
 from mipo.files import sha256_file, write_json
-from mipo.forward import TrainingForward
+from mipo.forward import TrainingForward, encode_training_rows
+from mipo.losses import loss_family
 from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
 from mipo.optim import build_optimizer, build_scheduler, final_weights
 from mipo.pairs import PreferencePair, read_pairs, truncation_summary
@@ -56,7 +58,7 @@ def train_inputs(cfg: DictConfig, pairs_file: Path) -> dict[str, Any]:
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     for key in NOT_INPUTS:
         trainer.pop(key, None)
-    return {
+    inputs = {
         "pairs_sha256": sha256_file(pairs_file),
         "model": model_identity(cfg.model),
         "train_dtype": train_dtype(cfg),
@@ -67,6 +69,12 @@ def train_inputs(cfg: DictConfig, pairs_file: Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "format": 1,
     }
+    num_negatives = cfg.negatives.get("num_negatives", 1)
+    if num_negatives > 1:
+        inputs["num_negatives"] = num_negatives
+    else:  # K = 1 keeps the key it always had: loss.multi_negative changes nothing then
+        inputs["loss"].pop("multi_negative", None)
+    return inputs
 
 
 def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] | None = None,
@@ -91,13 +99,17 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     if pairs is None:
         pairs = read_pairs(path)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
-    chosen_rows, rejected_rows = encode_pairs(tokenizer, pairs, cfg.data.max_length, cfg.data.max_prompt_length)
+    rows = encode_training_rows(tokenizer, pairs, cfg.loss.loss_type, cfg.data.max_length, cfg.data.max_prompt_length,
+                                num_negatives=cfg.negatives.get("num_negatives", 1))
     precision = training_precision(cfg, device)  # the policy's forward; the reference is computed in it too
-    reference = reference_logps(
-        cfg.model, tokenizer, path, cfg.paths.cache_dir, cfg.data.max_length, cfg.data.max_prompt_length,
-        device=device, batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel, pairs=pairs,
-        encoded=(chosen_rows, rejected_rows), precision=precision, fused_lm_head=cfg.fused_lm_head,
-    )
+    reference = None  # reference-free losses (SFT, SimPO, SAMI, InfoNCE) skip the reference pass and its cache
+    if loss_family(cfg.loss.loss_type).needs_reference:
+        reference = reference_logps(
+            cfg.model, tokenizer, path, cfg.paths.cache_dir, cfg.data.max_length, cfg.data.max_prompt_length,
+            device=device, batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel, pairs=pairs,
+            encoded=(rows.chosen, rows.rejected, *rows.extra_rejected), precision=precision,
+            fused_lm_head=cfg.fused_lm_head,
+        )
     steps_per_epoch = len(pairs) // tcfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(f"{len(pairs)} pairs in {path} are fewer than one batch (trainer.batch_size={tcfg.batch_size})")
@@ -131,9 +143,9 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
 
     logger = MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True),
                            resume=state["logger"] if state else None)
-    log.info("training on %d pairs: %d steps of %d pairs (%d x %d accumulation), lr %.2g, beta %.3g, loss %s",
+    log.info("training on %d pairs: %d steps of %d pairs (%d x %d accumulation), lr %.2g, loss %s (%s)",
              len(pairs), total_steps, tcfg.batch_size, tcfg.micro_batch_size, accumulation_steps, tcfg.lr,
-             cfg.loss.beta, cfg.loss.loss_type)
+             cfg.loss.loss_type, OmegaConf.to_container(cfg.loss, resolve=True))
     if state:  # last before the loop: it sets the RNG states
         restore_checkpoint(checkpoint, state, policy, optimizer, scheduler)
 
@@ -145,7 +157,8 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
         metrics: dict[str, float] = {}
         for start in range(0, len(batch_index), tcfg.micro_batch_size):
             index = batch_index[start : start + tcfg.micro_batch_size]
-            micro_batch = forward.collate(chosen_rows, rejected_rows, index, reference, tokenizer.pad_token_id).to(device)
+            micro_batch = forward.collate_rows(rows, index, reference, tokenizer.pad_token_id,
+                                               cfg.loss.loss_type).to(device)
             loss, micro_metrics = forward(policy, micro_batch, cfg.loss)
             (loss / accumulation_steps).backward()
             for name, value in micro_metrics.items():
@@ -179,16 +192,19 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
                 "logger": logger.position()})
         progress.update(1)
         if record:
-            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")
+            progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record.get('reward_accuracy', float('nan')):.2f}")
     progress.close()
 
     last = history[-5:]
     summary = {
         "steps": total_steps, "optimizer_steps": len(history), "skipped_nonfinite": len(skipped),
         "skipped_steps": skipped, "pairs": len(pairs), "pairs_path": str(path),
-        "reference_cache": str(reference.path), "reference_cache_hit": reference.cache_hit, **truncation_summary(pairs),
-        **{f"final_{k}": sum(m[k] for m in last) / len(last) if last else None
-           for k in ("loss", "reward_margin", "reward_accuracy")},
+        "reference_cache": str(reference.path) if reference is not None else None,
+        "reference_cache_hit": reference.cache_hit if reference is not None else None, **truncation_summary(pairs),
+        **{f"final_{k}": sum(m[k] for m in last) / len(last) if last and k in last[0] else None
+           for k in ("loss", "reward_margin", "reward_accuracy", "pmi_margin", "pmi_accuracy")},
+        "length_chosen": float(rows.pair_lengths[:, 0].float().mean()),  # response tokens trained on, all pairs
+        "length_rejected": float(rows.pair_lengths[:, 1].float().mean()),
     }
     logger.summary(summary)
     logger.close()

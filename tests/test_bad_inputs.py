@@ -100,7 +100,7 @@ def test_config_values_are_all_reported_at_once_through_train_py(world):
             "trainer.batch_size=5 must be a multiple of trainer.micro_batch_size=2",
         "data.max_prompt_length=512 data.max_length=512":
             "data.max_prompt_length=512 must be < data.max_length=512",
-        "loss.loss_type=kto": "loss: unknown loss_type 'kto'; expected one of ('sigmoid', 'ipo', 'hinge')",
+        "loss.loss_type=kto": "loss: unknown loss_type 'kto'; expected one of ('sigmoid', 'ipo', 'hinge', 'sft', 'simpo', 'sami', 'infonce')",
         "data.num_train=-1": "data.num_train=-1: expected null (all) or an int >= 0",
         "negatives=random_context": "negatives=random_context needs a personalization task whose prompts carry a "
                                     "user context; task 'arc_challenge' has none",

@@ -61,7 +61,7 @@ def test_each_bad_value_names_its_override(overrides, message):
 def test_every_bad_loss_setting_is_named():
     problems = config_problems(composed("loss.beta=0", "loss.loss_type=kto", "loss.label_smoothing=0.7"))
     assert [p.split(" (loss.beta=")[0] for p in problems] == [
-        "loss: unknown loss_type 'kto'; expected one of ('sigmoid', 'ipo', 'hinge')",
+        "loss: unknown loss_type 'kto'; expected one of ('sigmoid', 'ipo', 'hinge', 'sft', 'simpo', 'sami', 'infonce')",
         "loss: beta must be > 0, got 0", "loss: label_smoothing must be in [0, 0.5), got 0.7"]
 
 

@@ -210,3 +210,112 @@ def test_share_prompt_false_keeps_the_policy_attention(tokenizer):
     batch = collate_pairs(rows[0], rows[1], [0, 1], ref, tokenizer.pad_token_id, share_prompt=False)
     loss, _ = dpo_forward(model, batch, LOSS, kernel="torch")
     assert batch.inputs.input_ids.shape[0] == 4 and torch.isfinite(loss)
+
+
+# --------------------------------------------------------------------------------------------
+# Every loss through the training forward: x' in the same tree, K negatives as more continuations
+# --------------------------------------------------------------------------------------------
+
+from mipo.forward import TrainingRows  # noqa: E402
+from mipo.losses import dpo_plackett_luce_loss, infonce_loss, sami_loss, sft_loss, simpo_loss  # noqa: E402
+
+NEGATIVE_PROMPTS = [PROMPTS[1], PROMPTS[2], PROMPTS[0], "Name a colour."]  # x' of each pair
+FAMILY_LOSSES = {
+    "sami": {"loss_type": "sami", "label_smoothing": 0.0},
+    "infonce": {"loss_type": "infonce", "temperature": 10.0},
+    "simpo": {"loss_type": "simpo", "beta": 2.0, "gamma": 0.5, "length_normalize": True},
+    "sft": {"loss_type": "sft", "sft_reduction": "mean"},
+    "dpo_k2_mean": {**LOSS, "multi_negative": "mean"},
+    "dpo_k2_plackett_luce": {**LOSS, "multi_negative": "plackett_luce"},
+}
+
+
+def training_rows(tokenizer) -> TrainingRows:
+    """y+ = continuation 0 and y- = continuation 1 of each prompt, y-_2 = continuation 2; rows under x and x'."""
+    def rows(prompts, j):
+        return [encode_pair(encode_prompt(tokenizer, user(p)), encode_response(tokenizer, c[j]), 512, 256)
+                for p, c in zip(prompts, CONTINUATIONS)]
+    return TrainingRows(rows(PROMPTS, 0), rows(PROMPTS, 1), [rows(PROMPTS, 2)], rows(NEGATIVE_PROMPTS, 0),
+                        rows(NEGATIVE_PROMPTS, 1))
+
+
+def expected_loss(name, loss_cfg, columns, lengths, reference):
+    """The loss of ``loss_cfg`` from log-probs computed row by row (``columns``: the loss's (b,) inputs)."""
+    if name == "sami":
+        return sami_loss(*columns).mean()
+    if name == "infonce":
+        return infonce_loss(*columns, temperature=loss_cfg["temperature"]).mean()
+    if name == "simpo":
+        return simpo_loss(columns[0], columns[1], lengths[:, 0], lengths[:, 1], beta=2.0, gamma=0.5)[0].mean()
+    if name == "sft":
+        return sft_loss(columns[0], lengths[:, 0], "mean").mean()
+    chosen, rejected = columns[0], torch.stack(columns[1:], dim=1)  # (b,), (b, 2)
+    if name == "dpo_k2_plackett_luce":
+        return dpo_plackett_luce_loss(chosen, rejected, reference[:, 0], reference[:, 1:], beta=0.1)[0].mean()
+    from mipo.losses import dpo_loss
+    return dpo_loss(chosen[:, None].expand(-1, 2), rejected, reference[:, :1].expand(-1, 2), reference[:, 1:],
+                    beta=0.1)[0].mean()
+
+
+@pytest.mark.parametrize("name, share_prompt", [(name, True) for name in FAMILY_LOSSES] + [("sami", False),
+                                                                                       ("dpo_k2_mean", False)])
+def test_every_loss_matches_separate_forwards(tokenizer, name, share_prompt):
+    """One (prompt-shared) forward of each loss's continuations gives the loss and every parameter gradient that
+    separate per-row forwards give (fp32, 1e-5): SAMI/InfoNCE's x' groups and K = 2 negatives included."""
+    loss_cfg = FAMILY_LOSSES[name]
+    rows = training_rows(tokenizer)
+    if not name.startswith("dpo"):
+        rows.extra_rejected = []
+    index = [2, 0, 3, 1]
+    reference = ReferenceLogps(torch.tensor([-40.0, -35.0, -50.0, -30.0]), torch.tensor([-45.0, -30.0, -52.0, -33.0]),
+                               path=None, cache_hit=True, extra_rejected=torch.tensor([[-41.0], [-36.0], [-49.0], [-31.0]]))
+    lists = rows.for_loss(loss_cfg["loss_type"])
+
+    model = sharp_model(tokenizer)  # separate forwards: each (context, response) row alone
+    model.train()
+    columns = [torch.stack([sequence_logps(model, pad_batch([rows_k[i]], 0), kernel="torch")[0] for i in index])
+               for rows_k in lists]
+    lengths = rows.pair_lengths[index]
+    want = expected_loss(name, loss_cfg, columns, lengths, reference.stacked()[index])
+    want.backward()
+    want_grads = grads(model)
+
+    model = sharp_model(tokenizer)
+    model.train()
+    cfg = OmegaConf.create({"kernel": "torch", "fused_lm_head": True,
+                            "trainer": {"share_prompt": share_prompt, "shared_attention": "auto"}})
+    forward = TrainingForward.prepare(cfg, model)
+    batch = forward.collate_rows(rows, index, reference, tokenizer.pad_token_id, loss_cfg["loss_type"])
+    if share_prompt and name in ("sami", "infonce"):
+        assert len(batch.inputs.segments) >= 1 + 6 * len(index)  # two groups per pair: x and x' in one tree
+    loss, metrics = forward(model, batch, loss_cfg)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-5)
+    assert_same_gradients(grads(model), want_grads)
+    assert float(metrics["length_chosen"]) == pytest.approx(float(lengths[:, 0].float().mean()))
+    assert float(metrics["length_rejected"]) == pytest.approx(float(lengths[:, 1].float().mean()))
+    assert float(want.detach()) > 0.01  # a loss that is not trivially zero, so a mix-up would show
+
+
+def test_one_negative_is_the_dpo_forward_bit_for_bit(tokenizer):
+    """negatives.num_negatives = 1 collates and trains exactly as the DPO micro-batch always did."""
+    rows = training_rows(tokenizer)
+    rows.extra_rejected = []
+    reference = ReferenceLogps(torch.tensor([-40.0, -35.0, -50.0, -30.0]), torch.tensor([-45.0, -30.0, -52.0, -33.0]),
+                               path=None, cache_hit=True)
+    results = []
+    for via_rows in (False, True):
+        model = sharp_model(tokenizer)
+        cfg = OmegaConf.create({"kernel": "torch", "fused_lm_head": True,
+                                "trainer": {"share_prompt": True, "shared_attention": "auto"}})
+        forward = TrainingForward.prepare(cfg, model)
+        if via_rows:
+            batch = forward.collate_rows(rows, [1, 3], reference, tokenizer.pad_token_id, "sigmoid")
+            assert batch.order is None
+        else:
+            batch = forward.collate(rows.chosen, rows.rejected, [1, 3], reference, tokenizer.pad_token_id)
+        loss, _ = forward(model, batch, {**LOSS, "multi_negative": "plackett_luce"})
+        loss.backward()
+        results.append((loss.detach(), grads(model)))
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])

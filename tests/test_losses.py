@@ -133,3 +133,114 @@ def test_invalid_arguments_raise_value_error(kwargs, match):
     pc, pr, rc, rr = _logps(9)
     with pytest.raises(ValueError, match=match):
         dpo_loss(pc, pr, rc, rr, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The baselines and variants: hand-computed values on small tensors (float64, math only)
+# --------------------------------------------------------------------------------------------
+
+from mipo.losses import (LOSS_FAMILIES, dpo_plackett_luce_loss, infonce_loss, loss_config_problems, sami_loss,
+                         sft_loss, simpo_loss)
+
+
+def _ce(logits: list[float], target: int, eps: float = 0.0) -> float:
+    """Cross-entropy with F.cross_entropy's label smoothing, written out."""
+    log_z = math.log(sum(math.exp(v) for v in logits))
+    nll = [log_z - v for v in logits]
+    return (1 - eps) * nll[target] + eps * sum(nll) / len(logits)
+
+
+def test_sft_loss_sum_and_mean_by_hand():
+    logps = torch.tensor([-12.0, -3.5], dtype=torch.float64)
+    lengths = torch.tensor([4, 7])
+    assert sft_loss(logps, lengths, "sum").tolist() == [12.0, 3.5]
+    torch.testing.assert_close(sft_loss(logps, lengths, "mean"), torch.tensor([3.0, 0.5], dtype=torch.float64))
+    with pytest.raises(ValueError, match="sft_reduction"):
+        sft_loss(logps, lengths, "max")
+
+
+@pytest.mark.parametrize("length_normalize", [True, False])
+def test_simpo_loss_by_hand(length_normalize):
+    pc = torch.tensor([-10.0, -40.0], dtype=torch.float64)
+    pr = torch.tensor([-30.0, -12.0], dtype=torch.float64)
+    lc, lr = torch.tensor([5, 20]), torch.tensor([10, 3])
+    beta, gamma = 2.0, 0.5
+    losses, rc, rr = simpo_loss(pc, pr, lc, lr, beta=beta, gamma=gamma, length_normalize=length_normalize)
+    # row 0 normalised: 2*(-2) - 2*(-3) - 0.5 = 1.5; row 1: 2*(-2) - 2*(-4) - 0.5 = 3.5
+    margins = [1.5, 3.5] if length_normalize else [2 * 20 - 0.5, 2 * -28 - 0.5]
+    for i, z in enumerate(margins):
+        assert float(losses[i]) == pytest.approx(-_log_sigmoid(z), rel=1e-12)
+    assert float(rc[0] - rr[0]) == pytest.approx(margins[0] + gamma)
+
+
+def test_sami_loss_by_hand():
+    # one pair: G = [[log pi(y+|x), log pi(y-|x)], [log pi(y+|x'), log pi(y-|x')]] = [[-10, -14], [-13, -9]]
+    a, b, c, d = -10.0, -14.0, -13.0, -9.0
+    rows = (_ce([a, b], 0) + _ce([c, d], 1)) / 2  # each context picks its response
+    cols = (_ce([a, c], 0) + _ce([b, d], 1)) / 2  # each response picks its context
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    got = sami_loss(t(a), t(b), t(c), t(d))
+    assert float(got[0]) == pytest.approx((rows + cols) / 2, rel=1e-12)
+    smoothed = sami_loss(t(a), t(b), t(c), t(d), label_smoothing=0.1)
+    want = ((_ce([a, b], 0, 0.1) + _ce([c, d], 1, 0.1)) / 2 + (_ce([a, c], 0, 0.1) + _ce([b, d], 1, 0.1)) / 2) / 2
+    assert float(smoothed[0]) == pytest.approx(want, rel=1e-12)
+
+
+def test_sami_loss_is_per_pair_and_matches_the_released_batch_mean():
+    """The released code's SAMILoss averages over the batch; the mean of ours is its value."""
+    pp, pn, xp, xn = _logps(5)[0], _logps(6)[0], _logps(7)[0], _logps(8)[0]
+    losses = sami_loss(pp, pn, xp, xn)
+    assert losses.shape == (B,)
+    grid = torch.stack([torch.stack([pp, pn], 1), torch.stack([xp, xn], 1)], 1)  # (B, 2, 2)
+    labels = torch.arange(2).repeat(B)
+    row = torch.nn.functional.cross_entropy(grid.reshape(-1, 2), labels)
+    col = torch.nn.functional.cross_entropy(grid.transpose(1, 2).reshape(-1, 2), labels)
+    torch.testing.assert_close(losses.mean(), (row + col) / 2)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 100.0])
+def test_infonce_loss_by_hand(temperature):
+    a, b, c, d = -100.0, -140.0, -130.0, -90.0  # log pi(y+|x), log pi(y-|x), log pi(y+|x'), log pi(y-|x')
+    want = (_ce([a / temperature, c / temperature], 0) + _ce([d / temperature, b / temperature], 0)) / 2
+    t = lambda v: torch.tensor([v], dtype=torch.float64)  # noqa: E731
+    got = infonce_loss(t(a), t(b), t(c), t(d), temperature=temperature)
+    assert float(got[0]) == pytest.approx(want, rel=1e-12)
+    # the released code subtracts a logsumexp of all four before the softmax: a shift that changes nothing
+    shift = math.log(sum(math.exp(v) for v in (a, b, c, d)))
+    shifted = (_ce([(a - shift) / temperature, (c - shift) / temperature], 0)
+               + _ce([(d - shift) / temperature, (b - shift) / temperature], 0)) / 2
+    assert float(got[0]) == pytest.approx(shifted, rel=1e-9)
+
+
+def test_plackett_luce_by_hand_and_equal_to_dpo_for_one_negative():
+    pc = torch.tensor([-10.0], dtype=torch.float64)
+    rc = torch.tensor([-12.0], dtype=torch.float64)
+    pr = torch.tensor([[-20.0, -15.0, -30.0]], dtype=torch.float64)
+    rr = torch.tensor([[-19.0, -15.0, -25.0]], dtype=torch.float64)
+    beta = 0.5
+    r0 = beta * 2.0
+    rk = [beta * -1.0, 0.0, beta * -5.0]
+    want = math.log(math.exp(r0) + sum(math.exp(r) for r in rk)) - r0
+    losses, chosen_rewards, rejected_rewards = dpo_plackett_luce_loss(pc, pr, rc, rr, beta=beta)
+    assert float(losses[0]) == pytest.approx(want, rel=1e-12)
+    assert rejected_rewards.shape == (1, 3) and float(chosen_rewards[0]) == pytest.approx(r0)
+    a, b, c, d = _logps(9)
+    pl, _, _ = dpo_plackett_luce_loss(a, b[:, None], c, d[:, None], beta=0.1)
+    dpo, _, _ = dpo_loss(a, b, c, d, beta=0.1)
+    torch.testing.assert_close(pl, dpo)
+
+
+def test_loss_families_and_config_problems():
+    assert LOSS_FAMILIES["sigmoid"].needs_reference and not LOSS_FAMILIES["sami"].needs_reference
+    assert LOSS_FAMILIES["sami"].needs_negative_prompt and LOSS_FAMILIES["infonce"].needs_negative_prompt
+    assert not LOSS_FAMILIES["sft"].uses_rejected and not LOSS_FAMILIES["simpo"].needs_reference
+    assert loss_config_problems({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0,
+                                 "multi_negative": "mean"}) == []
+    assert "multi_negative" in loss_config_problems({"loss_type": "sigmoid", "beta": 0.1, "label_smoothing": 0.0,
+                                                     "multi_negative": "max"})[0]
+    assert "plackett_luce" in loss_config_problems({"loss_type": "ipo", "beta": 0.1, "label_smoothing": 0.0,
+                                                    "multi_negative": "plackett_luce"})[0]
+    assert "loss.temperature" in loss_config_problems({"loss_type": "infonce", "temperature": 0})[0]
+    assert "loss.gamma" in loss_config_problems({"loss_type": "simpo", "beta": 2.0, "gamma": -1,
+                                                 "length_normalize": True})[0]
+    assert "unknown loss_type" in loss_config_problems({"loss_type": "kto"})[0]
