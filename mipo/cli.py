@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mipo import distributed  # registers ${mipo_now:...}: the run directory is rank 0's under torchrun
 from mipo.checkpoint import CheckpointError
 from mipo.config import ConfigError, raise_problems
 from mipo.files import BusyError, stable_hash
@@ -92,7 +93,9 @@ def entry_point(entry: str) -> Callable[[Callable[[DictConfig], Any]], Callable[
         @functools.wraps(main)
         def wrapped(cfg: DictConfig) -> Any:
             with reported_errors(entry, multirun=HydraConfig.get().mode == RunMode.MULTIRUN):
-                return main(cfg)
+                result = main(cfg)
+            distributed.close()  # under torchrun: every rank has finished
+            return result
         return wrapped
     return decorate
 
@@ -116,6 +119,10 @@ def setup(cfg: DictConfig, entry: str) -> Inputs:
     """Check everything ``entry`` is given (``mipo.inputs``), quiet third-party noise, and
     return what the check read, with the run directory."""
     inputs = check_inputs(cfg, entry, run_dir())
+    if distributed.init():  # under torchrun: every rank has checked the run directory before any writes to it
+        distributed.barrier()
+        if not distributed.is_main():
+            quiet_rank()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -128,6 +135,18 @@ def setup(cfg: DictConfig, entry: str) -> Inputs:
     out = inputs.run_dir
     out.mkdir(parents=True, exist_ok=True)
     # .hydra/config.yaml keeps the interpolations; this copy has every value resolved.
-    OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    if distributed.is_main():
+        OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
     log.info("run directory: %s", out)
     return inputs
+
+
+def quiet_rank() -> None:
+    """Ranks other than 0 write no log file and print warnings only: rank 0 logs for the run."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    for name in ("mipo", "__main__"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -12,6 +12,10 @@ training, so they are computed once, before training, and stored in
 so a cache computed for other inputs is never reused. The file also stores those inputs and
 is checked against them on load. Writes are atomic. When the cache is valid the reference
 model is not even loaded.
+
+Under torchrun every rank calls ``reference_logps``: the ``Scorer`` shares the scoring out
+between the ranks and gathers it in input order (``mipo.logprobs``), and rank 0 writes the
+file. A cache built by N ranks has the same key and the same numbers as one built by 1.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mipo import distributed
 from mipo.encoding import EncodedRow, encode_pairs
 from mipo.files import atomic_path, sha256_file, stable_hash
 from mipo.logprobs import Scorer
@@ -115,6 +120,9 @@ def reference_logps(
                               device.type, kernel, fused_lm_head)
     path = reference_cache_path(cache_dir, inputs)
     cached = load_cached(path, inputs, len(pairs))
+    if distributed.broadcast_object(cached is not None) != (cached is not None):
+        raise RuntimeError(f"{path}: rank 0 and rank {distributed.rank()} disagree on whether this reference cache is "
+                           "valid (was it written meanwhile by another process?); run the command again")
     if cached is not None:
         log.info("reference cache hit: %s (the reference model is not loaded)", path)
         return cached
@@ -130,6 +138,8 @@ def reference_logps(
         logps = scorer.score_rows(chosen_rows + rejected_rows, desc="reference log pi(y|x)")
     chosen, rejected = logps[: len(pairs)], logps[len(pairs):]
     del model, scorer
-    with atomic_path(path) as tmp:
-        torch.save({"inputs": dict(inputs), "chosen": chosen, "rejected": rejected}, tmp)
+    if distributed.is_main():
+        with atomic_path(path) as tmp:
+            torch.save({"inputs": dict(inputs), "chosen": chosen, "rejected": rejected}, tmp)
+    distributed.barrier()
     return ReferenceLogps(chosen, rejected, path, cache_hit=False)
