@@ -46,8 +46,9 @@ def resolve_strategy(setting: str) -> str:
     if setting not in STRATEGIES:
         raise ValueError(f"trainer.strategy={setting!r}: expected one of {', '.join(STRATEGIES)}")
     if setting != "single" and not distributed.active():
-        log.info("trainer.strategy=%s in a single process (not under torchrun with >1 ranks): training as single",
-                 setting)
+        log.warning("trainer.strategy=%s in a single process (not under torchrun with >1 ranks): training as single "
+                    "(a 7-8B model in fp32 with AdamW needs ~130 GB on one device: launch with torchrun, or set "
+                    "trainer.strategy=single model.train_dtype=bfloat16 model.master_weights=cpu)", setting)
         return "single"
     if setting == "single" and distributed.active():
         raise ValueError(f"trainer.strategy=single under torchrun with {distributed.world_size()} ranks: every rank "
