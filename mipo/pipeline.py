@@ -22,6 +22,7 @@ lock (``<key>.lock``) refuses a second process that would train the same key at 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from mipo import distributed
 from mipo.checkpoint import clear_checkpoints
 from mipo.evaluation import evaluate
 from mipo.files import exclusive_lock, stable_hash, write_json
@@ -53,19 +55,22 @@ def train_stage(cfg: DictConfig, pairs_file: Path, pairs: list[PreferencePair] |
     def done() -> bool:
         return (stage_dir / "train.json").exists() and (stage_dir / "model").exists()
 
-    if done():
+    if distributed.broadcast_object(done()):  # under torchrun rank 0 decides and holds the lock for all ranks
         log.info("train stage: outputs exist for these inputs, skipping (%s)", stage_dir)
         return stage_dir
-    with exclusive_lock(runs / f"{key}.lock", what=f"the train stage {key}"):
-        if done():  # finished by another process while this one waited to start
+    main = distributed.is_main()
+    with exclusive_lock(runs / f"{key}.lock", what=f"the train stage {key}") if main else contextlib.nullcontext():
+        if distributed.broadcast_object(done()):  # finished by another process while this one waited to start
             return stage_dir
         partial = runs / f"{key}.partial"
         summary = train(cfg, partial, pairs=pairs, resume=True)
-        clear_checkpoints(partial)  # the cache keeps the trained policy, not its optimizer states
-        summary["model_dir"] = str(stage_dir / "model")
-        write_json(partial / "train.json", summary)
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        os.replace(partial, stage_dir)
+        if main:
+            clear_checkpoints(partial)  # the cache keeps the trained policy, not its optimizer states
+            summary["model_dir"] = str(stage_dir / "model")
+            write_json(partial / "train.json", summary)
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            os.replace(partial, stage_dir)
+        distributed.barrier()
     return stage_dir
 
 
@@ -81,6 +86,8 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs: list[Preference
     pairs_file = sample_pairs(cfg)
     stage_dir = train_stage(cfg, pairs_file, pairs)
     results = evaluate(cfg, output_dir, model_path=stage_dir / "model", trained_id=stage_dir.name)
+    if not distributed.is_main():
+        return results
     for name in TRAIN_OUTPUTS:
         shutil.copy2(stage_dir / name, output_dir / name)
     model_link = output_dir / "model"

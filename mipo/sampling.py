@@ -211,7 +211,8 @@ def sample_pairs(cfg: DictConfig) -> Path:
                 decoded[chunk] = decoder(stream_plan, chunk, seed, progress)
                 store.save(name, chunk, decoded[chunk])
         merged = {**done[name], **distributed.gather_dict(decoded)}  # every rank's chunks, on every rank
-        results[name] = generate_plan(None, tokenizer, stream_plan, settings, seed, done=merged, desc=None)
+        results[name] = generate_plan(None, tokenizer, stream_plan, settings, seed, done=merged, desc=None,
+                                      shard_ranks=False)  # every chunk is done: this only assembles them
         log_summary(name, results[name])
 
     chosen = results["chosen"]

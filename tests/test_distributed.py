@@ -3,7 +3,7 @@
 The torchrun tests (``@pytest.mark.slow``, ``make dist-cpu``) launch the real entry points
 with ``torchrun --standalone --nproc_per_node=2`` on the tiny random Llama, in fp32:
 
-* DDP and FSDP2 runs end with the weights of a single-process run with the same global batch
+* DDP and FSDP2 runs (FSDP2 also with gradient checkpointing) end with the weights of a single-process run with the same global batch
   (within 1e-5), log the same metrics, and build the same reference cache (same file name,
   same numbers);
 * a checkpoint written by 2 ranks is refused by a run with 1;
@@ -197,30 +197,31 @@ def test_ddp_and_fsdp_end_with_the_single_process_weights(tmp_path: Path) -> Non
     moved = max((single[name] - value).abs().max().item() for name, value in initial.state_dict().items())
     assert moved > 1e-4  # two steps at lr 1e-3 moved the weights: the comparison below is not of untrained models
 
-    for strategy in ("ddp", "fsdp"):
-        run_dir = tmp_path / strategy
-        proc = torchrun("train.py", [*train_overrides(tmp_path, f"cache-{strategy}"), f"trainer.strategy={strategy}",
-                                     "trainer.checkpoint_every=1"], run_dir)
+    for strategy, extra in (("ddp", []), ("fsdp", []), ("fsdp", ["model.gradient_checkpointing=true"])):
+        name = f"{strategy}{'-gc' if extra else ''}"
+        run_dir = tmp_path / name
+        proc = torchrun("train.py", [*train_overrides(tmp_path, f"cache-{name}"), f"trainer.strategy={strategy}",
+                                     "trainer.checkpoint_every=1", *extra], run_dir)
         assert f"2 x 2 accumulation x 2 ranks, {strategy}" in proc.stdout
         weights = load_weights(run_dir / "model")  # one consolidated folder
         assert weights.keys() == single.keys()
-        for name, value in single.items():
-            assert weights[name].dtype == torch.float32
-            torch.testing.assert_close(weights[name], value, atol=1e-5, rtol=0, msg=f"{strategy}: {name}")
+        for key, value in single.items():
+            assert weights[key].dtype == torch.float32
+            torch.testing.assert_close(weights[key], value, atol=1e-5, rtol=0)
         # metrics reduced over the ranks and written once, by rank 0
         metrics = (run_dir / "metrics.jsonl").read_text().splitlines()
         assert len(metrics) == len(single_metrics) == 2
         for mine, theirs in zip(metrics, single_metrics):
             mine, theirs = json.loads(mine), json.loads(theirs)
             for key in ("train/loss", "train/reward_margin", "train/logps_chosen", "train/grad_norm"):
-                assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (strategy, key)
+                assert mine[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), (name, key)
         # the reference cache built by 2 ranks: the same file name (key) and the same numbers
-        built = {p.name: torch.load(p) for p in (tmp_path / f"cache-{strategy}" / "reference").glob("*.pt")}
+        built = {p.name: torch.load(p) for p in (tmp_path / f"cache-{name}" / "reference").glob("*.pt")}
         assert built.keys() == reference.keys()
-        for name, stored in built.items():
-            assert stored["inputs"] == reference[name]["inputs"]
+        for file, stored in built.items():
+            assert stored["inputs"] == reference[file]["inputs"]
             for key in ("chosen", "rejected"):
-                torch.testing.assert_close(stored[key], reference[name][key], atol=1e-5, rtol=1e-6)
+                torch.testing.assert_close(stored[key], reference[file][key], atol=1e-5, rtol=1e-6)
         # sharded checkpoints: one file per rank
         step = run_dir / "checkpoints" / "step-2"
         assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
