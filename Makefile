@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu dist-cpu bench bench-kernel bench-sampling sweep-cpu env clean-cache
+.PHONY: demo test test-slow test-gpu dist-cpu train-fsdp bench-fsdp bench bench-kernel bench-sampling sweep-cpu env clean-cache
 
 env: $(STAMP)
 
@@ -41,6 +41,11 @@ MODEL      ?= llama-3-8b-instruct
 EXPERIMENT ?= paper_arc_easy
 train-fsdp: $(STAMP)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) pipeline.py experiment=$(EXPERIMENT) model=$(MODEL) trainer.strategy=fsdp
+
+# FSDP2 training throughput of a random Llama-3.2-1B-sized model on this node's GPUs, log-prob kernel on and off
+# (bench/fsdp_throughput.py; writes bench/FSDP_RESULTS.md with the GPU named).
+bench-fsdp: $(STAMP)
+	TRITON_INTERPRET=0 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m bench.fsdp_throughput
 
 # The Triton kernels compiled on a CUDA GPU (tests marked gpu; they skip without one).
 # TRITON_INTERPRET=0 keeps the kernels compiled: tests/conftest.py turns the interpreter on otherwise.

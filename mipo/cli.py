@@ -93,9 +93,7 @@ def entry_point(entry: str) -> Callable[[Callable[[DictConfig], Any]], Callable[
         @functools.wraps(main)
         def wrapped(cfg: DictConfig) -> Any:
             with reported_errors(entry, multirun=HydraConfig.get().mode == RunMode.MULTIRUN):
-                result = main(cfg)
-            distributed.close()  # under torchrun: every rank has finished
-            return result
+                return main(cfg)
         return wrapped
     return decorate
 
@@ -142,7 +140,9 @@ def setup(cfg: DictConfig, entry: str) -> Inputs:
 
 
 def quiet_rank() -> None:
-    """Ranks other than 0 write no log file and print warnings only: rank 0 logs for the run."""
+    """Ranks other than 0 write no log file, log warnings only (on stderr) and print nothing: rank 0
+    speaks for the run (its result tables, its log)."""
+    sys.stdout = open(os.devnull, "w")
     root = logging.getLogger()
     for handler in list(root.handlers):
         if isinstance(handler, logging.FileHandler):

@@ -21,6 +21,7 @@ The rules the rest of the code follows:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from datetime import datetime
@@ -55,6 +56,7 @@ def init() -> bool:
     else:
         backend = "gloo"
     dist.init_process_group(backend=backend)
+    atexit.register(close)  # once, when the process ends: a multirun's jobs share the group
     log.info("rank %d of %d (local rank %s), backend %s", rank(), world_size(), os.environ.get("LOCAL_RANK"), backend)
     return True
 
@@ -151,9 +153,8 @@ class NoLogger:
 
 
 def close() -> None:
-    """Destroy the process group if this process started one (at the end of an entry point)."""
+    """Destroy the process group if one is running (``init`` registers this to run at exit)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
         dist.destroy_process_group()
 
 
