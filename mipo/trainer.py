@@ -12,6 +12,10 @@ the step and the pairs of its batch (``NonFiniteError``), or with ``trainer.skip
 is skipped and counted: nothing is ever trained on NaN. With ``trainer.checkpoint_every`` the
 loop writes checkpoints (``mipo/checkpoint.py``) and ``resume`` continues from the newest one,
 bit for bit as if the run had never stopped.
+
+Under torchrun (``trainer.strategy=ddp|fsdp``, ``mipo/parallel.py``) each rank trains on its
+slice of every global batch through the wrapped forward, metrics are averaged over ranks and
+rank 0 writes the logs, ``train.json`` and the consolidated model.
 """
 
 from __future__ import annotations
@@ -190,7 +194,7 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
         if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
             save_checkpoint(output_dir, step, policy, optimizer, scheduler, keep=tcfg.keep_checkpoints, loop_state={
                 "inputs": inputs, "order": order, "history": history, "skipped_steps": skipped,
-                "logger": logger.position(), "world_size": world})
+                "logger": logger.position()})
         progress.update(1)
         if record:
             progress.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['reward_accuracy']:.2f}")

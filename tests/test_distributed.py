@@ -6,7 +6,8 @@ with ``torchrun --standalone --nproc_per_node=2`` on the tiny random Llama, in f
 * DDP and FSDP2 runs (FSDP2 also with gradient checkpointing) end with the weights of a single-process run with the same global batch
   (within 1e-5), log the same metrics, and build the same reference cache (same file name,
   same numbers);
-* a checkpoint written by 2 ranks is refused by a run with 1;
+* an FSDP2 run resumed on 2 ranks from a checkpoint ends with the uninterrupted run's weights
+  and metrics; a checkpoint written by 2 ranks is refused by a run with 1;
 * ``sample.py`` on 2 ranks writes the pairs file 1 rank writes, byte for byte.
 
 The default suite keeps what runs in one process: the batch split, the world-size refusal,
@@ -227,13 +228,27 @@ def test_ddp_and_fsdp_end_with_the_single_process_weights(tmp_path: Path) -> Non
         assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
         assert json.loads((step / "trainer_state.json").read_text())["world_size"] == 2
 
+    # resumed on 2 ranks from step 1's checkpoint (as after a kill), the FSDP2 run ends exactly where it did
+    resumed = tmp_path / "fsdp-resumed"
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step-1", resumed / "checkpoints" / "step-1")
+    shutil.copy(tmp_path / "fsdp" / "metrics.jsonl", resumed / "metrics.jsonl")  # cut back to step 1 on resume
+    proc = torchrun("train.py", [*train_overrides(tmp_path, "cache-fsdp"), "trainer.strategy=fsdp",
+                                 "trainer.checkpoint_every=1", "trainer.resume=true"], resumed)
+    assert "resuming from" in proc.stdout
+    uninterrupted = load_weights(tmp_path / "fsdp" / "model")
+    for key, value in load_weights(resumed / "model").items():
+        torch.testing.assert_close(value, uninterrupted[key], atol=0, rtol=0)
+    strip = [{k: v for k, v in json.loads(line).items() if k != "time"}
+             for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert strip == [{k: v for k, v in json.loads(line).items() if k != "time"}
+                     for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+
     # a checkpoint written by 2 ranks is refused by 1 process, with the reason
-    resumed = tmp_path / "resume-1"
-    resumed.mkdir()
-    shutil.copytree(tmp_path / "ddp" / "checkpoints", resumed / "checkpoints")
-    shutil.copy(tmp_path / "ddp" / "metrics.jsonl", resumed / "metrics.jsonl")
+    refused = tmp_path / "resume-1"
+    shutil.copytree(tmp_path / "ddp" / "checkpoints", refused / "checkpoints")
+    shutil.copy(tmp_path / "ddp" / "metrics.jsonl", refused / "metrics.jsonl")
     proc = run_entry("train.py", [*train_overrides(tmp_path, "cache-ddp"), "trainer.strategy=ddp",
-                                  "trainer.checkpoint_every=1", "trainer.resume=true"], resumed, expect_ok=False)
+                                  "trainer.checkpoint_every=1", "trainer.resume=true"], refused, expect_ok=False)
     assert proc.returncode == 1
     assert "was written by 2 ranks but this run has 1" in proc.stdout
 
@@ -250,3 +265,47 @@ def test_sampling_on_two_ranks_writes_the_single_process_pairs_file(tmp_path: Pa
     assert len(one) == 1 and [p.name for p in two] == [one[0].name]
     assert two[0].read_bytes() == one[0].read_bytes()
     assert not list((tmp_path / "two" / "pairs").glob("*.partial"))
+
+
+WORKER = '''
+import json, sys
+import torch
+from mipo import distributed
+from mipo.generation import generate
+from mipo.logprobs import Scorer
+from tests.helpers import tiny_model, tiny_tokenizer, user
+
+distributed.init()
+tokenizer = tiny_tokenizer()
+model = tiny_model(tokenizer)
+prompts = [user(f"question {i}: " + "word " * (i % 4)) for i in range(7)]
+gens = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, top_p=0.9, chunk_size=2, batch_size=2,
+                seed=3, desc=None)
+logps = Scorer(model, tokenizer, max_length=128, max_prompt_length=64, batch_size=2).score(
+    prompts, [g.text + " end" for g in gens], desc=None)
+if distributed.is_main():
+    json.dump({"texts": gens.texts, "logps": logps.tolist(), "world": distributed.world_size()}, open(sys.argv[1], "w"))
+'''
+
+
+@pytest.mark.slow
+def test_generation_and_scoring_on_two_ranks_equal_one_process(tmp_path: Path) -> None:
+    """What evaluation runs under torchrun: generate() shards chunks, Scorer shards batches; both gather in order."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "two.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(out)]
+    env = {**entry_env(), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    two = json.loads(out.read_text())
+    assert two["world"] == 2
+    one = tmp_path / "one.json"
+    proc = subprocess.run([sys.executable, str(script), str(one)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    one = json.loads(one.read_text())
+    assert one["world"] == 1 and len(set(one["texts"])) > 1
+    assert two["texts"] == one["texts"]
+    assert two["logps"] == pytest.approx(one["logps"], abs=1e-5)
