@@ -223,6 +223,7 @@ def sample_pairs(cfg: DictConfig) -> Path:
         "seed": cfg.seed,
         "model": model_identity(cfg.model),
         "sampling": chosen.settings,
+        **({"backend": backend} if backend != "transformers" else {}),  # transformers pairs: as before
     }
     pairs = [
         PreferencePair(prompt, y_pos.text, y_neg.text, {
