@@ -51,7 +51,9 @@ def resolve_strategy(setting: str) -> str:
                     "trainer.strategy=single model.train_dtype=bfloat16 model.master_weights=cpu)", setting)
         return "single"
     if setting == "single" and distributed.active():
-        raise ValueError(f"trainer.strategy=single under torchrun with {distributed.world_size()} ranks: every rank "
+        from mipo.config import ConfigError  # (mipo.config imports this module)
+
+        raise ConfigError(f"trainer.strategy=single under torchrun with {distributed.world_size()} ranks: every rank "
                          "would train its own copy; set trainer.strategy=ddp or trainer.strategy=fsdp")
     return setting
 
@@ -133,7 +135,8 @@ def wrap(policy: torch.nn.Module, training_forward: Any, strategy: str, device: 
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        module = DistributedDataParallel(module, device_ids=[device.index or 0] if device.type == "cuda" else None)
+        index = device.index if device.index is not None else torch.cuda.current_device() if device.type == "cuda" else None
+        module = DistributedDataParallel(module, device_ids=[index] if device.type == "cuda" else None)
     elif strategy == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
@@ -142,6 +145,9 @@ def wrap(policy: torch.nn.Module, training_forward: Any, strategy: str, device: 
             raise ValueError("trainer.strategy=fsdp keeps the sharded parameters as fp32 master weights; got "
                              f"{next(policy.parameters()).dtype} weights: set model.train_dtype=float32 (the forward "
                              "runs in bf16 on a GPU through FSDP's mixed precision)")
+        if cpu_offload and device.type != "cuda":
+            log.warning("trainer.cpu_offload=true: the model is on the CPU already; ignored")
+            cpu_offload = False
         mesh = init_device_mesh(device.type, (distributed.world_size(),))
         options = dict(mesh=mesh,
                        mp_policy=MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32),

@@ -89,6 +89,7 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     resume = tcfg.resume if resume is None else resume
     distributed.init()  # under torchrun: every rank takes 1/world of each global batch (mipo/parallel.py)
     world, rank = distributed.world_size(), distributed.rank()
+    strategy = parallel.resolve_strategy(tcfg.get("strategy", "single"))
     accumulation_steps = parallel.accumulation_steps(tcfg.batch_size, tcfg.micro_batch_size, world)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -135,7 +136,6 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
         policy.config.use_cache = False
     policy.train()
     forward = TrainingForward.prepare(cfg, policy, precision.autocast)
-    strategy = parallel.resolve_strategy(tcfg.get("strategy", "single"))
     forward = parallel.wrap(policy, forward, strategy, device, mixed_precision=precision.autocast,
                             cpu_offload=bool(tcfg.get("cpu_offload", False)))  # build the optimizer after this
     optimizer = build_optimizer(policy, tcfg)

@@ -88,6 +88,8 @@ def test_batch_must_split_over_the_ranks(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("WORLD_SIZE", "3")
     problems = config_problems(compose_config("model=tiny-llama", "trainer.batch_size=4", "trainer.micro_batch_size=2"))
     assert any("trainer.batch_size=4 must be a multiple of trainer.micro_batch_size=2 x 3 ranks" in p for p in problems)
+    assert not any("trainer.strategy" in p for p in config_problems(compose_config(
+        "model=tiny-llama", "trainer.batch_size=6", "trainer.micro_batch_size=2", "trainer.strategy=ddp")))
 
 
 def test_model_configs_default_the_strategy() -> None:
