@@ -34,7 +34,10 @@ import importlib.util
 import logging
 from typing import Any, Callable, Mapping, Sequence
 
-from mipo.generation import DecodeSettings, Generation, Plan, _decode_text, row_seed
+from mipo import distributed
+from mipo.chat import Messages
+from mipo.generation import (DecodeSettings, Generation, Generations, Plan, _decode_text, generation_record,
+                             plan_generation, row_seed)
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +146,23 @@ class VLLMGenerator:
         if tokens and tokens[-1] == self.tokenizer.eos_token_id:
             tokens = tokens[:-1]
         return Generation(_decode_text(self.tokenizer, tokens), reason, len(tokens), prompt_cut)
+
+    def generate_plan(self, plan: Plan, settings: DecodeSettings, seed: int = 0) -> Generations:
+        """Every chunk of ``plan`` (under torchrun: this rank's chunks, gathered on every rank), in input order."""
+        mine = plan.shard(distributed.rank(), distributed.world_size())
+        done = distributed.gather_dict({chunk: self.generate_chunk(plan, chunk, settings, seed) for chunk in mine})
+        items: list[Generation | None] = [None] * len(plan.prompts)
+        for chunk, generations in done.items():
+            for i, generation in zip(plan.chunks[chunk], generations, strict=True):
+                items[i] = generation
+        return Generations(items, {**generation_record(settings, seed, plan), "backend": "vllm"})  # type: ignore[arg-type]
+
+
+def generate(generator: VLLMGenerator, prompts: Sequence[Messages], max_new_tokens: int, temperature: float = 0.1,
+             top_p: float = 0.9, top_k: int | None = None, seed: int = 0, max_prompt_length: int | None = None,
+             chunk_size: int = 256) -> Generations:
+    """``mipo.generation.generate`` through vLLM: the same prompt rendering and plan, one response per prompt
+    in the order of ``prompts`` (for evaluation generation with ``sampling.backend=vllm``)."""
+    plan = plan_generation(generator.tokenizer, prompts, max_new_tokens, batch_size=len(prompts) or 1,
+                           chunk_size=chunk_size, max_prompt_length=max_prompt_length)
+    return generator.generate_plan(plan, DecodeSettings(max_new_tokens, temperature, top_p, top_k), seed)

@@ -154,6 +154,21 @@ def test_vllm_backend_maps_prompts_settings_and_seeds() -> None:
     assert (top_k.temperature, top_k.top_k, top_k.seed) == (0.0, 40, 3)  # 0 = greedy in both backends
 
 
+def test_vllm_generate_returns_responses_in_prompt_order() -> None:
+    from mipo import vllm_backend
+
+    tokenizer = tiny_tokenizer()
+    prompts = [user("a"), user("a much longer prompt than the first"), user("mid-sized one")]
+    rendered = {tuple(plan_generation(tokenizer, [p], 4).prompts[0].ids): f"r{i}" for i, p in enumerate(prompts)}
+    script = {ids: (tokenizer.encode(text, add_special_tokens=False), "length") for ids, text in rendered.items()}
+    engine = FakeLLM(script)
+    out = vllm_backend.generate(VLLMGenerator(engine, tokenizer, FakeSamplingParams), prompts, max_new_tokens=4,
+                                temperature=0.0, top_p=1.0, seed=5, chunk_size=2)
+    assert out.texts == ["r0", "r1", "r2"]  # plans decode longest first; the result is in input order
+    assert out.settings["backend"] == "vllm" and out.settings["temperature"] == 0.0
+    assert [p.seed for _, params in engine.calls for p in params] == [row_seed(5, 1), row_seed(5, 2), row_seed(5, 0)]
+
+
 def test_vllm_backend_without_vllm_falls_back_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     if "vllm" in sys.modules or __import__("importlib").util.find_spec("vllm"):
         pytest.skip("vllm is installed")
