@@ -35,8 +35,8 @@ dist-cpu: $(STAMP)
 	$(PY) -m pytest -q tests/test_distributed.py
 
 # Multi-GPU training for the paper's settings (README "Multi-GPU training"): one node, all its GPUs, FSDP2.
-# make train-fsdp MODEL=llama-3-8b-instruct EXPERIMENT=paper_arc_easy NPROC=8
-NPROC      ?= 8
+# make train-fsdp MODEL=llama-3-8b-instruct EXPERIMENT=paper_arc_easy NPROC=4  (the paper's batch of 4 pairs: <= 4 ranks)
+NPROC      ?= 4
 MODEL      ?= llama-3-8b-instruct
 EXPERIMENT ?= paper_arc_easy
 train-fsdp: $(STAMP)
