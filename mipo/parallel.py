@@ -178,6 +178,10 @@ def save_consolidated(policy: torch.nn.Module, tokenizer: Any, model_dir: Path, 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # tied weights (an output layer that is the input embedding) are saved once, as save_pretrained does
+        kept = {name for name, _ in policy.named_parameters()}
+        state = {name: value for name, value in state.items()
+                 if name in kept or name not in dict(policy.named_parameters(remove_duplicate=False))}
     if distributed.is_main():
         policy.save_pretrained(model_dir, state_dict=state)
         tokenizer.save_pretrained(model_dir)

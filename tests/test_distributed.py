@@ -3,12 +3,14 @@
 The torchrun tests (``@pytest.mark.slow``, ``make dist-cpu``) launch the real entry points
 with ``torchrun --standalone --nproc_per_node=2`` on the tiny random Llama, in fp32:
 
-* DDP and FSDP2 runs (FSDP2 also with gradient checkpointing) end with the weights of a single-process run with the same global batch
+* DDP and FSDP2 runs (FSDP2 also with tied embeddings and gradient checkpointing) end with
+  the weights of a single-process run with the same global batch
   (within 1e-5), log the same metrics, and build the same reference cache (same file name,
   same numbers);
 * an FSDP2 run resumed on 2 ranks from a checkpoint ends with the uninterrupted run's weights
   and metrics; a checkpoint written by 2 ranks is refused by a run with 1;
-* ``sample.py`` on 2 ranks writes the pairs file 1 rank writes, byte for byte.
+* ``sample.py`` on 2 ranks writes the pairs file 1 rank writes, byte for byte;
+* ``generate()`` and ``Scorer`` (what evaluation runs) give the one-process responses and log-probs.
 
 The default suite keeps what runs in one process: the batch split, the world-size refusal,
 the helpers' one-process behaviour, and the vLLM backend's mapping of prompts and sampling
@@ -196,6 +198,9 @@ def torchrun(script: str, overrides: list[str], run_dir: Path | None, nproc: int
     return proc
 
 
+TIED = ["+model.config.tie_word_embeddings=true"]  # the output layer is the input embedding (Llama-3.2 1B/3B)
+
+
 def train_overrides(tmp_path: Path, cache: str) -> list[str]:
     """16 pairs, 2 steps of 8 (micro-batches of 2: 4 accumulation steps in one process, 2 per rank on 2)."""
     pairs = write_pairs_file(tmp_path / "pairs.jsonl", 16)
@@ -206,17 +211,23 @@ def train_overrides(tmp_path: Path, cache: str) -> list[str]:
 
 @pytest.mark.slow
 def test_ddp_and_fsdp_end_with_the_single_process_weights(tmp_path: Path) -> None:
-    run_entry("train.py", train_overrides(tmp_path, "cache-1"), tmp_path / "single")
-    single = load_weights(tmp_path / "single" / "model")
-    single_metrics = (tmp_path / "single" / "metrics.jsonl").read_text().splitlines()
-    reference = {p.name: torch.load(p) for p in (tmp_path / "cache-1" / "reference").glob("*.pt")}
-    assert len(reference) == 1
+    baselines = {}  # tied: one process's weights, metrics and reference cache
+    for tied in (False, True):
+        name = "single-tied" if tied else "single"
+        run_entry("train.py", [*train_overrides(tmp_path, f"cache-{name}"), *(TIED if tied else [])], tmp_path / name)
+        baselines[tied] = (load_weights(tmp_path / name / "model"),
+                           (tmp_path / name / "metrics.jsonl").read_text().splitlines(),
+                           {p.name: torch.load(p) for p in (tmp_path / f"cache-{name}" / "reference").glob("*.pt")})
+        assert len(baselines[tied][2]) == 1
+    single = baselines[False][0]
     initial = load_model(compose_config("model=tiny-llama").model, device="cpu", vocab_size=len(tiny_tokenizer()))
     moved = max((single[name] - value).abs().max().item() for name, value in initial.state_dict().items())
     assert moved > 1e-4  # two steps at lr 1e-3 moved the weights: the comparison below is not of untrained models
+    assert "lm_head.weight" in single and "lm_head.weight" not in baselines[True][0]  # a tied one is saved once
 
-    for strategy, extra in (("ddp", []), ("fsdp", []), ("fsdp", ["model.gradient_checkpointing=true"])):
-        name = f"{strategy}{'-gc' if extra else ''}"
+    for name, strategy, extra in (("ddp", "ddp", []), ("fsdp", "fsdp", []),
+                                  ("fsdp-tied-gc", "fsdp", [*TIED, "model.gradient_checkpointing=true"])):
+        single, single_metrics, reference = baselines[bool(extra)]
         run_dir = tmp_path / name
         proc = torchrun("train.py", [*train_overrides(tmp_path, f"cache-{name}"), f"trainer.strategy={strategy}",
                                      "trainer.checkpoint_every=1", *extra], run_dir)
