@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu bench bench-kernel bench-sampling sweep-cpu compare-cpu env clean-cache
+.PHONY: demo test test-slow test-gpu dist-cpu train-fsdp bench-fsdp bench bench-kernel bench-sampling sweep-cpu compare-cpu env clean-cache
 
 env: $(STAMP)
 
@@ -28,6 +28,24 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# torchrun on CPU (gloo, 2 ranks, tiny model): DDP and FSDP2 weights, reference cache and pairs file equal to
+# one process (tests/test_distributed.py, also part of test-slow).
+dist-cpu: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow" tests/test_distributed.py
+
+# Multi-GPU training for the paper's settings (README "Multi-GPU training"): one node, all its GPUs, FSDP2.
+# make train-fsdp MODEL=llama-3-8b-instruct EXPERIMENT=paper_arc_easy NPROC=4  (the paper's batch of 4 pairs: <= 4 ranks)
+NPROC      ?= 4
+MODEL      ?= llama-3-8b-instruct
+EXPERIMENT ?= paper_arc_easy
+train-fsdp: $(STAMP)
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) pipeline.py experiment=$(EXPERIMENT) model=$(MODEL) trainer.strategy=fsdp
+
+# FSDP2 training throughput of a random Llama-3.2-1B-sized model on this node's GPUs, log-prob kernel on and off
+# (bench/fsdp_throughput.py; writes bench/FSDP_RESULTS.md with the GPU named).
+bench-fsdp: $(STAMP)
+	TRITON_INTERPRET=0 $(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m bench.fsdp_throughput
 
 # The Triton kernels compiled on a CUDA GPU (tests marked gpu; they skip without one).
 # TRITON_INTERPRET=0 keeps the kernels compiled: tests/conftest.py turns the interpreter on otherwise.

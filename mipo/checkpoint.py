@@ -18,6 +18,15 @@ Model and optimizer go through ``torch.distributed.checkpoint`` (DCP) with its
 writes one file and reads it back bit for bit (``tests/test_checkpoint.py``); under FSDP the
 same calls write and read each rank's shards, so the format does not change when training
 goes multi-GPU. The small loop state is JSON, readable by eye.
+
+Under torchrun (``mipo.distributed``) every rank takes part: rank 0 creates the temporary
+folder and tells the others its name, each rank writes its own ``__<rank>_0.distcp`` (its FSDP
+shards; under DDP DCP writes each replicated tensor once), rank 0 writes ``.metadata`` and
+``trainer_state.json`` (with every rank's RNG states, ``rng_ranks``) and renames the folder.
+A checkpoint resumes with the world size it was written with, and only with it
+(``check_world_size``): the per-rank RNG states and the share of each batch a rank trains on
+belong to that world size. (DCP itself could re-shard the model and optimizer to another
+world size; resuming that way would not continue the run exactly, so it is refused.)
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from mipo import distributed
 from mipo.files import atomic_dir, remove_stale, remove_tree
 
 log = logging.getLogger(__name__)
@@ -102,18 +112,27 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     the RNG states are added here, as they are at this moment.
     """
     folder = checkpoints_dir(run_dir)
-    remove_stale(folder)
     target = folder / f"step-{step}"
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    state = {"format": FORMAT_VERSION, "step": step, "scheduler": scheduler.state_dict(), "rng": rng_state(),
-             **loop_state}
+    world = distributed.world_size()
+    rngs = distributed.gather_in_order({distributed.rank(): rng_state()}, world)
+    state = {"format": FORMAT_VERSION, "step": step, "scheduler": scheduler.state_dict(), "rng": rngs[0],
+             "world_size": world, **({"rng_ranks": rngs} if world > 1 else {}), **loop_state}
+    if not distributed.is_main():  # rank 0 owns the folder; the others write their shards into it
+        tmp = distributed.broadcast_object(None)
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+        distributed.barrier()
+        return target
+    remove_stale(folder)
     with atomic_dir(target) as tmp:
+        distributed.broadcast_object(tmp)
         with _single_process_dcp():
             dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
         (tmp / STATE_FILE).write_text(json.dumps(state) + "\n")
     if keep is not None:
         for _, old in list_checkpoints(run_dir)[:-keep]:
             remove_tree(old)
+    distributed.barrier()
     return target
 
 
@@ -141,6 +160,16 @@ def check_same_inputs(checkpoint: str | Path, saved: Mapping[str, Any], current:
                               f"it was started with, or start again with overwrite=true:\n{lines}")
 
 
+def check_world_size(checkpoint: str | Path, state: Mapping[str, Any], world: int) -> None:
+    """Refuse a checkpoint written by another number of ranks (see the module docstring for why)."""
+    saved = int(state.get("world_size", 1))
+    if saved != world:
+        raise CheckpointError(
+            f"{checkpoint} was written by {saved} rank{'s' * (saved > 1)} but this run has {world}: a checkpoint "
+            f"resumes with the world size it was written with (torchrun --nnodes x --nproc_per_node = {saved}), "
+            "or start again with overwrite=true")
+
+
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     if not isinstance(tree, Mapping):
         return {prefix: tree}
@@ -163,7 +192,7 @@ def restore_checkpoint(checkpoint: str | Path, state: Mapping[str, Any], model: 
         dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=Path(checkpoint))
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
     scheduler.load_state_dict(dict(state["scheduler"]))
-    set_rng_state(state["rng"])
+    set_rng_state(state["rng_ranks"][distributed.rank()] if "rng_ranks" in state else state["rng"])
 
 
 # --------------------------------------------------------------------------------------------

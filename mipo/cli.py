@@ -24,6 +24,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from mipo import distributed  # registers ${mipo_now:...}: the run directory is rank 0's under torchrun
 from mipo.checkpoint import CheckpointError
 from mipo.config import ConfigError, raise_problems
 from mipo.files import BusyError, stable_hash
@@ -116,6 +117,10 @@ def setup(cfg: DictConfig, entry: str) -> Inputs:
     """Check everything ``entry`` is given (``mipo.inputs``), quiet third-party noise, and
     return what the check read, with the run directory."""
     inputs = check_inputs(cfg, entry, run_dir())
+    if distributed.init():  # under torchrun: every rank has checked the run directory before any writes to it
+        distributed.barrier()
+        if not distributed.is_main():
+            quiet_rank()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -128,6 +133,20 @@ def setup(cfg: DictConfig, entry: str) -> Inputs:
     out = inputs.run_dir
     out.mkdir(parents=True, exist_ok=True)
     # .hydra/config.yaml keeps the interpolations; this copy has every value resolved.
-    OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
+    if distributed.is_main():
+        OmegaConf.save(cfg, out / "config_resolved.yaml", resolve=True)
     log.info("run directory: %s", out)
     return inputs
+
+
+def quiet_rank() -> None:
+    """Ranks other than 0 write no log file, log warnings only (on stderr) and print nothing: rank 0
+    speaks for the run (its result tables, its log)."""
+    sys.stdout = open(os.devnull, "w")
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler):
+            root.removeHandler(handler)
+            handler.close()
+    for name in ("mipo", "__main__"):
+        logging.getLogger(name).setLevel(logging.WARNING)

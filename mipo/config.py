@@ -12,6 +12,7 @@ splits, and the dtype of the policy weights while training.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -21,8 +22,10 @@ from mipo.losses import LOSS_FAMILIES, loss_config_problems
 from mipo.models import DTYPES, model_source_problem, resolve_dtype
 from mipo.negatives import STRATEGIES
 from mipo.optim import LR_SCHEDULERS, MASTER_WEIGHTS, ForwardPrecision, resolve_autocast
+from mipo.parallel import STRATEGIES as TRAIN_STRATEGIES
 from mipo.tasks import Example, Task, get_task, load_splits
 from mipo.tracking import WANDB_MODES
+from mipo.vllm_backend import BACKENDS
 
 KERNELS = ("auto", "triton", "torch", "naive")
 AUTOCAST = ("auto", "none", "null", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
@@ -94,6 +97,17 @@ def config_problems(cfg: DictConfig) -> list[str]:
         need(trainer.batch_size % trainer.micro_batch_size == 0,
              f"trainer.batch_size={trainer.batch_size} must be a multiple of "
              f"trainer.micro_batch_size={trainer.micro_batch_size} (pairs per step = micro-batch x accumulation)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's ranks: each takes 1/world of every batch
+    if world > 1 and _is_int(trainer.batch_size) and _is_int(trainer.micro_batch_size) and trainer.micro_batch_size > 0:
+        need(trainer.batch_size % (trainer.micro_batch_size * world) == 0,
+             f"trainer.batch_size={trainer.batch_size} must be a multiple of trainer.micro_batch_size="
+             f"{trainer.micro_batch_size} x {world} ranks (pairs per step = micro-batch x accumulation x ranks)")
+    strategy = trainer.get("strategy", "single")
+    need(strategy in TRAIN_STRATEGIES, f"trainer.strategy={strategy}: expected one of {', '.join(TRAIN_STRATEGIES)}")
+    need(isinstance(trainer.get("cpu_offload", False), bool),
+         f"trainer.cpu_offload={trainer.get('cpu_offload')}: expected true or false")
+    backend = cfg.sampling.get("backend", "transformers")
+    need(backend in BACKENDS, f"sampling.backend={backend}: expected one of {', '.join(BACKENDS)}")
     need(_is_number(trainer.lr) and trainer.lr > 0, f"trainer.lr={trainer.lr}: expected a learning rate > 0")
     need(_is_number(trainer.warmup_ratio) and 0 <= trainer.warmup_ratio <= 1,
          f"trainer.warmup_ratio={trainer.warmup_ratio}: expected a fraction in [0, 1]")

@@ -43,6 +43,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.cache_utils import Cache, DynamicLayer
 
+from mipo import distributed
 from mipo.chat import Messages, prompt_key
 from mipo.encoding import encode_prompt, left_pad, truncate_prompt
 from mipo.files import stable_hash
@@ -570,18 +571,28 @@ def generate_plan(
     done: Mapping[int, Sequence[Generation]] | None = None,
     on_chunk: Callable[[int, list[Generation]], None] | None = None,
     desc: str | None = "sampling",
+    shard_ranks: bool = True,
 ) -> Generations:
     """Decode every chunk of ``plan`` not already in ``done`` (chunk -> its responses, e.g. read back
-    after a crash), calling ``on_chunk(chunk, responses)`` as each one finishes."""
+    after a crash), calling ``on_chunk(chunk, responses)`` as each one finishes.
+
+    Under torchrun (``shard_ranks``) every rank must call this with the same plan: rank r decodes
+    the chunks ``plan.shard(r, N)`` and the responses are gathered on every rank, the same as
+    one process decodes them (each prompt has its own seed, each chunk depends on nothing else).
+    """
     done = dict(done or {})
-    with tqdm(total=len(plan.prompts), desc=desc, disable=desc is None, unit="response") as progress:
+    mine = set(plan.shard(distributed.rank(), distributed.world_size())) if shard_ranks else set(range(len(plan.chunks)))
+    decoded: dict[int, list[Generation]] = {}
+    with tqdm(total=len(plan.prompts), desc=desc, disable=desc is None or not distributed.is_main(),
+              unit="response") as progress:
         progress.update(sum(len(done[c]) for c in done))
         for chunk in range(len(plan.chunks)):
-            if chunk in done:
+            if chunk in done or chunk not in mine:
                 continue
-            done[chunk] = generate_chunk(model, tokenizer, plan, chunk, settings, seed, progress=progress)
+            decoded[chunk] = generate_chunk(model, tokenizer, plan, chunk, settings, seed, progress=progress)
             if on_chunk is not None:
-                on_chunk(chunk, done[chunk])
+                on_chunk(chunk, decoded[chunk])
+    done.update(distributed.gather_dict(decoded) if shard_ranks else decoded)
     items: list[Generation | None] = [None] * len(plan.prompts)
     for chunk, generations in done.items():
         for i, generation in zip(plan.chunks[chunk], generations, strict=True):

@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from kernels import linear_logprob, logprob_gather
+from mipo import distributed
 from mipo.chat import Messages
 from mipo.encoding import IGNORE_INDEX, Batch, EncodedRow, encode_rows, pad_batch
 from mipo import segment_attention
@@ -167,6 +168,11 @@ class Scorer:
     forward passes. ``share_prompts=False`` runs every row in full; both give the same numbers
     up to float rounding. ``fused_lm_head`` takes the training forward's output-layer path, so
     the reference scores with the policy's numerics (``mipo.reference``).
+
+    Under torchrun (``shard_ranks``, on by default) every rank must call ``score_rows`` with the
+    same rows: the batches are formed as in one process and dealt out round-robin (batch k to
+    rank k mod N), and the results are gathered in input order on every rank. Each batch is
+    the same forward pass it is in one process, so the numbers do not depend on N.
     """
 
     model: torch.nn.Module
@@ -177,6 +183,7 @@ class Scorer:
     kernel: str = "auto"
     share_prompts: bool = True
     fused_lm_head: bool = False
+    shard_ranks: bool = True
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str], desc: str | None = "scoring",
               finished: Sequence[bool] | None = None) -> torch.Tensor:
@@ -199,11 +206,13 @@ class Scorer:
         device = next(self.model.parameters()).device
         pad_token_id = self.tokenizer.pad_token_id
         out = torch.empty(len(rows), dtype=torch.float32)
+        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        mine = distributed.shard(len(batches)) if self.shard_ranks else range(len(batches))
         was_training = self.model.training
         self.model.eval()
         try:
-            for start in tqdm(range(0, len(order), self.batch_size), desc=desc, disable=desc is None, leave=False):
-                index = order[start : start + self.batch_size]
+            for k in tqdm(mine, desc=desc, disable=desc is None or not distributed.is_main(), leave=False):
+                index = batches[k]
                 batch_rows = [rows[i] for i in index]
                 if self.share_prompts:
                     logps = prompt_tree_logps(self.model, batch_rows, kernel=self.kernel, fused_lm_head=self.fused_lm_head)
@@ -213,6 +222,10 @@ class Scorer:
                 out[index] = logps.float().cpu()
         finally:
             self.model.train(was_training)
+        if self.shard_ranks and distributed.active():
+            gathered = distributed.gather_in_order({k: out[batches[k]] for k in mine}, len(batches))
+            for index, logps in zip(batches, gathered):
+                out[index] = logps
         return out
 
 

@@ -28,7 +28,6 @@ Config (``conf/loss/``): ``loss.loss_type`` picks the loss, so the DPO family ke
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 

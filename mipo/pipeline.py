@@ -31,6 +31,7 @@ content-addressed) and an unfinished one resumes where its stages stopped.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -40,6 +41,7 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
+from mipo import distributed
 from mipo.checkpoint import clear_checkpoints
 from mipo.evaluation import evaluate
 from mipo.files import exclusive_lock, stable_hash, write_json
@@ -64,19 +66,22 @@ def train_stage(cfg: DictConfig, pairs_file: Path, pairs: list[PreferencePair] |
     def done() -> bool:
         return (stage_dir / "train.json").exists() and (stage_dir / "model").exists()
 
-    if done():
+    if distributed.broadcast_object(done()):  # under torchrun rank 0 decides and holds the lock for all ranks
         log.info("train stage: outputs exist for these inputs, skipping (%s)", stage_dir)
         return stage_dir
-    with exclusive_lock(runs / f"{key}.lock", what=f"the train stage {key}"):
-        if done():  # finished by another process while this one waited to start
+    main = distributed.is_main()
+    with exclusive_lock(runs / f"{key}.lock", what=f"the train stage {key}") if main else contextlib.nullcontext():
+        if distributed.broadcast_object(done()):  # finished by another process while this one waited to start
             return stage_dir
         partial = runs / f"{key}.partial"
         summary = train(cfg, partial, pairs=pairs, resume=True)
-        clear_checkpoints(partial)  # the cache keeps the trained policy, not its optimizer states
-        summary["model_dir"] = str(stage_dir / "model")
-        write_json(partial / "train.json", summary)
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        os.replace(partial, stage_dir)
+        if main:
+            clear_checkpoints(partial)  # the cache keeps the trained policy, not its optimizer states
+            summary["model_dir"] = str(stage_dir / "model")
+            write_json(partial / "train.json", summary)
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            os.replace(partial, stage_dir)
+        distributed.barrier()
     return stage_dir
 
 
@@ -106,11 +111,14 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs: list[Preference
         stage_dir = train_stage(round_cfg, pairs_file, pairs if r == 1 else None)
         results = evaluate(cfg, round_dir, model_path=stage_dir / "model", trained_id=stage_dir.name)  # vs the base
         _publish_training(stage_dir, round_dir)
-        _link(round_dir / "pairs.jsonl", pairs_file.resolve(), directory=False)
+        if distributed.is_main():
+            _link(round_dir / "pairs.jsonl", pairs_file.resolve(), directory=False)
         summary.append({"round": r, "pairs": str(pairs_file), "model_dir": str(stage_dir / "model"),
                         "sampled_and_reference_by": "base" if r == 1 else str(round_cfg.model.name_or_path),
                         "models": results["models"]})
         round_cfg = next_round_config(cfg, stage_dir / "model")
+    if not distributed.is_main():  # under torchrun rank 0 writes the files
+        return results
     for name in EVAL_OUTPUTS:
         if (round_dir / name).exists():
             shutil.copy2(round_dir / name, output_dir / name)
@@ -140,7 +148,9 @@ def next_round_config(cfg: DictConfig, model_dir: Path) -> DictConfig:
 
 
 def _publish_training(stage_dir: Path, output_dir: Path) -> None:
-    """Copy a train stage's small outputs into ``output_dir`` and link its ``model`` there."""
+    """Copy a train stage's small outputs into ``output_dir`` and link its ``model`` there (rank 0 only)."""
+    if not distributed.is_main():
+        return
     output_dir.mkdir(parents=True, exist_ok=True)
     for name in TRAIN_OUTPUTS:
         shutil.copy2(stage_dir / name, output_dir / name)

@@ -15,6 +15,10 @@ so a cache computed for other inputs is never reused. The file also stores those
 is checked against them on load. Writes are atomic. When the cache is valid the reference
 model is not even loaded. Reference-free losses (SFT, SimPO, SAMI, InfoNCE: ``mipo.losses.LOSS_FAMILIES``)
 never call this module.
+
+Under torchrun every rank calls ``reference_logps``: the ``Scorer`` shares the scoring out
+between the ranks and gathers it in input order (``mipo.logprobs``), and rank 0 writes the
+file. A cache built by N ranks has the same key and the same numbers as one built by 1.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mipo import distributed
 from mipo.encoding import EncodedRow, encode_pairs
 from mipo.files import atomic_path, sha256_file, stable_hash
 from mipo.logprobs import Scorer
@@ -136,6 +141,9 @@ def reference_logps(
                               device.type, kernel, fused_lm_head, num_negatives)
     path = reference_cache_path(cache_dir, inputs)
     cached = load_cached(path, inputs, len(pairs), num_negatives)
+    if distributed.broadcast_object(cached is not None) != (cached is not None):
+        raise RuntimeError(f"{path}: rank 0 and rank {distributed.rank()} disagree on whether this reference cache is "
+                           "valid (was it written meanwhile by another process?); run the command again")
     if cached is not None:
         log.info("reference cache hit: %s (the reference model is not loaded)", path)
         return cached
@@ -155,6 +163,8 @@ def reference_logps(
     stored = {"inputs": dict(inputs), "chosen": chosen, "rejected": rejected}
     if extra is not None:
         stored["extra_rejected"] = extra
-    with atomic_path(path) as tmp:
-        torch.save(stored, tmp)
+    if distributed.is_main():
+        with atomic_path(path) as tmp:
+            torch.save(stored, tmp)
+    distributed.barrier()
     return ReferenceLogps(chosen, rejected, path, cache_hit=False, extra_rejected=extra)

@@ -19,6 +19,16 @@ A run killed at any point and started again with the same command reads back the
 that are there and decodes only the others; since a chunk's responses depend on nothing but
 the chunk, the pairs file is byte for byte the one an uninterrupted run writes. The folder is
 removed once the pairs file is in place; ``sampling.overwrite=true`` discards it.
+
+Ranks. Under torchrun every rank runs ``sample_pairs``: rank r decodes the chunks
+``Plan.shard(r, N)`` that are not done yet (writing each to the ``.partial`` folder as usual),
+the chunks are gathered on every rank, and rank 0 writes the pairs file. Prompt i samples
+with its own seed and a chunk depends on nothing else, so the pairs file is byte for byte the
+one a single process writes.
+
+Backends. ``sampling.backend=transformers`` decodes with ``mipo.generation``;
+``sampling.backend=vllm`` with ``mipo.vllm_backend`` when vllm is installed (the choice is
+logged; without vllm the transformers backend runs).
 """
 
 from __future__ import annotations
@@ -32,14 +42,18 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
+from mipo import distributed
 from mipo.chat import Messages
 from mipo.config import build_task, task_splits
 from mipo.files import stable_hash, write_json
-from mipo.generation import SEEDING, Generation, Generations, Plan, decode_settings, generate_plan, plan_generation
+from mipo.generation import (SEEDING, Generation, Generations, Plan, decode_settings, generate_chunk, generate_plan,
+                             plan_generation)
 from mipo.models import load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype
 from mipo.negatives import plan_negatives
 from mipo.pairs import PreferencePair, write_pairs
+from mipo.vllm_backend import VLLMGenerator, resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +85,9 @@ def sampling_inputs(cfg: DictConfig) -> dict[str, Any]:
         "seed": cfg.seed,
         "seeding": SEEDING,
         "format": 3,  # 3: rendering and inference numerics in the key
+        # the vllm backend samples other strings: in the key when it runs (absent for transformers, as before)
+        **({"backend": "vllm"} if resolve_backend(cfg.sampling.get("backend", "transformers"), cfg.model,
+                                                  announce=False) == "vllm" else {}),
     }
 
 
@@ -149,7 +166,8 @@ def sample_pairs(cfg: DictConfig) -> Path:
     any partial samples too); resumes from ``<pairs path>.partial/`` otherwise.
     """
     path = pairs_path(cfg)
-    if path.exists() and not cfg.sampling.overwrite:
+    distributed.init()
+    if distributed.broadcast_object(path.exists() and not cfg.sampling.overwrite):  # rank 0 decides
         log.info("pairs exist, not re-sampling: %s", path)
         return path
 
@@ -174,26 +192,36 @@ def sample_pairs(cfg: DictConfig) -> Path:
                                    cfg.sampling.chunk_size, cfg.data.max_prompt_length, cfg.sampling.max_batch_tokens)
              for name, (stream_prompts, _) in streams.items()}
     store = ChunkStore(path.with_name(path.name + ".partial"), stable_hash(sampling_inputs(cfg), 20), plans)
-    if cfg.sampling.overwrite:
-        store.remove()
-    store.open()
+    if distributed.is_main():
+        if cfg.sampling.overwrite:
+            store.remove()
+        store.open()
+    distributed.barrier()
     done = {name: store.load(name) for name in streams}
 
     settings = decode_settings(cfg.sampling)
-    model = None
+    backend = resolve_backend(cfg.sampling.get("backend", "transformers"), cfg.model)
+    decoder = None  # decode_chunk(plan, chunk, seed, progress), loaded when this rank has a chunk to decode
     results: dict[str, Generations] = {}
+    rank, world = distributed.rank(), distributed.world_size()
     for name, (_, seed) in streams.items():
         stream_plan = plans[name]
-        if len(done[name]) < len(stream_plan.chunks):
-            if done[name]:
-                log.info("%s: resuming, %d of %d chunks already sampled (%s)", name, len(done[name]),
-                         len(stream_plan.chunks), store.folder)
-            if model is None:
-                model = load_model(cfg.model, device=resolve_device(cfg.device), cache_dir=cfg.paths.cache_dir,
-                                   vocab_size=len(tokenizer))
+        todo = [c for c in stream_plan.shard(rank, world) if c not in done[name]]  # this rank's chunks
+        if done[name] and len(done[name]) < len(stream_plan.chunks):
+            log.info("%s: resuming, %d of %d chunks already sampled (%s)", name, len(done[name]),
+                     len(stream_plan.chunks), store.folder)
+        if todo and decoder is None:
+            decoder = chunk_decoder(cfg, tokenizer, backend, settings)
         desc = "sampling y+ ~ pi(.|x)" if name == "chosen" else "sampling y- ~ pi(.|x')"
-        results[name] = generate_plan(model, tokenizer, stream_plan, settings, seed, done=done[name], desc=desc,
-                                      on_chunk=lambda chunk, gens, name=name: store.save(name, chunk, gens))
+        decoded: dict[int, list[Generation]] = {}
+        with tqdm(total=sum(len(stream_plan.chunks[c]) for c in todo), desc=desc, unit="response",
+                  disable=not distributed.is_main()) as progress:
+            for chunk in todo:
+                decoded[chunk] = decoder(stream_plan, chunk, seed, progress)
+                store.save(name, chunk, decoded[chunk])
+        merged = {**done[name], **distributed.gather_dict(decoded)}  # every rank's chunks, on every rank
+        results[name] = generate_plan(None, tokenizer, stream_plan, settings, seed, done=merged, desc=None,
+                                      shard_ranks=False)  # every chunk is done: this only assembles them
         log_summary(name, results[name])
 
     chosen = results["chosen"]
@@ -204,6 +232,7 @@ def sample_pairs(cfg: DictConfig) -> Path:
         "seed": cfg.seed,
         "model": model_identity(cfg.model),
         "sampling": chosen.settings,
+        **({"backend": backend} if backend != "transformers" else {}),  # transformers pairs: as before
     }
     pairs = [
         PreferencePair(prompt, y_pos.text, y_neg.text, {
@@ -218,10 +247,24 @@ def sample_pairs(cfg: DictConfig) -> Path:
             pair.metadata["extra_negatives"] = [
                 {"negative_prompt": prompts[j], "negative_uid": plan.examples[j].uid, "rejected": chosen[j].text,
                  "rejected_finish_reason": chosen[j].finish_reason} for j in sources]
-    write_pairs(path, pairs)
-    store.remove()
-    log.info("wrote %d pairs to %s", len(pairs), path)
+    if distributed.is_main():
+        write_pairs(path, pairs)
+        store.remove()
+        log.info("wrote %d pairs to %s", len(pairs), path)
+    distributed.barrier()
     return path
+
+
+def chunk_decoder(cfg: DictConfig, tokenizer, backend: str, settings) -> Any:
+    """``decode(plan, chunk, seed, progress) -> list[Generation]`` for ``backend`` (``resolve_backend``)."""
+    device = resolve_device(cfg.device)
+    if backend == "vllm":
+        generator = VLLMGenerator.load(cfg.model, tokenizer, str(resolve_dtype(cfg.model.dtype, device)).removeprefix(
+            "torch."), cfg.seed, cache_dir=cfg.paths.cache_dir)
+        return lambda plan, chunk, seed, progress: generator.generate_chunk(plan, chunk, settings, seed, progress)
+    model = load_model(cfg.model, device=device, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
+    return lambda plan, chunk, seed, progress: generate_chunk(model, tokenizer, plan, chunk, settings, seed,
+                                                               progress=progress)
 
 
 def log_summary(stream: str, generations: Generations) -> None:

@@ -14,6 +14,10 @@ the step and the pairs of its batch (``NonFiniteError``), or with ``trainer.skip
 is skipped and counted: nothing is ever trained on NaN. With ``trainer.checkpoint_every`` the
 loop writes checkpoints (``mipo/checkpoint.py``) and ``resume`` continues from the newest one,
 bit for bit as if the run had never stopped.
+
+Under torchrun (``trainer.strategy=ddp|fsdp``, ``mipo/parallel.py``) each rank trains on its
+slice of every global batch through the wrapped forward, metrics are averaged over ranks and
+rank 0 writes the logs, ``train.json`` and the consolidated model.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from mipo.checkpoint import (check_same_inputs, clear_checkpoints, latest_checkpoint, read_state,
+from mipo import distributed, parallel
+from mipo.checkpoint import (check_same_inputs, check_world_size, clear_checkpoints, latest_checkpoint, read_state,
                              restore_checkpoint, save_checkpoint)
 from mipo.config import train_dtype, training_precision
 from mipo.files import sha256_file, write_json
@@ -90,7 +95,10 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     output_dir = Path(output_dir)
     tcfg = cfg.trainer
     resume = tcfg.resume if resume is None else resume
-    accumulation_steps = tcfg.batch_size // tcfg.micro_batch_size
+    distributed.init()  # under torchrun: every rank takes 1/world of each global batch (mipo/parallel.py)
+    world, rank = distributed.world_size(), distributed.rank()
+    strategy = parallel.resolve_strategy(tcfg.get("strategy", "single"))
+    accumulation_steps = parallel.accumulation_steps(tcfg.batch_size, tcfg.micro_batch_size, world)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
@@ -123,9 +131,11 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     state = read_state(checkpoint) if checkpoint else None
     if state:
         check_same_inputs(checkpoint, _resume_view(state["inputs"]), _resume_view(inputs))
+        check_world_size(checkpoint, state, world)
         log.info("resuming from %s (step %d of %d)", checkpoint, state["step"], total_steps)
-    else:
+    elif distributed.is_main():
         clear_checkpoints(output_dir)
+    distributed.barrier()
     order = state["order"] if state else list(batch_order(len(pairs), tcfg.batch_size, tcfg.epochs, seed=cfg.seed))[:total_steps]
     history: list[dict[str, float]] = state["history"] if state else []
     skipped: list[int] = state["skipped_steps"] if state else []
@@ -138,32 +148,40 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
         policy.config.use_cache = False
     policy.train()
     forward = TrainingForward.prepare(cfg, policy, precision.autocast)
+    forward = parallel.wrap(policy, forward, strategy, device, mixed_precision=precision.autocast,
+                            cpu_offload=bool(tcfg.get("cpu_offload", False)))  # build the optimizer after this
     optimizer = build_optimizer(policy, tcfg)
     scheduler = build_scheduler(optimizer, tcfg, total_steps)
 
-    logger = MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True),
-                           resume=state["logger"] if state else None)
-    log.info("training on %d pairs: %d steps of %d pairs (%d x %d accumulation), lr %.2g, loss %s (%s)",
-             len(pairs), total_steps, tcfg.batch_size, tcfg.micro_batch_size, accumulation_steps, tcfg.lr,
-             cfg.loss.loss_type, OmegaConf.to_container(cfg.loss, resolve=True))
+    logger = (MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True),
+                            resume=state["logger"] if state else None)
+              if distributed.is_main() else distributed.NoLogger())
+    log.info("training on %d pairs: %d steps of %d pairs (%d x %d accumulation x %d ranks, %s), lr %.2g, loss %s (%s)",
+             len(pairs), total_steps, tcfg.batch_size, tcfg.micro_batch_size, accumulation_steps, world, strategy,
+             tcfg.lr, cfg.loss.loss_type, OmegaConf.to_container(cfg.loss, resolve=True))
     if state:  # last before the loop: it sets the RNG states
         restore_checkpoint(checkpoint, state, policy, optimizer, scheduler)
 
     # ---- the loop -------------------------------------------------------------------------------
     first_step = state["step"] + 1 if state else 1
-    progress = tqdm(total=total_steps, initial=first_step - 1, desc="training", unit="step")
+    progress = tqdm(total=total_steps, initial=first_step - 1, desc="training", unit="step",
+                    disable=not distributed.is_main())
     for step in range(first_step, total_steps + 1):
         batch_index = order[step - 1]
         metrics: dict[str, float] = {}
-        for start in range(0, len(batch_index), tcfg.micro_batch_size):
-            index = batch_index[start : start + tcfg.micro_batch_size]
+        local_index = parallel.local_batch(batch_index, world, rank)  # this rank's share of the global batch
+        for start in range(0, len(local_index), tcfg.micro_batch_size):
+            index = local_index[start : start + tcfg.micro_batch_size]
+            forward.sync_gradients(last=start + tcfg.micro_batch_size >= len(local_index))
             micro_batch = forward.collate_rows(rows, index, reference, tokenizer.pad_token_id,
                                                cfg.loss.loss_type).to(device)
             loss, micro_metrics = forward(policy, micro_batch, cfg.loss)
             (loss / accumulation_steps).backward()
             for name, value in micro_metrics.items():
                 metrics[name] = metrics.get(name, 0.0) + float(value) / accumulation_steps
-        metrics["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(policy.parameters(), tcfg.max_grad_norm))
+        metrics = distributed.mean_over_ranks(metrics)  # the global batch's means, as one process computes them
+        metrics["grad_norm"] = parallel.grad_norm_value(torch.nn.utils.clip_grad_norm_(policy.parameters(),
+                                                                                       tcfg.max_grad_norm))
         metrics["lr"] = scheduler.get_last_lr()[0]
 
         if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
@@ -210,10 +228,12 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     logger.close()
     if tcfg.save_model:
         model_dir = output_dir / "model"
-        final_weights(policy, optimizer).save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
+        # one consolidated Hugging Face folder, written by rank 0 (FSDP: the shards gathered first)
+        parallel.save_consolidated(final_weights(policy, optimizer), tokenizer, model_dir, strategy)
         summary["model_dir"] = str(model_dir)
-    write_json(output_dir / "train.json", summary)
+    if distributed.is_main():
+        write_json(output_dir / "train.json", summary)
+    distributed.barrier()
     return summary
 
 
