@@ -82,13 +82,18 @@ def _personalization_data(tmp_path: Path) -> Path:
     return path
 
 
-def test_judge_end_to_end_with_a_tiny_judge(tmp_path):
+def _judge_cfg(tmp_path):
+    """The tiny model judged by the tiny judge on the personalization rows of ``_personalization_data``."""
     data = _personalization_data(tmp_path)
-    cfg = tiny_cfg(tmp_path, "task=persistbench", "task.name=jsonl", f"data.source={data}", "judge=tiny-llama",
-                   "+task.options.context_field=memories", "+task.options.reference_field=reference",
-                   "+task.options.answer_field=null", "data.num_train=0", "data.num_eval=6",
-                   "data.max_length=1400", "data.max_prompt_length=1300", "judge.max_new_tokens=3",
-                   "eval.bootstrap_resamples=200")
+    return tiny_cfg(tmp_path, "task=persistbench", "task.name=jsonl", f"data.source={data}", "judge=tiny-llama",
+                    "+task.options.context_field=memories", "+task.options.reference_field=reference",
+                    "+task.options.answer_field=null", "data.num_train=0", "data.num_eval=6",
+                    "data.max_length=1400", "data.max_prompt_length=1300", "judge.max_new_tokens=3",
+                    "eval.bootstrap_resamples=200")
+
+
+def test_judge_end_to_end_with_a_tiny_judge(tmp_path):
+    cfg = _judge_cfg(tmp_path)
     assert OmegaConf.select(cfg, "judge.weak") is True
     results = evaluation.evaluate(cfg, tmp_path / "out")
     base = results["models"]["base"]
@@ -132,12 +137,7 @@ def test_judge_end_to_end_parsed_and_unparsed_with_deltas(tmp_path, monkeypatch)
         return Generations(items, generations.settings)
 
     monkeypatch.setattr(judge, "generate", half_parsed)
-    data = _personalization_data(tmp_path)
-    cfg = tiny_cfg(tmp_path, "task=persistbench", "task.name=jsonl", f"data.source={data}", "judge=tiny-llama",
-                   "+task.options.context_field=memories", "+task.options.reference_field=reference",
-                   "+task.options.answer_field=null", "data.num_train=0", "data.num_eval=6",
-                   "data.max_length=1400", "data.max_prompt_length=1300", "judge.max_new_tokens=3",
-                   "eval.bootstrap_resamples=200")
+    cfg = _judge_cfg(tmp_path)
     results = evaluation.evaluate(cfg, tmp_path / "out", model_path=_perturbed_model(cfg, tmp_path / "trained"))
     assert calls == [10, 10, 10]  # references once, then each model: batched, one decode per set
     for name in ("base", "trained"):
