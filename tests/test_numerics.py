@@ -78,3 +78,26 @@ def test_skip_nonfinite_skips_the_update_and_counts_it(tmp_path, nan_reference):
         taken = step - 1 - sum(s < step for s in skipped)
         assert metrics[step]["train/lr"] == pytest.approx(1e-3 * min(1.0, taken / 8))  # warmup from 0 over 8 steps
     assert all(torch.isfinite(w).all() for w in load_weights(tmp_path / "run" / "model").values())
+
+
+def flushes_subnormals() -> bool:
+    return (torch.tensor([1e-39]) * 1.0).item() == 0.0
+
+
+@pytest.mark.parametrize("flush", [True, False])
+def test_flush_denormal_holds_during_the_loop_and_is_restored(tmp_path, monkeypatch, flush):
+    """trainer.flush_denormal: subnormal gradients (a saturated loss) are flushed in the loop's arithmetic."""
+    pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", 4)
+    seen = []
+    real = mipo.trainer.parallel.grad_norm_value
+
+    def observe(norm):
+        seen.append(flushes_subnormals())
+        return real(norm)
+
+    monkeypatch.setattr(mipo.trainer.parallel, "grad_norm_value", observe)
+    assert not flushes_subnormals()
+    train(config(tmp_path, pairs_file, f"trainer.flush_denormal={str(flush).lower()}", "trainer.epochs=1"),
+          tmp_path / "run")
+    assert seen == [flush, flush]  # 4 pairs, batches of 2: two steps
+    assert not flushes_subnormals()  # restored
