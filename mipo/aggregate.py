@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from mipo.plots import figure_name, plot, plot_lines, resolve_group
+from mipo.plots import figure_name, plot, plot_deltas, plot_lines, resolve_group
 from mipo.summary import (
     SummaryRow,
     default_columns,
@@ -110,10 +110,16 @@ def choose_y(rows: Sequence[SummaryRow], requested: str | None) -> str:
 
 def draw_figures(rows: Sequence[SummaryRow], x: str, y: str, group: list[str] | None,
                  out_dir: Path, title: str) -> list[Path]:
-    """The ``y`` figure and, when they are other metrics that exist, the MI and per-token MI figures."""
+    """The ``y`` figure and, when they are other metrics that exist, the MI and per-token MI figures;
+    when ``x`` is categorical (a comparison of methods), also the paired deltas against the base model
+    (``deltas_vs_<x>.png``, ``mipo.plots.plot_deltas``)."""
     ys = [y] + [m for m in (MI_METRIC, MI_PER_TOKEN_METRIC) if m != y and m in metric_columns(rows)]
-    return [plot(rows, x=x, y=metric, group=group, path=out_dir / figure_name(metric, x), title=title)
-            for metric in ys]
+    written = [plot(rows, x=x, y=metric, group=group, path=out_dir / figure_name(metric, x), title=title)
+               for metric in ys]
+    if not all(is_number(row.values[x]) for row in rows if row.values[x] is not None):
+        deltas = plot_deltas(rows, x, out_dir / figure_name("deltas", x), group=group, title=title)
+        written += [deltas] if deltas is not None else []
+    return written
 
 
 def failure_report(runs: Sequence[Run]) -> str:

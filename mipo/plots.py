@@ -62,6 +62,57 @@ def plot(rows: Sequence[SummaryRow], x: str = "loss.beta", y: str = "trained/acc
     return path
 
 
+# the paired deltas (trained - base, per held-out prompt) a comparison of methods is read by, in panel order
+DELTA_METRICS = ("delta/accuracy_strict", "delta/accuracy_flexible", "delta/accuracy_loglik",
+                 "delta/mi_per_token_mean", "delta/mi_mean", "delta/judge_win_rate")
+
+
+def plot_deltas(rows: Sequence[SummaryRow], x: str, path: str | Path, group: str | Sequence[str] | None = None,
+                metrics: Sequence[str] = DELTA_METRICS, title: str | None = None) -> Path | None:
+    """One panel per paired delta in ``metrics`` that the sweep has: each value of ``x`` (e.g. the
+    methods of a comparison) with its mean delta and standard-error bar; 0 is the base model.
+
+    Made for a categorical ``x``: every point is read against the dashed base line, not against its
+    neighbours, so points are not joined. Groups (other swept keys) sit side by side. Returns ``None``
+    when the sweep has none of ``metrics`` (eval.json files written before paired deltas existed).
+    """
+    from matplotlib.figure import Figure
+
+    keys = key_columns(rows)
+    group_keys = resolve_group(keys, x, group)
+    available = [m for m in metrics if m in metric_columns(rows) and any(r.mean(m) is not None for r in rows)]
+    if not available:
+        return None
+    x_values = sorted({row.values[x] for row in rows if row.values[x] is not None}, key=sort_key)
+    positions = {v: i for i, v in enumerate(x_values)}
+    columns = min(3, len(available))
+    panel_rows = -(-len(available) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.4 * panel_rows + 0.6), layout="constrained")
+    for p, metric in enumerate(available):
+        axes = figure.add_subplot(panel_rows, columns, p + 1)
+        lines = plot_lines(rows, x, metric, group_keys)
+        width = 0.6 / max(1, len(lines))
+        for g, (label, points) in enumerate(lines.items()):
+            offset = (g - (len(lines) - 1) / 2) * width
+            axes.errorbar([positions[v] + offset for v, _, _ in points], [m for _, m, _ in points],
+                          yerr=[e for _, _, e in points], marker="o", linestyle="none", capsize=3,
+                          label=label or None)
+        axes.axhline(0.0, color="0.4", linestyle="--", linewidth=1, label="base model")
+        axes.set_xticks(range(len(x_values)), [str(v) for v in x_values], rotation=20)
+        axes.set_xlim(-0.5, len(x_values) - 0.5)
+        axes.set_title(metric.replace("delta/", "") + " (trained − base)", fontsize="medium")
+        axes.grid(True, axis="y", alpha=0.3)
+        if p == 0:
+            axes.legend(fontsize="x-small")
+    heading = f"paired deltas vs {x}"
+    figure.suptitle(f"{title}: {heading}" if title else heading, fontsize="medium")
+    figure.supxlabel(error_bar_note(rows, available[0]), x=0.99, ha="right", fontsize="x-small", color="0.4")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
 def base_reference(rows: Sequence[SummaryRow], y: str) -> float | None:
     """For a ``trained/<metric>`` figure: the base model's value, when every row shares one.
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from mipo.plots import base_reference, figure_name, plot, use_log_scale
+from mipo.plots import base_reference, figure_name, plot, plot_deltas, plot_lines, use_log_scale
 from mipo.aggregate import aggregate
 from mipo.summary import Stat, SummaryRow, default_columns, over_seeds, summarize, write_table
 from mipo.sweep import AggregateError, Result, collect_runs, parse_overrides, read_run, swept_keys
@@ -392,9 +392,10 @@ def test_base_reference_line_only_when_one_base_model():
 # Paired deltas (eval.json written by the current evaluation)
 # --------------------------------------------------------------------------------------------------
 
-def write_paired_job(sweep: Path, num: int, beta: float, seed: int, delta_strict: float, delta_mi: float) -> Path:
+def write_paired_job(sweep: Path, num: int, beta: float, seed: int, delta_strict: float, delta_mi: float,
+                     negatives: str = "random") -> Path:
     """A job whose eval.json has strict/flexible accuracy, per-token MI and paired ``deltas``."""
-    job = write_job(sweep, num, beta, "random", seed)
+    job = write_job(sweep, num, beta, negatives, seed)
     evaluation = json.loads((job / "eval.json").read_text())
     for name, acc in (("base", 0.20), ("trained", 0.20 + delta_strict)):
         evaluation["models"][name].update(accuracy_strict=acc, accuracy_strict_stderr=0.04, accuracy_flexible=acc + 0.1,
@@ -428,3 +429,25 @@ def test_paired_deltas_averaged_over_seeds(tmp_path: Path):
     assert "delta/accuracy_strict" in columns and "trained/accuracy_flexible" in columns
     assert "trained/mi_per_token_mean" in columns
     assert "trained/accuracy" not in columns and "delta/accuracy" not in columns  # the alias stays out
+
+
+def test_categorical_x_adds_the_paired_deltas_figure(tmp_path: Path):
+    """A comparison of methods (a swept key whose values are names): each delta against the base model's 0."""
+    jobs = [("random", 0, 0.05, 1.0), ("random", 1, 0.15, 3.0), ("partial", 0, -0.05, 0.5), ("partial", 1, 0.0, 0.2)]
+    for num, (negatives, seed, d_acc, d_mi) in enumerate(jobs):
+        write_paired_job(tmp_path / "sweep", num, 0.1, seed, d_acc, d_mi, negatives=negatives)
+    rows = summarize(collect_runs(tmp_path / "sweep"))
+    path = plot_deltas(rows, "negatives", tmp_path / "d.png", title="arc_challenge")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    report = aggregate(tmp_path / "sweep", out_dir=tmp_path / "out", x="negatives")
+    assert tmp_path / "out" / "deltas_vs_negatives.png" in report.written
+    # the numbers the panels show: mean delta and its standard error over seeds, per x value
+    lines = plot_lines(rows, "negatives", "delta/accuracy_strict", [])
+    assert [(v, pytest.approx(m), pytest.approx(e)) for v, m, e in lines[""]] == [
+        ("partial", -0.025, 0.025), ("random", 0.10, 0.05)]
+    # a numeric x: the line figures only
+    for num, (beta, seed) in enumerate([(0.01, 0), (0.01, 1), (0.1, 0), (0.1, 1)]):
+        write_paired_job(tmp_path / "betas", num, beta, seed, 0.05 * seed, 1.0)
+    numeric = aggregate(tmp_path / "betas", out_dir=tmp_path / "out2", x="loss.beta")
+    assert numeric.written and not any(p.name.startswith("deltas") for p in numeric.written)
+
