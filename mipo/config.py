@@ -134,8 +134,10 @@ def config_problems(cfg: DictConfig) -> list[str]:
     for key in ("checkpoint_every", "keep_checkpoints"):
         value = trainer.get(key)
         need(value is None or (_is_int(value) and value > 0), f"trainer.{key}={value}: expected null or an int > 0")
-    for name, value in (("trainer.resume", trainer.get("resume")), ("trainer.skip_nonfinite", trainer.get("skip_nonfinite")),
-                        ("trainer.flush_denormal", trainer.get("flush_denormal", True)), ("overwrite", cfg.get("overwrite"))):
+    for name, value in (("trainer.resume", trainer.get("resume")),
+                        ("trainer.skip_nonfinite", trainer.get("skip_nonfinite")),
+                        ("trainer.flush_denormal", trainer.get("flush_denormal", True)),
+                        ("overwrite", cfg.get("overwrite"))):
         need(isinstance(value, bool), f"{name}={value}: expected true or false")
     need(not (trainer.get("resume") is True and cfg.get("overwrite") is True),
          "trainer.resume=true continues the run in the run directory and overwrite=true replaces it: choose one")

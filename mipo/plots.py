@@ -74,7 +74,7 @@ def plot_deltas(rows: Sequence[SummaryRow], x: str, path: str | Path, group: str
 
     Made for a categorical ``x``: every point is read against the dashed base line, not against its
     neighbours, so points are not joined. Groups (other swept keys) sit side by side. Returns ``None``
-    when the sweep has none of ``metrics`` (eval.json files written before paired deltas existed).
+    when the sweep has none of ``metrics``.
     """
     from matplotlib.figure import Figure
 

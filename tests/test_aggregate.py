@@ -54,7 +54,7 @@ sampling:
   max_new_tokens: ${{task.max_new_tokens}}
 paths:
   cache_dir: ${{oc.env:MIPO_CACHE_DIR,.cache/mipo}}
-  stamp: ${{now:%Y-%m-%d}}
+  stamp: ${{never_registered:%Y-%m-%d}}  # like Hydra's ${{now:...}} where Hydra has not registered it
 """
 
 
@@ -134,7 +134,7 @@ def test_collect_runs_reads_metrics_config_and_failures(sweep: Path):
     assert first.metrics["trained/accuracy_stderr"] == TRAINED_ACC_STDERR
     assert first.metrics["delta/accuracy"] == pytest.approx(0.05)
     assert first.metrics["delta/mi_mean"] == pytest.approx(0.10)
-    # Plain values of a config with unresolvable interpolations (${now:...}) are still read.
+    # Plain values of a config with unresolvable interpolations (a resolver not registered) are still read.
     assert first.task == "arc_challenge"
     assert first.config_value("loss.beta") == 0.01
     assert first.config_value("negatives.strategy") == "random"

@@ -47,6 +47,7 @@ def test_shipped_configs_pass(experiment):
         (["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints=-1: expected null or an int > 0"),
         (["trainer.resume=maybe"], "trainer.resume=maybe: expected true or false"),
         (["overwrite=1"], "overwrite=1: expected true or false"),
+        (["trainer.flush_denormal=on"], "trainer.flush_denormal=on: expected true or false"),
         (["trainer.resume=true", "overwrite=true"], "trainer.resume=true continues the run"),
         (["trainer.share_prompt=sometimes"], "trainer.share_prompt=sometimes"),
         (["trainer.shared_attention=flash"], "trainer.shared_attention=flash"),
