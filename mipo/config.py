@@ -22,7 +22,7 @@ from mipo.losses import LOSS_FAMILIES, loss_config_problems
 from mipo.models import DTYPES, model_source_problem, resolve_dtype
 from mipo.negatives import STRATEGIES
 from mipo.optim import LR_SCHEDULERS, MASTER_WEIGHTS, ForwardPrecision, resolve_autocast
-from mipo.parallel import STRATEGIES as TRAIN_STRATEGIES
+from mipo.parallel import STRATEGIES as TRAIN_STRATEGIES, batch_split_problem
 from mipo.tasks import Example, Task, get_task, load_splits
 from mipo.tracking import WANDB_MODES
 from mipo.vllm_backend import BACKENDS
@@ -99,9 +99,8 @@ def config_problems(cfg: DictConfig) -> list[str]:
              f"trainer.micro_batch_size={trainer.micro_batch_size} (pairs per step = micro-batch x accumulation)")
     world = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's ranks: each takes 1/world of every batch
     if world > 1 and _is_int(trainer.batch_size) and _is_int(trainer.micro_batch_size) and trainer.micro_batch_size > 0:
-        need(trainer.batch_size % (trainer.micro_batch_size * world) == 0,
-             f"trainer.batch_size={trainer.batch_size} must be a multiple of trainer.micro_batch_size="
-             f"{trainer.micro_batch_size} x {world} ranks (pairs per step = micro-batch x accumulation x ranks)")
+        problem = batch_split_problem(trainer.batch_size, trainer.micro_batch_size, world)
+        need(problem is None, problem)
     strategy = trainer.get("strategy", "single")
     need(strategy in TRAIN_STRATEGIES, f"trainer.strategy={strategy}: expected one of {', '.join(TRAIN_STRATEGIES)}")
     need(isinstance(trainer.get("cpu_offload", False), bool),

@@ -157,10 +157,6 @@ class TrainingRows:
     chosen_xneg: list[EncodedRow] | None = None
     rejected_xneg: list[EncodedRow] | None = None
 
-    @property
-    def num_negatives(self) -> int:
-        return 1 + len(self.extra_rejected)
-
     @cached_property
     def pair_lengths(self) -> torch.Tensor:
         """(N, 2) response tokens of y+ and y- of every pair."""
@@ -169,7 +165,7 @@ class TrainingRows:
     def for_loss(self, loss_type: str) -> list[list[EncodedRow]]:
         """The row lists, in the column order the loss reads its (b, K) log-probs in."""
         family = loss_family(loss_type)
-        if family.name == "sft":
+        if not family.uses_rejected:  # SFT
             return [self.chosen]
         if family.needs_negative_prompt:
             if self.chosen_xneg is None or self.rejected_xneg is None:

@@ -208,7 +208,7 @@ class Plan:
         """The chunks rank ``rank`` of ``world_size`` decodes: every ``world_size``-th, from ``rank``."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        return list(range(rank, len(self.chunks), world_size))
+        return distributed.shard(len(self.chunks), rank, world_size)
 
     def fingerprint(self) -> str:
         """A hash of the prompt ids, chunks and batch size: equal plans decode to equal responses."""
@@ -593,11 +593,16 @@ def generate_plan(
             if on_chunk is not None:
                 on_chunk(chunk, decoded[chunk])
     done.update(distributed.gather_dict(decoded) if shard_ranks else decoded)
+    return assemble(plan, done, generation_record(settings, seed, plan))
+
+
+def assemble(plan: Plan, done: Mapping[int, Sequence[Generation]], record: dict[str, Any]) -> Generations:
+    """Every chunk's responses (``done``: chunk -> its responses, all chunks) back in the order of the plan's prompts."""
     items: list[Generation | None] = [None] * len(plan.prompts)
     for chunk, generations in done.items():
         for i, generation in zip(plan.chunks[chunk], generations, strict=True):
             items[i] = generation
-    return Generations(items, generation_record(settings, seed, plan))  # type: ignore[arg-type]
+    return Generations(items, record)  # type: ignore[arg-type]
 
 
 def generate(

@@ -64,6 +64,10 @@ LOSS_FAMILIES: dict[str, LossFamily] = {
 }
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def loss_family(loss_type: str) -> LossFamily:
     """The family of ``loss.loss_type``; ValueError naming the override for an unknown one."""
     if loss_type not in LOSS_FAMILIES:
@@ -287,9 +291,6 @@ def infonce_loss(logp_pos_x: torch.Tensor, logp_neg_x: torch.Tensor, logp_pos_xn
 
 def loss_config_problems(loss: Mapping[str, Any]) -> list[str]:
     """Every reason the ``loss`` config group does not define a loss of this module (empty: it does)."""
-    def number(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
     loss_type = loss.get("loss_type")
     family = LOSS_FAMILIES.get(loss_type)
     problems = []
@@ -315,33 +316,30 @@ def loss_config_problems(loss: Mapping[str, Any]) -> list[str]:
         if loss.get("sft_reduction") not in SFT_REDUCTIONS:
             problems.append(f"loss.sft_reduction={loss.get('sft_reduction')!r}: expected one of {SFT_REDUCTIONS}")
     elif loss_type == "simpo":
-        if not (number(loss.get("beta")) and loss["beta"] > 0):
+        if not (_is_number(loss.get("beta")) and loss["beta"] > 0):
             problems.append(f"loss.beta={loss.get('beta')}: SimPO's reward scale must be > 0")
-        if not (number(loss.get("gamma")) and loss["gamma"] >= 0):
+        if not (_is_number(loss.get("gamma")) and loss["gamma"] >= 0):
             problems.append(f"loss.gamma={loss.get('gamma')}: SimPO's margin must be a number >= 0")
         if not isinstance(loss.get("length_normalize"), bool):
             problems.append(f"loss.length_normalize={loss.get('length_normalize')}: expected true or false")
     elif loss_type == "sami":
         smoothing = loss.get("label_smoothing", 0.0)
-        if not (number(smoothing) and 0.0 <= smoothing < 0.5):
+        if not (_is_number(smoothing) and 0.0 <= smoothing < 0.5):
             problems.append(f"loss.label_smoothing={smoothing}: expected a number in [0, 0.5)")
     elif loss_type == "infonce":
-        if not (number(loss.get("temperature")) and loss["temperature"] > 0):
+        if not (_is_number(loss.get("temperature")) and loss["temperature"] > 0):
             problems.append(f"loss.temperature={loss.get('temperature')}: expected a number > 0 (the paper's code: 100)")
     return problems
 
 
 def loss_settings_problems(beta: float, label_smoothing: float, loss_type: str) -> list[str]:
     """Every reason (beta, label_smoothing, loss_type) do not define a loss of this module (empty: they do)."""
-    def number(value: object) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-
     problems = []
     if loss_type not in LOSS_TYPES:
         problems.append(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    if not (number(beta) and beta > 0):
+    if not (_is_number(beta) and beta > 0):
         problems.append(f"beta must be > 0, got {beta}")
-    if not (number(label_smoothing) and 0.0 <= label_smoothing < 0.5):
+    if not (_is_number(label_smoothing) and 0.0 <= label_smoothing < 0.5):
         problems.append(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     elif label_smoothing and loss_type != "sigmoid":
         problems.append(f"label_smoothing applies to loss_type='sigmoid' only, got {loss_type!r}")

@@ -13,7 +13,7 @@ One line per pair::
                           "rejected_finish_reason": "eos"}, ...]}   # only with negatives.num_negatives = K > 1
 
 ``extra_negatives`` holds the K - 1 rejected responses beyond ``rejected``, each the response to
-another training prompt (K distinct other prompts per pair, ``mipo.negatives.extra_derangements``).
+another training prompt (K distinct other prompts per pair, ``mipo.negatives.extra_sources``).
 
 Only ``prompt``, ``chosen`` and ``rejected`` are required to train; the rest is metadata.
 A ``*_finish_reason`` of ``"length"`` marks a response cut at ``max_new_tokens``: it is

@@ -64,11 +64,19 @@ def local_batch(batch_index: list[int], world: int, rank: int) -> list[int]:
     return batch_index[rank * size : (rank + 1) * size]
 
 
+def batch_split_problem(batch_size: int, micro_batch_size: int, world: int) -> str | None:
+    """Why ``batch_size`` pairs cannot be split into micro-batches on ``world`` ranks (None: they can)."""
+    if batch_size % (micro_batch_size * world):
+        return (f"trainer.batch_size={batch_size} must be a multiple of trainer.micro_batch_size="
+                f"{micro_batch_size} x {world} ranks (pairs per step = micro-batch x accumulation x ranks)")
+    return None
+
+
 def accumulation_steps(batch_size: int, micro_batch_size: int, world: int) -> int:
     """Micro-batches per rank and optimizer step: ``batch_size = micro_batch_size x steps x world``."""
-    if batch_size % (micro_batch_size * world):
-        raise ValueError(f"trainer.batch_size={batch_size} must be a multiple of trainer.micro_batch_size="
-                         f"{micro_batch_size} x {world} ranks (pairs per step = micro-batch x accumulation x ranks)")
+    problem = batch_split_problem(batch_size, micro_batch_size, world)
+    if problem:
+        raise ValueError(problem)
     return batch_size // (micro_batch_size * world)
 
 
@@ -180,8 +188,8 @@ def save_consolidated(policy: torch.nn.Module, tokenizer: Any, model_dir: Path, 
         state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         # tied weights (an output layer that is the input embedding) are saved once, as save_pretrained does
         kept = {name for name, _ in policy.named_parameters()}
-        state = {name: value for name, value in state.items()
-                 if name in kept or name not in dict(policy.named_parameters(remove_duplicate=False))}
+        every_name = {name for name, _ in policy.named_parameters(remove_duplicate=False)}
+        state = {name: value for name, value in state.items() if name in kept or name not in every_name}
     if distributed.is_main():
         policy.save_pretrained(model_dir, state_dict=state)
         tokenizer.save_pretrained(model_dir)

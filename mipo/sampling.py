@@ -48,8 +48,8 @@ from mipo import distributed
 from mipo.chat import Messages
 from mipo.config import build_task, task_splits
 from mipo.files import stable_hash, write_json
-from mipo.generation import (SEEDING, Generation, Generations, Plan, decode_settings, generate_chunk, generate_plan,
-                             plan_generation)
+from mipo.generation import (SEEDING, Generation, Generations, Plan, assemble, decode_settings, generate_chunk,
+                             generation_record, plan_generation)
 from mipo.models import load_model, load_tokenizer, model_identity, resolve_device, resolve_dtype
 from mipo.negatives import plan_negatives
 from mipo.pairs import PreferencePair, write_pairs
@@ -220,8 +220,7 @@ def sample_pairs(cfg: DictConfig) -> Path:
                 decoded[chunk] = decoder(stream_plan, chunk, seed, progress)
                 store.save(name, chunk, decoded[chunk])
         merged = {**done[name], **distributed.gather_dict(decoded)}  # every rank's chunks, on every rank
-        results[name] = generate_plan(None, tokenizer, stream_plan, settings, seed, done=merged, desc=None,
-                                      shard_ranks=False)  # every chunk is done: this only assembles them
+        results[name] = assemble(stream_plan, merged, generation_record(settings, seed, stream_plan))
         log_summary(name, results[name])
 
     chosen = results["chosen"]

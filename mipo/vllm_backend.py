@@ -1,4 +1,4 @@
-"""An optional vLLM backend for sampling and evaluation generation: ``sampling.backend=vllm``.
+"""An optional vLLM backend for sampling: ``sampling.backend=vllm``.
 
 vLLM is an extra (``pip install -e ".[vllm]"``), like flash-attn. With it installed,
 ``sampling.backend=vllm`` decodes each chunk of a ``mipo.generation.Plan`` with a
@@ -36,8 +36,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mipo import distributed
 from mipo.chat import Messages
-from mipo.generation import (DecodeSettings, Generation, Generations, Plan, _decode_text, generation_record,
-                             plan_generation, row_seed)
+from mipo.generation import (DecodeSettings, Generation, Generations, Plan, _decode_text, assemble,
+                             generation_record, plan_generation, row_seed)
 
 log = logging.getLogger(__name__)
 
@@ -151,18 +151,15 @@ class VLLMGenerator:
         """Every chunk of ``plan`` (under torchrun: this rank's chunks, gathered on every rank), in input order."""
         mine = plan.shard(distributed.rank(), distributed.world_size())
         done = distributed.gather_dict({chunk: self.generate_chunk(plan, chunk, settings, seed) for chunk in mine})
-        items: list[Generation | None] = [None] * len(plan.prompts)
-        for chunk, generations in done.items():
-            for i, generation in zip(plan.chunks[chunk], generations, strict=True):
-                items[i] = generation
-        return Generations(items, {**generation_record(settings, seed, plan), "backend": "vllm"})  # type: ignore[arg-type]
+        return assemble(plan, done, {**generation_record(settings, seed, plan), "backend": "vllm"})
 
 
 def generate(generator: VLLMGenerator, prompts: Sequence[Messages], max_new_tokens: int, temperature: float = 0.1,
              top_p: float = 0.9, top_k: int | None = None, seed: int = 0, max_prompt_length: int | None = None,
              chunk_size: int = 256) -> Generations:
     """``mipo.generation.generate`` through vLLM: the same prompt rendering and plan, one response per prompt
-    in the order of ``prompts`` (for evaluation generation with ``sampling.backend=vllm``)."""
+    in the order of ``prompts``. (``evaluate.py`` does not call it: evaluation generation always runs
+    ``mipo.generation``'s decode loop.)"""
     plan = plan_generation(generator.tokenizer, prompts, max_new_tokens, batch_size=len(prompts) or 1,
                            chunk_size=chunk_size, max_prompt_length=max_prompt_length)
     return generator.generate_plan(plan, DecodeSettings(max_new_tokens, temperature, top_p, top_k), seed)
