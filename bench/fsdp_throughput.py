@@ -30,7 +30,7 @@ import torch
 from mipo import distributed, parallel
 from mipo.encoding import EncodedRow
 from mipo.forward import TrainingForward
-from mipo.models import load_model
+from mipo.models import enable_activation_checkpointing, load_model
 from mipo.reference import ReferenceLogps
 
 # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B-Instruct config.json), randomly initialised
@@ -59,8 +59,7 @@ def run(kernel: str, args: argparse.Namespace, device: torch.device) -> dict[str
     model_cfg = {"random_init": True, "init_seed": 0, "config": arch, "attn_implementation": "sdpa"}
     policy = load_model(model_cfg, device=device, dtype=torch.float32, vocab_size=vocab)
     if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        policy.config.use_cache = False
+        enable_activation_checkpointing(policy, {"use_reentrant": False})
     policy.train()
     autocast = torch.bfloat16 if device.type == "cuda" else None
     cfg = {"trainer": {"share_prompt": True, "shared_attention": "auto"}, "kernel": kernel, "fused_lm_head": True}

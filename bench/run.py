@@ -5,7 +5,7 @@
    (``bench.workloads``), with each framework's peak RSS.
 2. Sampling against the one-prompt loop of ``model.generate``: ``mipo.bench_sampling.report``
    (also ``make bench-sampling`` alone).
-3. The log-prob kernels (``python -m kernels.bench_logprob``, CPU-sized).
+3. The log-prob kernels (``python -m mipo.kernels.bench_logprob``, CPU-sized).
 
 Run it with the benchmark environment (``.venv-bench``: torch 2.13.0, TRL 1.16.0), which the
 Makefile creates; the ``mipo`` package itself never imports TRL::
@@ -73,9 +73,9 @@ def sampling_section(argv: list[str]) -> str:
 
 
 def kernel_section(argv: list[str]) -> str:
-    command = [sys.executable, "-m", "kernels.bench_logprob", *argv]
+    command = [sys.executable, "-m", "mipo.kernels.bench_logprob", *argv]
     out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-    return f"## Log-prob kernels\n\n`python -m kernels.bench_logprob {' '.join(argv)}`\n\n```\n{out.strip()}\n```\n"
+    return f"## Log-prob kernels\n\n`python -m mipo.kernels.bench_logprob {' '.join(argv)}`\n\n```\n{out.strip()}\n```\n"
 
 
 def main(argv: list[str] | None = None) -> None:

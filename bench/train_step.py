@@ -80,6 +80,7 @@ def mipo_worker(conn, settings: Settings) -> None:
     from mipo.encoding import encode_pairs
     from mipo.forward import TrainingForward
     from mipo.logprobs import Scorer
+    from mipo.models import enable_activation_checkpointing
     from mipo.optim import build_optimizer
     from mipo.reference import ReferenceLogps
 
@@ -97,8 +98,7 @@ def mipo_worker(conn, settings: Settings) -> None:
 
     policy = load()
     if settings.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        policy.config.use_cache = False
+        enable_activation_checkpointing(policy)
     policy.train()
     forward = TrainingForward.prepare(cfg, policy)
     optimizer = build_optimizer(policy, cfg.trainer)

@@ -1,6 +1,6 @@
 """Benchmark per-token log-prob implementations: time and peak extra memory of forward+backward.
 
-    python -m kernels.bench_logprob --device cuda --dtype bf16 --n 4096 16384 --v 32000 128256 \
+    python -m mipo.kernels.bench_logprob --device cuda --dtype bf16 --n 4096 16384 --v 32000 128256 \
         --h 4096 --repeats 10 --out results.md
 
 Methods, per (N, V):
@@ -48,7 +48,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.logprob import HAS_TRITON, default_impl, linear_logprob, logprob_gather
+from mipo.kernels.logprob import HAS_TRITON, default_impl, linear_logprob, logprob_gather
 
 IGNORE_INDEX = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -346,7 +346,7 @@ def report(setup: Setup, argv: list[str]) -> str:
     )
     lines = [
         f"Device: {device_description(setup.device)}",
-        f"Command: python -m kernels.bench_logprob {' '.join(argv)}",
+        f"Command: python -m mipo.kernels.bench_logprob {' '.join(argv)}",
         f"Time: median of {setup.repeats} fwd+bwd runs (methods interleaved) after {setup.warmup} warm-up runs "
         f"({'CUDA events' if setup.device.type == 'cuda' else 'time.perf_counter'})",
         f"Peak extra memory: {mem_method}; includes the returned gradients",

@@ -29,10 +29,10 @@ torch / naive implementations):
 
 * ``"triton"`` -- one Triton program per row; the forward is a single streaming pass with
   an online logsumexp (fp32), the backward a single streaming pass writing (3) in the
-  logits dtype, optionally in place into the logits buffer (``kernels.triton_logprob``).
+  logits dtype, optionally in place into the logits buffer (``mipo.kernels.triton_logprob``).
 * ``"torch"``  -- pure PyTorch, chunked over rows: at most ``chunk_size x V`` fp32
-  temporaries are alive at any time, in forward and backward (``kernels.torch_logprob``).
-* ``"naive"``  -- the textbook baseline above, for tests and benchmarks (``kernels.torch_logprob``).
+  temporaries are alive at any time, in forward and backward (``mipo.kernels.torch_logprob``).
+* ``"naive"``  -- the textbook baseline above, for tests and benchmarks (``mipo.kernels.torch_logprob``).
 
 ``linear_logprob`` goes one step further and fuses the lm-head projection: it never holds
 the full (N, V) logits at all, only ``chunk_size`` rows of them at a time.
@@ -40,7 +40,7 @@ the full (N, V) logits at all, only ``chunk_size`` rows of them at a time.
 This module holds the autograd functions, the public API, argument checks and the choice of
 implementation. ``impl="auto"`` picks Triton only on CUDA, and only for a (device, dtype)
 on which the kernels first reproduced the PyTorch implementation on a small probe
-(``kernels.triton_logprob.triton_verified``); elsewhere it picks "torch".
+(``mipo.kernels.triton_logprob.triton_verified``); elsewhere it picks "torch".
 """
 
 from __future__ import annotations
@@ -52,10 +52,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.torch_logprob import _compute_dtype, _naive_logprob, _torch_backward, _torch_forward
+from mipo.kernels.torch_logprob import _compute_dtype, _naive_logprob, _torch_backward, _torch_forward
 
 try:  # Triton is optional: without it the "torch" and "naive" implementations still work.
-    from kernels import triton_logprob as _tl
+    from mipo.kernels import triton_logprob as _tl
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised by test_module_works_without_triton in a subprocess

@@ -1,12 +1,12 @@
 """Pure-PyTorch per-token log-probabilities: the row-chunked implementation and the naive baseline.
 
-The math (equations (1)-(3)) is in the docstring of ``kernels.logprob``, which holds the
+The math (equations (1)-(3)) is in the docstring of ``mipo.kernels.logprob``, which holds the
 autograd functions and the public API; this module holds the row-level primitives behind
 ``impl="torch"`` and the textbook ``impl="naive"`` baseline. Both run on any device and
 dtype (fp64 inputs are computed in fp64, so ``gradcheck`` can run on them).
 
 ``_torch_forward`` / ``_torch_backward`` mirror the Triton kernels of
-``kernels.triton_logprob`` (same arguments, same saved ``lse``), processing ``chunk_size`` rows
+``mipo.kernels.triton_logprob`` (same arguments, same saved ``lse``), processing ``chunk_size`` rows
 at a time so that at most a (chunk_size, V) fp32 temporary is alive, whatever N.
 """
 

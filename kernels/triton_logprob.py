@@ -1,15 +1,15 @@
 """Triton kernels for per-token log-probabilities, their launchers, and an on-device check.
 
 The math (equations (1)-(3): logp = z[y] - logsumexp(z) and its gradient) is in the docstring
-of ``kernels.logprob``, which holds the autograd functions and the public API. The layout
+of ``mipo.kernels.logprob``, which holds the autograd functions and the public API. The layout
 follows Liger-Kernel's cross-entropy kernel: one program per row, an online softmax over
 vocabulary blocks accumulated in fp32 whatever the logits dtype, and the backward kernel
 written next to the forward. The logits are read through two row strides (B and T) so a
 sliced ``logits[:, :-1]`` is read in place.
 
-This module imports triton at top level. ``kernels.logprob`` imports it inside a
+This module imports triton at top level. ``mipo.kernels.logprob`` imports it inside a
 ``try: ... except ImportError``, so without triton the pure-PyTorch implementations
-(``kernels.torch_logprob``) still work.
+(``mipo.kernels.torch_logprob``) still work.
 
 ``triton_verified(device, dtype)`` is what ``impl="auto"`` consults before choosing these
 kernels: the first time it is asked about a (device, dtype) it runs both kernels on a small
@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.torch_logprob import _torch_backward, _torch_forward
+from mipo.kernels.torch_logprob import _torch_backward, _torch_forward
 
 # ---------------------------------------------------------------------------------------
 # Kernels

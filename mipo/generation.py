@@ -47,6 +47,7 @@ from mipo import distributed
 from mipo.chat import Messages, prompt_key
 from mipo.encoding import encode_prompt, left_pad, truncate_prompt
 from mipo.files import stable_hash
+from mipo.models import cache_kwargs
 
 SEEDING = "per-prompt-v1"  # the per-row seeding scheme (``row_seed``); part of every sampling cache key
 FINISH_REASONS = ("eos", "length")
@@ -302,7 +303,7 @@ class SlotCache:
         n, t = input_ids.shape
         self.mask[:n, self.width : self.width + t] = input_mask
         output = model(input_ids=input_ids, attention_mask=self.mask[:n, : self.width + t], position_ids=position_ids,
-                       past_key_values=self.view, use_cache=True, logits_to_keep=1)
+                       use_cache=True, logits_to_keep=1, **cache_kwargs(model, self.view))
         self.width += t
         return output.logits[:, -1].float()  # (n, V)
 

@@ -4,8 +4,8 @@ Every quantity of the method is a sum of per-token log-probs over the response t
 the DPO loss needs log pi(y+|x) and log pi(y-|x) under the policy and the reference, and the
 MI estimator needs log pi_ref(y|x') for many prompts x'. Rows come from
 ``mipo.encoding.encode_rows``; this module sums per-token log-probs gathered by
-``kernels.logprob_gather`` (Triton on GPU, a row-chunked PyTorch fallback elsewhere), or by
-``kernels.linear_logprob`` that never materialises the (N, V) logits of the LM head.
+``mipo.kernels.logprob_gather`` (Triton on GPU, a row-chunked PyTorch fallback elsewhere), or by
+``mipo.kernels.linear_logprob`` that never materialises the (N, V) logits of the LM head.
 
 Two layouts: ``sequence_logps`` scores right-padded (prompt, response) rows; ``continuation_logps``
 scores a prompt tree (``mipo.packing``: each prompt, and the prefix prompts share, run once for
@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from kernels import linear_logprob, logprob_gather
+from mipo.kernels.logprob import linear_logprob, logprob_gather
 from mipo import distributed
 from mipo.chat import Messages
 from mipo.encoding import IGNORE_INDEX, Batch, EncodedRow, encode_rows, pad_batch
@@ -42,7 +42,7 @@ def output_layer_logps(model: torch.nn.Module, hidden: torch.Tensor, targets: to
         hidden: (N, H) last hidden states of the positions that predict ``targets`` (only those:
             a prompt position that predicts nothing never reaches the output layer).
         targets: (N,) token ids.
-        fused_lm_head: ``kernels.linear_logprob``, which holds at most a chunk of the (N, V)
+        fused_lm_head: ``mipo.kernels.linear_logprob``, which holds at most a chunk of the (N, V)
             logits at a time; otherwise the (N, V) logits are materialised and gathered.
 
     Returns:
@@ -72,7 +72,7 @@ def sequence_logps(
 
     Args:
         batch: right-padded rows, labels set to ``IGNORE_INDEX`` outside the response.
-        kernel: ``auto``, ``triton``, ``torch`` or ``naive`` (see ``kernels.logprob``).
+        kernel: ``auto``, ``triton``, ``torch`` or ``naive`` (see ``mipo.kernels.logprob``).
         fused_lm_head: compute log-probs from the last hidden states with
             ``output_layer_logps``, only at response positions, so the (B, T, V) logits are
             never materialised.

@@ -256,6 +256,34 @@ def load_model(
     return model
 
 
+def enable_activation_checkpointing(model: torch.nn.Module, checkpoint_kwargs: dict | None = None) -> None:
+    """Recompute each decoder layer's activations in backward (transformers' activation checkpointing).
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and warns
+    that the old name goes in v6; the new name is used where the installed release has it. ``checkpoint_kwargs``
+    go to ``torch.utils.checkpoint.checkpoint`` (e.g. ``{"use_reentrant": False}``).
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    model.config.use_cache = False
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(forward_class: type) -> str:
+    import inspect
+
+    parameters = inspect.signature(forward_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``model(...)``: ``cache`` from transformers 5.24 on (``past_key_values`` warns that it
+    goes in 5.40), ``past_key_values`` for older releases and for architectures not yet moved to the new name."""
+    return {_cache_argument(type(model)): cache}
+
+
 def model_source_problem(model_cfg: Mapping[str, Any]) -> str | None:
     """Why the weights of ``model_cfg`` cannot be there, or None.
 

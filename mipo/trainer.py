@@ -40,7 +40,7 @@ from mipo.config import train_dtype, training_precision
 from mipo.files import sha256_file, write_json
 from mipo.forward import TrainingForward, encode_training_rows
 from mipo.losses import loss_family
-from mipo.models import load_model, load_tokenizer, model_identity, resolve_device
+from mipo.models import enable_activation_checkpointing, load_model, load_tokenizer, model_identity, resolve_device
 from mipo.optim import build_optimizer, build_scheduler, final_weights
 from mipo.pairs import PreferencePair, read_pairs, truncation_summary
 from mipo.reference import reference_logps
@@ -145,8 +145,7 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     policy = load_model(cfg.model, device=device, dtype=precision.weights, cache_dir=cfg.paths.cache_dir,
                         vocab_size=len(tokenizer))
     if tcfg.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
-        policy.config.use_cache = False
+        enable_activation_checkpointing(policy)
     policy.train()
     forward = TrainingForward.prepare(cfg, policy, precision.autocast)
     forward = parallel.wrap(policy, forward, strategy, device, mixed_precision=precision.autocast,

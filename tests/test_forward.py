@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from mipo.encoding import EncodedRow, encode_pair, encode_prompt, encode_response, pad_batch
 from mipo.forward import TrainingForward, collate_groups, collate_pairs, continuation_batch_logps, dpo_forward
 from mipo.logprobs import continuation_logps, sequence_logps
+from mipo.models import enable_activation_checkpointing
 from mipo.packing import PromptGroup, dense_mask, group_rows, pack_groups
 from mipo.reference import ReferenceLogps
 from mipo.segment_attention import NAME as SEGMENTS
@@ -143,7 +144,7 @@ def test_dpo_forward_loss_and_gradients_match_with_checkpointing(tokenizer, shar
     def run(share, checkpointing):
         model = sharp_model(tokenizer)
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(model)
         model.train()
         cfg = OmegaConf.create({"kernel": "torch", "fused_lm_head": True,
                                 "trainer": {"share_prompt": share, "shared_attention": "auto"}})

@@ -1,4 +1,4 @@
-"""Tests for kernels.logprob against a float64 log_softmax + gather reference.
+"""Tests for mipo.kernels.logprob against a float64 log_softmax + gather reference.
 
 The Triton kernels run under the Triton interpreter on CPU (tests/conftest.py sets
 TRITON_INTERPRET=1 before kernels is imported). Shapes are kept small enough for the
@@ -17,9 +17,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import available_impls, default_impl, linear_logprob, logprob_gather
-from kernels import logprob as lp
+from mipo.kernels.logprob import available_impls, default_impl, linear_logprob, logprob_gather
+from mipo.kernels import logprob as lp
 
 IGNORE = -100
 IMPLS = ["triton", "torch", "naive"]
@@ -293,7 +292,7 @@ def test_linear_logprob_saves_no_logits(impl):
 
 
 def peak_bytes(fn) -> int:
-    from kernels.bench_logprob import _cpu_peak_extra_bytes  # CPU allocator events via torch.profiler
+    from mipo.kernels.bench_logprob import _cpu_peak_extra_bytes  # CPU allocator events via torch.profiler
 
     return _cpu_peak_extra_bytes(fn)
 
@@ -476,8 +475,8 @@ def test_module_works_without_triton():
                     raise ImportError("triton blocked for this test")
         sys.meta_path.insert(0, BlockTriton())
         import torch
-        from kernels import logprob_gather, available_impls, default_impl
-        from kernels import logprob as lp
+        from mipo.kernels.logprob import logprob_gather, available_impls, default_impl
+        from mipo.kernels import logprob as lp
         assert not lp.HAS_TRITON
         assert available_impls() == ["torch", "naive"], available_impls()
         assert default_impl("cuda") == "torch"
@@ -492,7 +491,7 @@ def test_module_works_without_triton():
         print("ok")
         """
     )
-    root = Path(kernels.__file__).resolve().parent.parent
+    root = Path(lp.__file__).resolve().parent.parent
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
         env={**os.environ, "TRITON_INTERPRET": "1"},

@@ -295,3 +295,26 @@ def test_dated_chat_templates_render_the_same_every_day_by_default(monkeypatch, 
 
     (ids_a, key_a), (ids_b, key_b) = on(1), on(2)
     assert (ids_a == ids_b) is stable and (key_a == key_b) is stable
+
+
+def test_no_deprecated_transformers_calls_in_decoding_and_checkpointing():
+    """mipo's decode loop and activation checkpointing use the names transformers keeps (no FutureWarning,
+    no DeprecationWarning from these calls): `cache=` from 5.24 on, `activation_checkpointing_enable` from 5.23."""
+    import warnings
+
+    from mipo.generation import generate
+    from mipo.models import enable_activation_checkpointing
+    from tests.helpers import tiny_model, tiny_tokenizer, user
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(tokenizer)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(model, tokenizer, [user("hello"), user("hi there")], 4, temperature=0.0, batch_size=2, desc=None)
+        enable_activation_checkpointing(model)
+        model.train()
+        ids = torch.tensor([[1, 2, 3, 4]])
+        model(input_ids=ids, labels=ids).loss.backward()
+    deprecations = [f"{w.category.__name__}: {w.message}" for w in caught
+                    if issubclass(w.category, (FutureWarning, DeprecationWarning, PendingDeprecationWarning))]
+    assert deprecations == []
