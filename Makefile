@@ -97,7 +97,7 @@ bench-kernel: $(STAMP)
 
 # Sampling throughput on SmolLM2 (issue #14's workload) against one prompt at a time with model.generate.
 bench-sampling: $(STAMP)
-	$(PY) -m mipo.bench_sampling
+	$(PY) -m bench.sampling
 # mipo against TRL's DPOTrainer (training step, reference pass, peak memory), sampling, kernels:
 # every ratio in one run (bench/README.md). TRL lives only in this separate environment, with the
 # same torch pinned first; the mipo package never imports it.

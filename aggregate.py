@@ -6,7 +6,7 @@
 
 Writes summary.csv, summary.md, runs.csv (one row per job) and <y>_vs_<x>.png (plus the MI figure)
 into --out (default: the sweep directory), prints the table, and lists failed or incomplete jobs.
-The work is done by ``mipo.aggregate.aggregate``.
+The work is done by ``mipo.reporting.aggregate.aggregate``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from mipo.aggregate import AggregateError, aggregate
+from mipo.reporting.aggregate import AggregateError, aggregate
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

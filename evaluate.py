@@ -1,7 +1,7 @@
 """Evaluate the base model and, with eval.model_path, a trained model on the same held-out prompts:
 strict, flexible and log-likelihood accuracy, pointwise MI (summed and per token), response length,
 diversity, the LLM judge for personalization, and trained-minus-base paired comparisons
-(mipo/evaluation.py). Writes eval.json, eval_table.md and responses.jsonl; prints the table.
+(mipo/stages/evaluate.py). Writes eval.json, eval_table.md and responses.jsonl; prints the table.
 
     python evaluate.py task=gsm8k eval.model_path=outputs/2026-11-21/10-00-00/model
     python evaluate.py experiment=paper_prism eval.model_path=... judge=qwen2.5-14b-instruct
@@ -10,8 +10,8 @@ diversity, the LLM judge for personalization, and trained-minus-base paired comp
 import hydra
 from omegaconf import DictConfig
 
-from mipo.cli import entry_point, setup
-from mipo.evaluation import evaluate, format_table
+from mipo.stages.cli import entry_point, setup
+from mipo.stages.evaluate import evaluate, format_table
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")

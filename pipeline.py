@@ -10,9 +10,9 @@ stage from its newest checkpoint.
 import hydra
 from omegaconf import DictConfig
 
-from mipo.cli import entry_point, setup
-from mipo.evaluation import format_table
-from mipo.pipeline import run_pipeline
+from mipo.stages.cli import entry_point, setup
+from mipo.stages.evaluate import format_table
+from mipo.stages.pipeline import run_pipeline
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")

@@ -8,8 +8,8 @@
 import hydra
 from omegaconf import DictConfig
 
-from mipo.cli import entry_point, log, setup
-from mipo.trainer import train
+from mipo.stages.cli import entry_point, log, setup
+from mipo.stages.train import train
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="config")

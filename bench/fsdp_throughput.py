@@ -4,7 +4,7 @@
     torchrun --standalone --nproc_per_node=2 -m bench.fsdp_throughput --tiny --steps 2 # CPU smoke run (gloo)
 
 The trainer's own pieces, nothing else: ``TrainingForward`` (prompt-shared forward, DPO loss)
-wrapped by ``mipo.parallel.wrap(strategy="fsdp")`` (FSDP2 per decoder layer, bf16 mixed
+wrapped by ``mipo.training.parallel.wrap(strategy="fsdp")`` (FSDP2 per decoder layer, bf16 mixed
 precision with fp32 master weights and fp32 gradient reduction on a GPU), AdamW, gradient
 clipping. Synthetic pairs of random tokens: ``--prompt-tokens`` per prompt and
 ``--response-tokens`` per response, ``--micro-batch`` pairs per micro-batch and rank, one
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from mipo import distributed, parallel
-from mipo.encoding import EncodedRow
-from mipo.forward import TrainingForward
-from mipo.models import enable_activation_checkpointing, load_model
-from mipo.reference import ReferenceLogps
+from mipo.data.encoding import EncodedRow
+from mipo.model.loading import enable_activation_checkpointing, load_model
+from mipo.runtime import distributed
+from mipo.training import parallel
+from mipo.training.forward import ReferenceLogps, TrainingForward
 
 # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B-Instruct config.json), randomly initialised
 LLAMA_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

@@ -3,7 +3,7 @@
 1. Training step and reference pass against TRL's DPOTrainer (``bench.train_step``), on the
    anchor workload (the demo's 64 ARC-Challenge pairs) and on GSM8K-shaped pairs
    (``bench.workloads``), with each framework's peak RSS.
-2. Sampling against the one-prompt loop of ``model.generate``: ``mipo.bench_sampling.report``
+2. Sampling against the one-prompt loop of ``model.generate``: ``bench.sampling.report``
    (also ``make bench-sampling`` alone).
 3. The log-prob kernels (``python -m mipo.kernels.bench_logprob``, CPU-sized).
 
@@ -26,7 +26,7 @@ import torch
 
 from bench.train_step import Settings, compare
 from bench.workloads import pairs_file, workload_config
-from mipo.pairs import read_pairs
+from mipo.data.pairs import read_pairs
 
 
 def machine() -> str:
@@ -67,7 +67,7 @@ def training_section(name: str, settings: Settings, num_pairs: int) -> str:
 
 
 def sampling_section(argv: list[str]) -> str:
-    from mipo import bench_sampling  # `make bench-sampling` alone
+    from bench import sampling as bench_sampling  # `make bench-sampling` alone
 
     return "## Sampling against the one-prompt loop\n\n" + bench_sampling.report(argv)
 

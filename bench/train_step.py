@@ -5,11 +5,11 @@ for the whole comparison; the driver hands out work one item at a time and alter
 first, so machine noise hits both alike and only one of them computes at any moment:
 
     reference pass   mipo: ``Scorer.score_rows`` over all (x, y+) and (x, y-) rows, as
-                     ``mipo.reference`` runs it, once before and once after TRL's (the mean is
+                     ``mipo.stages.reference`` runs it, once before and once after TRL's (the mean is
                      reported, both are printed); TRL: ``DPOTrainer._precompute_ref_logps``
                      (``precompute_ref_log_probs=True``), timed around that call alone
     training steps   mipo: collate, ``TrainingForward`` (forward + loss), backward, clip, AdamW
-                     step, as ``mipo.trainer.train`` runs them; TRL: ``trainer.train()``, each step
+                     step, as ``mipo.stages.train.train`` runs them; TRL: ``trainer.train()``, each step
                      timed from ``on_step_begin`` to ``on_step_end`` by a callback that also
                      waits for the driver before letting the next step start
 
@@ -54,8 +54,8 @@ def _setup(settings: Settings):
     if settings.threads:
         torch.set_num_threads(settings.threads)
     from bench.workloads import pairs_file, workload_config
-    from mipo.models import load_model, load_tokenizer
-    from mipo.pairs import read_pairs
+    from mipo.data.pairs import read_pairs
+    from mipo.model.loading import load_model, load_tokenizer
 
     cfg = workload_config(settings.workload, *settings.overrides, f"loss.beta={settings.beta}",
                           f"trainer.lr={settings.lr}", "trainer.warmup_ratio=0",
@@ -77,12 +77,11 @@ def _setup(settings: Settings):
 # --------------------------------------------------------------------------------------------
 
 def mipo_worker(conn, settings: Settings) -> None:
-    from mipo.encoding import encode_pairs
-    from mipo.forward import TrainingForward
-    from mipo.logprobs import Scorer
-    from mipo.models import enable_activation_checkpointing
-    from mipo.optim import build_optimizer
-    from mipo.reference import ReferenceLogps
+    from mipo.data.encoding import encode_pairs
+    from mipo.model.loading import enable_activation_checkpointing
+    from mipo.model.logprobs import Scorer
+    from mipo.training.forward import ReferenceLogps, TrainingForward
+    from mipo.training.optim import build_optimizer
 
     cfg, pairs, tokenizer, load = _setup(settings)
     chosen, rejected = encode_pairs(tokenizer, pairs, cfg.data.max_length, cfg.data.max_prompt_length)

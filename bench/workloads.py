@@ -18,11 +18,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from mipo.config import task_splits
-from mipo.models import load_tokenizer
+from mipo.data.pairs import PreferencePair, write_pairs
+from mipo.data.tasks import task_splits
+from mipo.data.tasks.gsm8k import GSM8K_COT_EXEMPLARS
+from mipo.model.loading import load_tokenizer
 from mipo.negatives import derangement
-from mipo.pairs import PreferencePair, write_pairs
-from mipo.tasks.gsm8k import GSM8K_COT_EXEMPLARS
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 WORKLOADS = ("anchor", "gsm8k")
@@ -53,7 +53,7 @@ def synthetic_response(tokenizer, answer: str, length: int, offset: int) -> str:
 
 def gsm8k_pairs(cfg: DictConfig, path: Path, seed: int = 0) -> Path:
     """Write the GSM8K-shaped pairs of ``cfg`` (its ``data.num_train`` prompts) to ``path``."""
-    from mipo.config import build_task
+    from mipo.data.tasks import build_task
 
     task = build_task(cfg)
     examples, _ = task_splits(cfg, task)
@@ -73,7 +73,7 @@ def gsm8k_pairs(cfg: DictConfig, path: Path, seed: int = 0) -> Path:
 def pairs_file(name: str, cfg: DictConfig) -> Path:
     """The workload's pairs file, built (or sampled) once and cached under the cache dir."""
     if name == "anchor":
-        from mipo.sampling import sample_pairs
+        from mipo.stages.sample import sample_pairs
 
         return sample_pairs(cfg)
     path = Path(cfg.paths.cache_dir) / "pairs" / f"bench-gsm8k-{cfg.data.num_train}.jsonl"

@@ -28,8 +28,7 @@ from typing import Any, Protocol, Sequence
 import numpy as np
 import torch
 
-from mipo.chat import Messages, prompt_key
-
+from mipo.data.chat import Messages, prompt_key
 
 # --------------------------------------------------------------------------------------------
 # The equation
@@ -156,7 +155,7 @@ def pmi_per_token(pmi_values: Sequence[float], token_counts: Sequence[int]) -> l
     with length: a model whose responses get shorter can lower the summed pmi while raising the
     pmi per token. ``token_counts[i]`` is the
     response's scored length, end-of-turn token included for a finished response (what
-    ``mipo.encoding.encode_rows`` scores); a zero count is treated as one.
+    ``mipo.data.encoding.encode_rows`` scores); a zero count is treated as one.
 
     Args:
         pmi_values: (N,) per-response pmi (``MIEstimate.values``).
@@ -282,7 +281,7 @@ def _sample_alternatives(
 
 
 class RowScorer(Protocol):
-    """What ``estimate_pmi`` scores with: ``mipo.logprobs.Scorer``, or a stand-in with known log-probs."""
+    """What ``estimate_pmi`` scores with: ``mipo.model.logprobs.Scorer``, or a stand-in with known log-probs."""
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str], desc: str | None = ...) -> torch.Tensor:
         """log pi(responses[i] | prompts[i]) for every row, shape (N,)."""
@@ -318,7 +317,7 @@ def estimate_pmi(
       candidates identical to ``prompts[i]`` are not used.
 
     Args:
-        scorer: what scores the rows, usually a ``mipo.logprobs.Scorer`` on the frozen reference
+        scorer: what scores the rows, usually a ``mipo.model.logprobs.Scorer`` on the frozen reference
             pi_ref: any object with ``score(prompts, responses, desc) -> (N,) tensor`` of
             log pi(response | prompt).
         prompts: chat message lists [{"role": "user", "content": ...}]. Length N.

@@ -22,7 +22,7 @@ import random
 from collections import Counter
 from dataclasses import dataclass
 
-from mipo.tasks import Example, Task
+from mipo.data.tasks import Example, Task
 
 STRATEGIES = ("random", "partial", "random_context")
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
-from mipo.models import load_model, load_tokenizer
+from mipo.model.loading import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""Sweep aggregation (mipo.sweep, mipo.summary, mipo.plots, mipo.aggregate) and aggregate.py on a
+"""Sweep aggregation (mipo.reporting.sweep, mipo.reporting.summary, mipo.reporting.plots, mipo.reporting.aggregate) and aggregate.py on a
 hand-written sweep directory with known numbers.
 
 The sweep: loss.beta in {0.01, 0.1} x negatives in {random, partial} x seed in {0, 1}, plus one failed
@@ -16,10 +16,31 @@ from pathlib import Path
 
 import pytest
 
-from mipo.plots import base_reference, figure_name, plot, plot_deltas, plot_lines, use_log_scale
-from mipo.aggregate import aggregate
-from mipo.summary import Stat, SummaryRow, default_columns, over_seeds, summarize, write_table
-from mipo.sweep import AggregateError, Result, collect_runs, parse_overrides, read_run, swept_keys
+from mipo.reporting.aggregate import aggregate
+from mipo.reporting.plots import (
+    base_reference,
+    figure_name,
+    plot,
+    plot_deltas,
+    plot_lines,
+    use_log_scale,
+)
+from mipo.reporting.summary import (
+    Stat,
+    SummaryRow,
+    default_columns,
+    over_seeds,
+    summarize,
+    write_table,
+)
+from mipo.reporting.sweep import (
+    AggregateError,
+    Result,
+    collect_runs,
+    parse_overrides,
+    read_run,
+    swept_keys,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

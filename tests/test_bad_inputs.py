@@ -21,11 +21,16 @@ from pathlib import Path
 import pytest
 import torch
 
-import mipo.reference
-from mipo.cli import reported_errors
-from mipo.trainer import train
-from tests.helpers import (compose_config, run_entry, tiny_overrides, tree_hashes,
-                           write_pairs_file)
+import mipo.stages.reference
+from mipo.stages.cli import reported_errors
+from mipo.stages.train import train
+from tests.helpers import (
+    compose_config,
+    run_entry,
+    tiny_overrides,
+    tree_hashes,
+    write_pairs_file,
+)
 
 GOOD = {"prompt": [{"role": "user", "content": "What is 2 + 2?"}], "chosen": "4", "rejected": "5", "uid": "a"}
 
@@ -215,7 +220,7 @@ def test_full_disk_while_writing_the_reference_cache_leaves_no_partial_file(tmp_
             f.truncate(100)  # ...until the disk fills up
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(mipo.reference.torch, "save", disk_full)
+    monkeypatch.setattr(mipo.stages.reference.torch, "save", disk_full)
     with pytest.raises(OSError) as error:
         train(cfg, tmp_path / "run")
     assert error.value.errno == errno.ENOSPC

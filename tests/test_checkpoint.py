@@ -1,4 +1,4 @@
-"""Checkpoints (mipo/checkpoint.py): bitwise round trips through torch.distributed.checkpoint in one
+"""Checkpoints (mipo/training/checkpoint.py): bitwise round trips through torch.distributed.checkpoint in one
 process, RNG states, atomic folders (a failure or a SIGKILL while writing leaves the previous
 checkpoint the newest), keeping the newest K, and refusing to resume with other inputs."""
 
@@ -15,9 +15,18 @@ import numpy as np
 import pytest
 import torch
 
-from mipo.checkpoint import (CheckpointError, check_same_inputs, latest_checkpoint, list_checkpoints, read_state,
-                             restore_checkpoint, rng_state, save_checkpoint, set_rng_state)
-from mipo.optim import build_optimizer, build_scheduler
+from mipo.training.checkpoint import (
+    CheckpointError,
+    check_same_inputs,
+    latest_checkpoint,
+    list_checkpoints,
+    read_state,
+    restore_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from mipo.training.optim import build_optimizer, build_scheduler
 from tests.helpers import ROOT, tiny_config, tiny_model, tiny_tokenizer
 
 TRAINER = {"lr": 1e-3, "weight_decay": 0.01, "warmup_ratio": 0.5, "adam_betas": (0.9, 0.95),
@@ -102,13 +111,13 @@ def test_keep_checkpoints_keeps_the_newest(tmp_path):
 def test_failed_write_leaves_the_previous_checkpoint_newest(tmp_path, monkeypatch):
     model, optimizer, scheduler = make(tiny_tokenizer(), tied=False)
     save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {})
-    import mipo.checkpoint
+    import mipo.training.checkpoint
 
     def fail_midway(state_dict, checkpoint_id):
         (checkpoint_id / "__0_0.distcp").write_bytes(b"half a checkpoint")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(mipo.checkpoint.dcp, "save", fail_midway)
+    monkeypatch.setattr(mipo.training.checkpoint.dcp, "save", fail_midway)
     with pytest.raises(OSError, match="No space left"):
         save_checkpoint(tmp_path, 4, model, optimizer, scheduler, {})
     assert [n for n, _ in list_checkpoints(tmp_path)] == [2]
@@ -118,8 +127,8 @@ def test_failed_write_leaves_the_previous_checkpoint_newest(tmp_path, monkeypatc
 KILLED_WHILE_WRITING = textwrap.dedent("""
     import os, signal, sys
     import torch
-    import mipo.checkpoint as ckpt
-    from mipo.optim import build_optimizer, build_scheduler
+    import mipo.training.checkpoint as ckpt
+    from mipo.training.optim import build_optimizer, build_scheduler
     from tests.test_checkpoint import SMALL_TRAINER
 
     run_dir = sys.argv[1]

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mipo.config import ConfigError, check_config, config_problems
+from mipo.runtime.errors import ConfigError
+from mipo.stages.config import check_config, config_problems
 from tests.helpers import compose_config as composed
 
 

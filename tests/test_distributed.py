@@ -30,13 +30,23 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mipo import distributed, parallel
-from mipo.checkpoint import CheckpointError, check_world_size
-from mipo.generation import DecodeSettings, Generation, plan_generation, row_seed
-from mipo.vllm_backend import VLLMGenerator, resolve_backend, sampling_params
-from mipo.models import load_model
-from tests.helpers import (ROOT, compose_config, entry_env, load_weights, run_entry, tiny_overrides, tiny_tokenizer,
-                           user, write_pairs_file)
+from mipo.model.generation import DecodeSettings, Generation, plan_generation, row_seed
+from mipo.model.loading import load_model
+from mipo.model.vllm_backend import VLLMGenerator, resolve_backend, sampling_params
+from mipo.runtime import distributed
+from mipo.training import parallel
+from mipo.training.checkpoint import CheckpointError, check_world_size
+from tests.helpers import (
+    ROOT,
+    compose_config,
+    entry_env,
+    load_weights,
+    run_entry,
+    tiny_overrides,
+    tiny_tokenizer,
+    user,
+    write_pairs_file,
+)
 
 # --------------------------------------------------------------------------------------------
 # One process
@@ -75,7 +85,7 @@ def test_a_checkpoint_resumes_only_with_the_world_size_that_wrote_it(tmp_path: P
 
 
 def test_strategy_and_backend_are_checked_up_front() -> None:
-    from mipo.config import config_problems
+    from mipo.stages.config import config_problems
 
     problems = config_problems(compose_config("model=tiny-llama", "trainer.strategy=zero3", "sampling.backend=sglang",
                                               "trainer.cpu_offload=1"))
@@ -85,7 +95,7 @@ def test_strategy_and_backend_are_checked_up_front() -> None:
 
 
 def test_batch_must_split_over_the_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mipo.config import config_problems
+    from mipo.stages.config import config_problems
 
     monkeypatch.setenv("WORLD_SIZE", "3")
     problems = config_problems(compose_config("model=tiny-llama", "trainer.batch_size=4", "trainer.micro_batch_size=2"))
@@ -145,7 +155,7 @@ def test_vllm_backend_maps_prompts_settings_and_seeds() -> None:
         for p, i in zip(params, index, strict=True):
             assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.1, 0.9, -1, 5)
             assert (p.repetition_penalty, p.min_tokens, p.n) == (1.0, 0, 1)  # DecodeSettings.record()'s fixed options
-            assert p.seed == row_seed(7, i) and p.stop_token_ids == [eos]  # per-prompt seeds, as mipo.generation
+            assert p.seed == row_seed(7, i) and p.stop_token_ids == [eos]  # per-prompt seeds, as mipo.model.generation
         by_prompt.update(zip(index, generations, strict=True))
     assert len(engine.calls) == 2 and sorted(by_prompt) == [0, 1, 2]
     assert plan.prompts[0].cut > 0  # the long prompt was cut to max_prompt_length, and is sent cut
@@ -157,7 +167,7 @@ def test_vllm_backend_maps_prompts_settings_and_seeds() -> None:
 
 
 def test_vllm_generate_returns_responses_in_prompt_order() -> None:
-    from mipo import vllm_backend
+    from mipo.model import vllm_backend
 
     tokenizer = tiny_tokenizer()
     prompts = [user("a"), user("a much longer prompt than the first"), user("mid-sized one")]
@@ -298,9 +308,9 @@ def test_sampling_on_two_ranks_writes_the_single_process_pairs_file(tmp_path: Pa
 WORKER = '''
 import json, sys
 import torch
-from mipo import distributed
-from mipo.generation import generate
-from mipo.logprobs import Scorer
+from mipo.runtime import distributed
+from mipo.model.generation import generate
+from mipo.model.logprobs import Scorer
 from tests.helpers import tiny_model, tiny_tokenizer, user
 
 distributed.init()

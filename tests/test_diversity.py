@@ -6,7 +6,7 @@ import builtins
 
 import pytest
 
-from mipo import diversity
+from mipo.metrics import diversity
 
 
 def test_distinct_n_by_hand():

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import mipo.evaluation as evaluation
-from mipo.config import task_splits
-from mipo.models import load_model, load_tokenizer
+import mipo.stages.evaluate as evaluation
+from mipo.data.tasks import task_splits
+from mipo.model.loading import load_model, load_tokenizer
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -123,7 +123,7 @@ def test_eval_json_reports_every_metric_and_paired_deltas(tmp_path):
 
 def test_loglik_accuracy_agrees_with_unshared_scoring(tmp_path):
     # the prompt-tree scorer's pick of each option equals plain right-padded scoring's
-    from mipo.logprobs import Scorer
+    from mipo.model.logprobs import Scorer
     cfg = tiny_cfg(tmp_path, "data.num_eval=5")
     task = evaluation.build_task(cfg)
     _, examples = task_splits(cfg, task)
@@ -172,6 +172,6 @@ def test_old_eval_json_without_new_fields_is_not_reused(tmp_path):
     ("judge.batch_size=0", "judge.batch_size=0: expected auto or an int > 0"),
 ])
 def test_bad_eval_and_judge_settings_are_config_problems(tmp_path, override, message):
-    from mipo.config import config_problems
+    from mipo.stages.config import config_problems
     problems = config_problems(tiny_cfg(tmp_path, override))
     assert any(message in p for p in problems), problems

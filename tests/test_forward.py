@@ -1,4 +1,4 @@
-"""The prompt-shared training forward (mipo/packing.py, mipo/segment_attention.py, mipo/forward.py) against the
+"""The prompt-shared training forward (mipo/model/prompt_tree.py, mipo/model/segment_attention.py, mipo/training/forward.py) against the
 unshared rows: same log-probs, same loss, same gradient of every parameter, on a tiny random Llama."""
 
 from __future__ import annotations
@@ -7,13 +7,25 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mipo.encoding import EncodedRow, encode_pair, encode_prompt, encode_response, pad_batch
-from mipo.forward import TrainingForward, collate_groups, collate_pairs, continuation_batch_logps, dpo_forward
-from mipo.logprobs import continuation_logps, sequence_logps
-from mipo.models import enable_activation_checkpointing
-from mipo.packing import PromptGroup, dense_mask, group_rows, pack_groups
-from mipo.reference import ReferenceLogps
-from mipo.segment_attention import NAME as SEGMENTS
+from mipo.data.encoding import (
+    EncodedRow,
+    encode_pair,
+    encode_prompt,
+    encode_response,
+    pad_batch,
+)
+from mipo.model.loading import enable_activation_checkpointing
+from mipo.model.logprobs import continuation_logps, sequence_logps
+from mipo.model.prompt_tree import PromptGroup, dense_mask, group_rows, pack_groups
+from mipo.model.segment_attention import NAME as SEGMENTS
+from mipo.training.forward import (
+    ReferenceLogps,
+    TrainingForward,
+    collate_groups,
+    collate_pairs,
+    continuation_batch_logps,
+    dpo_forward,
+)
 from tests.helpers import tiny_config, tiny_model, tiny_tokenizer, user
 
 FEWSHOT = "Solve. Q: 1+1? A: 2. Q: 2+3? A: 5. Q: 7-4? A: 3. "  # a shared prefix, as GSM8K's 8-shot block
@@ -217,8 +229,14 @@ def test_share_prompt_false_keeps_the_policy_attention(tokenizer):
 # Every loss through the training forward: x' in the same tree, K negatives as more continuations
 # --------------------------------------------------------------------------------------------
 
-from mipo.forward import TrainingRows  # noqa: E402
-from mipo.losses import dpo_plackett_luce_loss, infonce_loss, sami_loss, sft_loss, simpo_loss  # noqa: E402
+from mipo.losses import (  # noqa: E402
+    dpo_plackett_luce_loss,
+    infonce_loss,
+    sami_loss,
+    sft_loss,
+    simpo_loss,
+)
+from mipo.training.forward import TrainingRows  # noqa: E402
 
 NEGATIVE_PROMPTS = [PROMPTS[1], PROMPTS[2], PROMPTS[0], "Name a colour."]  # x' of each pair
 FAMILY_LOSSES = {

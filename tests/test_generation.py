@@ -1,4 +1,4 @@
-"""The decode loop of mipo/generation.py: greedy equals transformers' ``generate``, the sampling
+"""The decode loop of mipo/model/generation.py: greedy equals transformers' ``generate``, the sampling
 distribution is the configured one and nothing else, and per-prompt seeds make chunks reproducible."""
 
 from __future__ import annotations
@@ -8,12 +8,27 @@ import copy
 import pytest
 import torch
 from transformers import GenerationConfig
-from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
-import mipo.generation as generation
-from mipo.encoding import encode_prompt, truncate_prompt
-from mipo.generation import (DecodeSettings, Plan, auto_batch_size, common_prefix, generate, generate_chunk,
-                             generate_plan, next_tokens, nucleus, plan_generation, row_seed)
+import mipo.model.generation as generation
+from mipo.data.encoding import encode_prompt, truncate_prompt
+from mipo.model.generation import (
+    DecodeSettings,
+    Plan,
+    auto_batch_size,
+    common_prefix,
+    generate,
+    generate_chunk,
+    generate_plan,
+    next_tokens,
+    nucleus,
+    plan_generation,
+    row_seed,
+)
 from tests.helpers import tiny_model, tiny_tokenizer, user
 
 SYSTEM = {"role": "system", "content": "You answer questions about words."}

@@ -17,10 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from mipo.files import read_jsonl
+from mipo.data.tasks import (
+    GSM8K_COT_EXEMPLARS,
+    get_task,
+    load_splits,
+    sources,
+    split_sentences,
+)
 from mipo.negatives import plan_negatives
-from mipo.tasks import GSM8K_COT_EXEMPLARS, get_task, load_splits, split_sentences
-from mipo.tasks import sources
+from mipo.runtime.files import read_jsonl
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

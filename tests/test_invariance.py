@@ -14,14 +14,20 @@ import json
 import pytest
 import torch
 
-from mipo.encoding import EncodedRow, encode_pairs, pad_batch
-from mipo.forward import collate_pairs, dpo_forward
-from mipo.logprobs import Scorer, prompt_tree_logps, sequence_logps
+from mipo.data.encoding import EncodedRow, encode_pairs, pad_batch
+from mipo.data.pairs import read_pairs
 from mipo.losses import dpo_loss
-from mipo.pairs import read_pairs
-from mipo.reference import ReferenceLogps, reference_logps
-from mipo.trainer import train
-from tests.helpers import compose_config, load_weights, tiny_model, tiny_tokenizer, write_pairs_file
+from mipo.model.logprobs import Scorer, prompt_tree_logps, sequence_logps
+from mipo.stages.reference import reference_logps
+from mipo.stages.train import train
+from mipo.training.forward import ReferenceLogps, collate_pairs, dpo_forward
+from tests.helpers import (
+    compose_config,
+    load_weights,
+    tiny_model,
+    tiny_tokenizer,
+    write_pairs_file,
+)
 
 LOSS = {"beta": 0.1, "label_smoothing": 0.0, "loss_type": "sigmoid"}
 

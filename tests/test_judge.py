@@ -8,11 +8,10 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-import mipo.evaluation as evaluation
-import mipo.judge as judge
-from mipo.generation import Generation, Generations
-from mipo.tasks import Example
-
+import mipo.metrics.judge as judge
+import mipo.stages.evaluate as evaluation
+from mipo.data.tasks import Example
+from mipo.model.generation import Generation, Generations
 from tests.test_evaluation import tiny_cfg
 
 SETTINGS = judge.JudgeSettings(prompt="Preference: {preference}\nQuery: {query}\nResponse: {response}\nScore 1-5:")
@@ -153,7 +152,7 @@ def test_judge_end_to_end_parsed_and_unparsed_with_deltas(tmp_path, monkeypatch)
 
 
 def test_missing_judge_weights_are_reported_before_anything_loads(tmp_path):
-    from mipo.config import config_problems
+    from mipo.stages.config import config_problems
     missing = "judge.model.gguf_package=no_such_gguf_package"
     problems = config_problems(tiny_cfg(tmp_path, "task=persistbench", missing))
     assert any("judge=smollm2-135m-instruct" in p and "judge.enabled=false" in p for p in problems), problems

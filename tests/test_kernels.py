@@ -17,8 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mipo.kernels.logprob import available_impls, default_impl, linear_logprob, logprob_gather
 from mipo.kernels import logprob as lp
+from mipo.kernels.logprob import (
+    available_impls,
+    default_impl,
+    linear_logprob,
+    logprob_gather,
+)
 
 IGNORE = -100
 IMPLS = ["triton", "torch", "naive"]
@@ -292,7 +297,9 @@ def test_linear_logprob_saves_no_logits(impl):
 
 
 def peak_bytes(fn) -> int:
-    from mipo.kernels.bench_logprob import _cpu_peak_extra_bytes  # CPU allocator events via torch.profiler
+    from mipo.kernels.bench_logprob import (
+        _cpu_peak_extra_bytes,  # CPU allocator events via torch.profiler
+    )
 
     return _cpu_peak_extra_bytes(fn)
 

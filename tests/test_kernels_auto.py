@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 
-from mipo.kernels.logprob import default_impl, linear_logprob
 from mipo.kernels import logprob as lp
 from mipo.kernels import triton_logprob as tk
+from mipo.kernels.logprob import default_impl, linear_logprob
 from tests.test_kernels import make_inputs, make_linear_inputs, run
 
 

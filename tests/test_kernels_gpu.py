@@ -18,8 +18,8 @@ import warnings
 import pytest
 import torch
 
-from mipo.kernels.logprob import default_impl, linear_logprob, logprob_gather
 from mipo.kernels import logprob as lp
+from mipo.kernels.logprob import default_impl, linear_logprob, logprob_gather
 from tests.test_kernels import (
     FWD_TOL,
     GRAD_TOL,

@@ -1,4 +1,4 @@
-"""Tests of tokenisation and padding (mipo/encoding.py) and sequence log-probs (mipo/logprobs.py) on a tiny
+"""Tests of tokenisation and padding (mipo/data/encoding.py) and sequence log-probs (mipo/model/logprobs.py) on a tiny
 random Llama."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from mipo.encoding import (
+from mipo.data.encoding import (
     IGNORE_INDEX,
     Batch,
     EncodedRow,
@@ -17,7 +17,7 @@ from mipo.encoding import (
     encode_response,
     pad_batch,
 )
-from mipo.logprobs import score_responses, sequence_logps
+from mipo.model.logprobs import score_responses, sequence_logps
 from tests.helpers import tiny_config, tiny_model, tiny_tokenizer, user
 
 PROMPTS = [user(t) for t in ("What is 2+2?", "Name a fruit.", "Write a haiku about rain, please.",
@@ -279,8 +279,8 @@ def test_prompt_sharing_matches_full_rows(model, tokenizer, batch_size, lengths)
 
 
 def test_encode_pairs_drops_end_of_turn_only_for_cut_responses(tokenizer):
-    from mipo.encoding import encode_pairs
-    from mipo.pairs import PreferencePair
+    from mipo.data.encoding import encode_pairs
+    from mipo.data.pairs import PreferencePair
 
     pairs = [PreferencePair(user("Hi"), "Hello.", "A long rambl", {"rejected_finish_reason": "length"}),
              PreferencePair(user("Yo"), "Hey", "Sup.", {"chosen_finish_reason": "eos", "rejected_finish_reason": "eos"})]

@@ -139,8 +139,15 @@ def test_invalid_arguments_raise_value_error(kwargs, match):
 # The baselines and variants: hand-computed values on small tensors (float64, math only)
 # --------------------------------------------------------------------------------------------
 
-from mipo.losses import (LOSS_FAMILIES, dpo_plackett_luce_loss, infonce_loss, loss_config_problems, sami_loss,
-                         sft_loss, simpo_loss)
+from mipo.losses import (
+    LOSS_FAMILIES,
+    dpo_plackett_luce_loss,
+    infonce_loss,
+    loss_config_problems,
+    sami_loss,
+    sft_loss,
+    simpo_loss,
+)
 
 
 def _ce(logits: list[float], target: int, eps: float = 0.0) -> float:

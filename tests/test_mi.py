@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from mipo.logprobs import Scorer, score_responses
 from mipo.mi import MIEstimate, conditional_pointwise_mi, estimate_pmi, pointwise_mi
-from mipo.models import byte_tokenizer, load_model
+from mipo.model.loading import byte_tokenizer, load_model
+from mipo.model.logprobs import Scorer, score_responses
 
 KS = (1, 4, 16, 64, 256)
 

@@ -1,4 +1,4 @@
-"""Tests of model/tokenizer loading and identities (mipo/models.py). No hub access."""
+"""Tests of model/tokenizer loading and identities (mipo/model/loading.py). No hub access."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mipo.models import (
+from mipo.model.loading import (
     byte_tokenizer,
     load_model,
     load_tokenizer,
@@ -248,7 +248,7 @@ def test_hub_identity_uses_the_resolved_commit_offline(tmp_path, monkeypatch):
     # a cache keyed by "@main" would be reused after the repository moves on; keyed by the commit it is not
     from huggingface_hub import constants
 
-    import mipo.models as models
+    import mipo.model.loading as models
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
@@ -278,8 +278,8 @@ def test_dated_chat_templates_render_the_same_every_day_by_default(monkeypatch, 
 
     from transformers.utils import chat_template_utils
 
-    from mipo.encoding import encode_prompt
-    from mipo.models import load_tokenizer, tokenizer_identity
+    from mipo.data.encoding import encode_prompt
+    from mipo.model.loading import load_tokenizer, tokenizer_identity
 
     tokenizer = load_tokenizer({"tokenizer": "byte", "random_init": True, "chat_template_kwargs": kwargs})
     tokenizer.chat_template = DATED_TEMPLATE
@@ -302,8 +302,8 @@ def test_no_deprecated_transformers_calls_in_decoding_and_checkpointing():
     no DeprecationWarning from these calls): `cache=` from 5.24 on, `activation_checkpointing_enable` from 5.23."""
     import warnings
 
-    from mipo.generation import generate
-    from mipo.models import enable_activation_checkpointing
+    from mipo.model.generation import generate
+    from mipo.model.loading import enable_activation_checkpointing
     from tests.helpers import tiny_model, tiny_tokenizer, user
 
     tokenizer = tiny_tokenizer()

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
+from mipo.data.tasks import Example, get_task
 from mipo.negatives import NegativePlan, derangement, plan_negatives
-from mipo.tasks import Example, get_task
 
 
 def _assert_derangement(keys, sigma):

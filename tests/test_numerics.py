@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-import mipo.trainer
-from mipo.trainer import NonFiniteError, batch_order, train
+import mipo.stages.train
+from mipo.stages.train import NonFiniteError, batch_order, train
 from tests.helpers import compose_config, load_weights, write_pairs_file
 
 NAN_PAIR = 5  # the pair whose reference log-prob is made NaN
@@ -26,7 +26,7 @@ def config(tmp_path, pairs_file, *overrides):
 @pytest.fixture
 def nan_reference(monkeypatch):
     """The real reference log-probs, with pair NAN_PAIR's log pi_ref(y+|x) set to NaN."""
-    real = mipo.trainer.reference_logps
+    real = mipo.stages.train.reference_logps
 
     def with_nan(*args, **kwargs):
         reference = real(*args, **kwargs)
@@ -34,7 +34,7 @@ def nan_reference(monkeypatch):
         reference.chosen[NAN_PAIR] = float("nan")
         return reference
 
-    monkeypatch.setattr(mipo.trainer, "reference_logps", with_nan)
+    monkeypatch.setattr(mipo.stages.train, "reference_logps", with_nan)
 
 
 def nan_steps(num_pairs, batch_size, epochs, seed=0):
@@ -89,13 +89,13 @@ def test_flush_denormal_holds_during_the_loop_and_is_restored(tmp_path, monkeypa
     """trainer.flush_denormal: subnormal gradients (a saturated loss) are flushed in the loop's arithmetic."""
     pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", 4)
     seen = []
-    real = mipo.trainer.parallel.grad_norm_value
+    real = mipo.stages.train.parallel.grad_norm_value
 
     def observe(norm):
         seen.append(flushes_subnormals())
         return real(norm)
 
-    monkeypatch.setattr(mipo.trainer.parallel, "grad_norm_value", observe)
+    monkeypatch.setattr(mipo.stages.train.parallel, "grad_norm_value", observe)
     assert not flushes_subnormals()
     train(config(tmp_path, pairs_file, f"trainer.flush_denormal={str(flush).lower()}", "trainer.epochs=1"),
           tmp_path / "run")

@@ -1,13 +1,18 @@
-"""The optimizer, its schedule and fp32 master weights for bf16 models (mipo/optim.py)."""
+"""The optimizer, its schedule and fp32 master weights for bf16 models (mipo/training/optim.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mipo.encoding import encode_rows, pad_batch
-from mipo.logprobs import sequence_logps
-from mipo.optim import MasterWeightAdamW, build_optimizer, build_scheduler, final_weights
+from mipo.data.encoding import encode_rows, pad_batch
+from mipo.model.logprobs import sequence_logps
+from mipo.training.optim import (
+    MasterWeightAdamW,
+    build_optimizer,
+    build_scheduler,
+    final_weights,
+)
 from tests.helpers import tiny_model, tiny_tokenizer, user
 
 TRAINER = {"lr": 5e-7, "adam_betas": [0.9, 0.95], "weight_decay": 0.0, "master_weights": "device",

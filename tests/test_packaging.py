@@ -12,10 +12,10 @@ import json
 import subprocess
 import sys
 import textwrap
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import Requirement
 
 from tests.helpers import ROOT
@@ -89,7 +89,7 @@ CHECK = textwrap.dedent(
     import kernels
     import mipo
     import mipo.kernels.logprob as mipo_kernels
-    import mipo.logprobs
+    import mipo.model.logprobs
     from transformers.utils.import_utils import _is_package_available
     from tests_helpers_free import score_once
     print(json.dumps({
@@ -98,9 +98,9 @@ CHECK = textwrap.dedent(
         "probe": list(_is_package_available("kernels", return_version=True)),
         "mipo_file": mipo.__file__,
         "mipo_kernels_file": mipo_kernels.__file__,
-        "scoring_uses": [mipo.logprobs.logprob_gather.__module__, mipo.logprobs.linear_logprob.__module__],
-        "same_functions": mipo.logprobs.logprob_gather is mipo_kernels.logprob_gather
-                          and mipo.logprobs.linear_logprob is mipo_kernels.linear_logprob,
+        "scoring_uses": [mipo.model.logprobs.logprob_gather.__module__, mipo.model.logprobs.linear_logprob.__module__],
+        "same_functions": mipo.model.logprobs.logprob_gather is mipo_kernels.logprob_gather
+                          and mipo.model.logprobs.linear_logprob is mipo_kernels.linear_logprob,
         "scores": score_once(),
     }))
     """
@@ -109,8 +109,8 @@ CHECK = textwrap.dedent(
 SCORE = textwrap.dedent(
     """
     import torch
-    from mipo.logprobs import Scorer
-    from mipo.models import load_model, load_tokenizer
+    from mipo.model.logprobs import Scorer
+    from mipo.model.loading import load_model, load_tokenizer
 
     def score_once():
         tokenizer = load_tokenizer({"tokenizer": "byte", "random_init": True})

@@ -1,4 +1,4 @@
-"""Tests of the preference-pairs JSONL file (mipo/pairs.py)."""
+"""Tests of the preference-pairs JSONL file (mipo/data/pairs.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from mipo.pairs import PairsFileError, PreferencePair, read_pairs, write_pairs
+from mipo.data.pairs import PairsFileError, PreferencePair, read_pairs, write_pairs
 
 
 def _pairs() -> list[PreferencePair]:

@@ -1,4 +1,4 @@
-"""Tests of the reference log-prob cache (mipo/reference.py) on a tiny random Llama."""
+"""Tests of the reference log-prob cache (mipo/stages/reference.py) on a tiny random Llama."""
 
 from __future__ import annotations
 
@@ -7,14 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import mipo.reference as reference
-from mipo.encoding import encode_pairs
-from mipo.forward import TrainingForward, continuation_batch_logps
-from mipo.logprobs import score_responses
-from mipo.optim import ForwardPrecision
-from mipo.pairs import read_pairs
-from mipo.pairs import PreferencePair, write_pairs
-from mipo.reference import reference_logps
+import mipo.stages.reference as reference
+from mipo.data.encoding import encode_pairs
+from mipo.data.pairs import PreferencePair, read_pairs, write_pairs
+from mipo.model.logprobs import score_responses
+from mipo.model.precision import ForwardPrecision
+from mipo.stages.reference import reference_logps
+from mipo.training.forward import TrainingForward, continuation_batch_logps
 from tests.helpers import TINY_CONFIG, tiny_config, tiny_model, tiny_tokenizer, user
 
 MAX_LENGTH = 64

@@ -17,11 +17,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from mipo.files import BusyError, stable_hash
-from mipo.pipeline import train_stage
-from mipo.trainer import train_inputs
-from tests.helpers import (ROOT, compose_config, entry_command, entry_env, load_weights, run_entry, tree_hashes,
-                           write_pairs_file)
+from mipo.runtime.files import BusyError, stable_hash
+from mipo.stages.pipeline import train_stage
+from mipo.stages.train import train_inputs
+from tests.helpers import (
+    ROOT,
+    compose_config,
+    entry_command,
+    entry_env,
+    load_weights,
+    run_entry,
+    tree_hashes,
+    write_pairs_file,
+)
 
 # 16 pairs, 2 per step, 3 epochs: 24 steps, each fast on the tiny model
 TRAIN = ["model=tiny-llama", "data.max_length=256", "data.max_prompt_length=128", "trainer.batch_size=2",
@@ -133,7 +141,7 @@ def test_pipeline_resumes_its_train_stage_after_sigkill(uninterrupted):
 
 HOLD_LOCK = """
 import sys, time
-from mipo.files import exclusive_lock
+from mipo.runtime.files import exclusive_lock
 with exclusive_lock(sys.argv[1], "a test"):
     print("locked", flush=True)
     time.sleep(120)
@@ -147,14 +155,14 @@ def test_a_second_pipeline_for_the_same_key_is_refused(tmp_path, monkeypatch):
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        monkeypatch.setattr("mipo.pipeline.train", lambda *a, **k: pytest.fail("trained while another process held the key"))
+        monkeypatch.setattr("mipo.stages.pipeline.train", lambda *a, **k: pytest.fail("trained while another process held the key"))
         with pytest.raises(BusyError, match=rf"the train stage \w+ is already running in another process \(pid {holder.pid};"):
             train_stage(cfg, pairs)
     finally:
         holder.kill()
         holder.wait()
     # the kernel released the killed holder's lock: the stage may run now
-    monkeypatch.setattr("mipo.pipeline.train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("training")))
+    monkeypatch.setattr("mipo.stages.pipeline.train", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("training")))
     with pytest.raises(RuntimeError, match="training"):
         train_stage(cfg, pairs)
     assert os.path.exists(lock)

@@ -13,7 +13,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mipo.sampling import ChunkStore, PartialSamplesError, pairs_path, sampling_inputs
+from mipo.stages.sample import (
+    ChunkStore,
+    PartialSamplesError,
+    pairs_path,
+    sampling_inputs,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,7 +77,7 @@ def test_killed_sampling_resumes_to_the_same_file(tmp_path: Path) -> None:
 
 
 def test_partial_samples_of_other_inputs_are_refused(tmp_path: Path) -> None:
-    from mipo.generation import Plan
+    from mipo.model.generation import Plan
 
     plan = Plan((), ((0, 1),), 2, 2)
     folder = tmp_path / "x.jsonl.partial"

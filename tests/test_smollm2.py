@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mipo.generation import generate
-from mipo.logprobs import score_responses
-from mipo.models import load_model, load_tokenizer
+from mipo.model.generation import generate
+from mipo.model.loading import load_model, load_tokenizer
+from mipo.model.logprobs import score_responses
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,8 +62,8 @@ def test_pipeline_on_smollm2(tmp_path: Path) -> None:
 def test_reference_in_the_policy_precision_on_smollm2(tmp_path: Path, model_cfg) -> None:
     """Issue: with bf16 autocast on the policy and an fp32 reference, step-0 log-probs of SmolLM2
     differ by tenths of a nat; computed in the policy's precision the gap is at most 1/5 of that."""
-    from mipo.pairs import PreferencePair, write_pairs
-    from mipo.reference import FP32
+    from mipo.data.pairs import PreferencePair, write_pairs
+    from mipo.stages.reference import FP32
     from tests.test_reference import BF16_AUTOCAST, step0_gap
 
     questions = ["What is the boiling point of water at sea level?", "Name three primary colours.",

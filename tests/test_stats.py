@@ -1,4 +1,4 @@
-"""mipo.stats against small cases computed by hand."""
+"""mipo.metrics.stats against small cases computed by hand."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from mipo.stats import (
+from mipo.metrics.stats import (
     EXACT_SIGN_FLIP_MAX_N,
     bootstrap_ci,
     mcnemar_exact,

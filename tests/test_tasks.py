@@ -1,4 +1,4 @@
-"""Tests for mipo.tasks: loading, splits, prompts, partial/context negatives, grading, errors."""
+"""Tests for mipo.data.tasks: loading, splits, prompts, partial/context negatives, grading, errors."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import sys
 
 import pytest
 
-from mipo import tasks
-from mipo.tasks import sources
-from mipo.tasks import (
+from mipo.data import tasks
+from mipo.data.tasks import (
     Example,
     available_tasks,
     extract_number,
     get_task,
     load_splits,
     normalize_number,
+    sources,
     split_sentences,
 )
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mipo.tracking import MetricsLogger
+from mipo.runtime.tracking import MetricsLogger
 
 
 def test_metrics_jsonl_without_wandb(tmp_path):

@@ -106,9 +106,9 @@ def test_sample_writes_k_negatives_and_k1_keeps_its_pairs(tmp_path: Path) -> Non
 
 def test_train_refuses_pairs_without_what_the_loss_needs(tmp_path: Path) -> None:
     """Pairs without x' under loss=sami, or without extra negatives under K = 2: one line each, in the inputs
-    check that train.py runs before any model loads (``mipo.inputs``)."""
-    from mipo.cli import ConfigError
-    from mipo.inputs import check_inputs
+    check that train.py runs before any model loads (``mipo.stages.inputs``)."""
+    from mipo.runtime.errors import ConfigError
+    from mipo.stages.inputs import check_inputs
     from tests.helpers import compose_config, write_pairs_file
 
     pairs = write_pairs_file(tmp_path / "plain.jsonl", 8)

@@ -1,0 +1,171 @@
+"""From chat messages and response strings to token ids: the one tokenisation path.
+
+Training, the reference cache and the MI estimator all score (prompt, response) rows, and
+they must score exactly the same tokens: DPO's implicit reward compares log pi(y|x) under
+the policy with log pi_ref(y|x) from the cache, so one extra or missing token on one side
+is a bias in every reward. Every row therefore goes through ``encode_rows``:
+
+    prompt messages --chat template--> prompt ids      (``encode_prompt``)
+    response string --tokenizer------> response ids [+ end-of-turn if it finished]  (``encode_response``)
+    (prompt ids, response ids) --truncation--> ``EncodedRow``         (``encode_pair``)
+
+An ``EncodedRow`` keeps the prompt ids and the response ids apart, so a consumer that runs a
+prompt once for several responses (``mipo.model.logprobs``) never has to recover where the prompt
+ends, and the loss mask is the response by construction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from mipo.data.chat import Messages, prompt_key, render_prompt
+
+if TYPE_CHECKING:  # pairs.py imports Messages from here
+    from mipo.data.pairs import PreferencePair
+
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------
+
+def encode_prompt(tokenizer, messages: Messages) -> list[int]:
+    """Token ids of a prompt rendered by ``mipo.data.chat.render_prompt``, ready for the reply."""
+    return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
+
+
+def encode_response(tokenizer, response: str, finished: bool = True) -> list[int]:
+    """Token ids of a response, followed by the end-of-turn token only if the model ``finished`` it.
+
+    A response cut at ``max_new_tokens`` did not end: scoring or training it with an end-of-turn
+    token would credit the model with stopping where it did not.
+    """
+    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    return ids + [tokenizer.eos_token_id] if finished else ids
+
+
+@dataclass(frozen=True)
+class EncodedRow:
+    """One (prompt, response) row as token ids, the prompt and the response kept apart."""
+
+    prompt_ids: tuple[int, ...]
+    response_ids: tuple[int, ...]
+    prompt_cut: int = 0  # prompt tokens dropped from the left by the truncation rule
+    response_cut: int = 0  # response tokens dropped from the right
+
+    @property
+    def input_ids(self) -> list[int]:
+        """The model's input: prompt then response."""
+        return [*self.prompt_ids, *self.response_ids]
+
+    @property
+    def labels(self) -> list[int]:
+        """``input_ids`` on response tokens, ``IGNORE_INDEX`` on the prompt: the loss mask."""
+        return [IGNORE_INDEX] * len(self.prompt_ids) + list(self.response_ids)
+
+
+def truncate_prompt(prompt_ids: Sequence[int], max_prompt_length: int) -> tuple[int, ...]:
+    """The prompt rule, the same for generation and scoring: keep the last ``max_prompt_length`` tokens.
+
+    The end of a prompt (the question, the generation prompt) sits next to the response and
+    matters most; a long few-shot or context block loses its beginning first.
+    """
+    return tuple(prompt_ids[-max_prompt_length:])
+
+
+def encode_pair(prompt_ids: Sequence[int], response_ids: Sequence[int], max_length: int,
+                max_prompt_length: int) -> EncodedRow:
+    """The truncation rule for a scored row: at most ``max_length`` tokens, the prompt as generation saw it.
+
+    The prompt is cut by ``truncate_prompt`` (exactly what ``mipo.model.generation`` feeds the model,
+    so a response is scored under the prompt it answered), then the response is cut from the
+    right to the room left, ``max_length - len(prompt)``. ``0 < max_prompt_length <
+    max_length`` is checked once, by ``mipo.stages.config.check_config``; the prompt keeps at most
+    ``max_length - 1`` tokens here so that a row always has a response token.
+    """
+    prompt = truncate_prompt(prompt_ids, min(max_prompt_length, max_length - 1))
+    response = tuple(response_ids[: max_length - len(prompt)])
+    return EncodedRow(prompt, response, prompt_cut=len(prompt_ids) - len(prompt),
+                      response_cut=len(response_ids) - len(response))
+
+
+def encode_rows(tokenizer, prompts: Sequence[Messages], responses: Sequence[str], max_length: int,
+                max_prompt_length: int, finished: Sequence[bool] | None = None) -> list[EncodedRow]:
+    """Encode (prompt messages, response) rows; each distinct prompt is rendered and tokenised once.
+
+    The single function through which policy, reference and MI scoring see their tokens.
+    ``finished[i]`` is False for a response cut at ``max_new_tokens`` (no end-of-turn token);
+    by default every response is finished.
+    """
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    if finished is None:
+        finished = [True] * len(responses)
+    prompt_ids: dict[str, list[int]] = {}
+    rows = []
+    for messages, response, done in zip(prompts, responses, finished):
+        key = prompt_key(messages)
+        if key not in prompt_ids:
+            prompt_ids[key] = encode_prompt(tokenizer, messages)
+        rows.append(encode_pair(prompt_ids[key], encode_response(tokenizer, response, done), max_length,
+                                max_prompt_length))
+    return rows
+
+
+def encode_pairs(tokenizer, pairs: Sequence["PreferencePair"], max_length: int,
+                 max_prompt_length: int) -> tuple[list[EncodedRow], list[EncodedRow]]:
+    """(x, y+) and (x, y-) rows of preference pairs: what the policy and the reference both score."""
+    prompts = [pair.prompt for pair in pairs]
+    rows = encode_rows(tokenizer, prompts + prompts, [pair.chosen for pair in pairs] + [pair.rejected for pair in pairs],
+                       max_length, max_prompt_length,
+                       finished=[pair.chosen_finished for pair in pairs] + [pair.rejected_finished for pair in pairs])
+    return rows[: len(pairs)], rows[len(pairs):]
+
+
+def truncation_counts(rows: Sequence[EncodedRow]) -> dict[str, int]:
+    """How often the truncation rule fired: rows whose prompt, or response, lost tokens."""
+    return {"prompts_truncated": sum(row.prompt_cut > 0 for row in rows),
+            "responses_truncated": sum(row.response_cut > 0 for row in rows)}
+
+
+# --------------------------------------------------------------------------------------------
+# Padding
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    labels: torch.Tensor  # (B, T), IGNORE_INDEX outside the response
+
+    def to(self, device: torch.device | str) -> "Batch":
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
+
+def pad_batch(rows: Sequence[EncodedRow], pad_token_id: int) -> Batch:
+    """Right-pad encoded rows into a batch; labels mark the response tokens."""
+    width = max(len(row.prompt_ids) + len(row.response_ids) for row in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids = row.input_ids
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        labels[i, len(row.prompt_ids): len(ids)] = torch.tensor(row.response_ids, dtype=torch.long)
+    return Batch(input_ids, attention_mask, labels)
+
+
+def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists into (input_ids, attention_mask), each (B, T): every row ends in the last column."""
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, ids in enumerate(sequences):
+        input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
+        attention_mask[i, width - len(ids):] = 1
+    return input_ids, attention_mask

@@ -1,0 +1,1 @@
+"""Metrics of an evaluation: accuracy, the LLM judge, paired statistics, diversity, the table."""

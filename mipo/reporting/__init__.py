@@ -1,0 +1,1 @@
+"""Reporting on sweeps: reading job directories, summaries over seeds, plots, aggregation."""

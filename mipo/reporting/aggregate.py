@@ -1,0 +1,144 @@
+"""Summarise a Hydra sweep: a table (mean ± s.e.m. over seeds) and figures, from the job directories.
+
+``aggregate`` reads the sweep (``mipo.reporting.sweep``), averages it over seeds (``mipo.reporting.summary``), checks the
+requested axes, writes summary.csv, summary.md, runs.csv and the figures (``mipo.reporting.plots``) and returns
+a ``Report`` whose ``text`` is what ``aggregate.py``, the command-line front end, prints.
+
+    report = aggregate("multirun/2026-11-21/10-00-00", x="loss.beta", y="delta/accuracy", out_dir="figs/")
+    print(report.text)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from mipo.reporting.plots import (
+    figure_name,
+    plot,
+    plot_deltas,
+    plot_lines,
+    resolve_group,
+)
+from mipo.reporting.summary import (
+    SummaryRow,
+    default_columns,
+    key_columns,
+    metric_columns,
+    run_table_rows,
+    summarize,
+    write_csv,
+    write_table,
+)
+from mipo.reporting.sweep import (
+    AggregateError,
+    Run,
+    collect_runs,
+    is_number,
+    sweep_title,
+)
+
+MI_METRIC = "trained/mi_mean"
+MI_PER_TOKEN_METRIC = "trained/mi_per_token_mean"
+NO_X_NOTE = "nothing was swept apart from the seed: no figures drawn (they need a swept key for the x axis)"
+
+
+@dataclass
+class Report:
+    """What ``aggregate`` read and wrote; ``text`` is the table, the failed jobs and the written files."""
+
+    runs: list[Run]
+    rows: list[SummaryRow]
+    written: list[Path]
+    text: str
+
+
+def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None, x: str | None = None,
+              y: str | None = None, group: Sequence[str] | None = None, seed_key: str = "seed") -> Report:
+    """Read the sweep, check the requested columns, then write every output into ``out_dir``.
+
+    ``out_dir`` defaults to ``sweep_dir``; ``x``, ``y`` and ``group`` default as ``choose_x``,
+    ``choose_y`` and ``resolve_group`` say. Raises ``AggregateError`` before writing anything when the
+    sweep has no results yet or a requested column does not exist.
+    """
+    sweep_dir = Path(sweep_dir)
+    runs = collect_runs(sweep_dir)
+    rows = summarize(runs, seed_key=seed_key)
+    if not metric_columns(rows):
+        raise AggregateError(f"no job under {sweep_dir} has results yet (no eval.json); nothing to summarise",
+                             report=failure_report(runs))
+    x = choose_x(rows, x)
+    y = choose_y(rows, y)
+    group = resolve_group(key_columns(rows), x, group) if group and x else None
+    if x is not None:  # checks that every row lands on one line, before anything is written
+        plot_lines(rows, x, y, group if group is not None else resolve_group(key_columns(rows), x, None))
+    out_dir = Path(out_dir) if out_dir is not None else sweep_dir
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    title = sweep_title(runs)
+    caption = f"{title}: mean ± standard error over seeds ({len(runs)} jobs in {sweep_dir})"
+    written = [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "runs.csv"]
+    table = write_table(rows, default_columns(rows, extra_metrics=[y]), written[0], written[1], caption=caption)
+    runs_rows, runs_columns = run_table_rows(runs)
+    write_csv(runs_rows, runs_columns, written[2])
+    if x is None:
+        notes = [NO_X_NOTE]
+    else:
+        notes = []
+        written += draw_figures(rows, x, y, group, out_dir, title)
+
+    text = [*notes, table, "", failure_report(runs), "wrote:", *(f"  {path}" for path in written)]
+    return Report(runs=runs, rows=rows, written=written, text="\n".join(text))
+
+
+def choose_x(rows: Sequence[SummaryRow], requested: str | None) -> str | None:
+    """``requested`` if it is a swept key; else ``loss.beta``, the first numeric swept key, or the first one."""
+    keys = key_columns(rows)
+    if requested is not None:
+        if requested not in keys:
+            raise AggregateError(f"unknown --x {requested!r}; available (swept keys other than the seed): {keys}")
+        return requested
+    if "loss.beta" in keys:
+        return "loss.beta"
+    numeric = [k for k in keys if all(is_number(r.values[k]) for r in rows)]
+    return (numeric or keys or [None])[0]
+
+
+def choose_y(rows: Sequence[SummaryRow], requested: str | None) -> str:
+    """``requested`` if it is a metric with values; else ``trained/accuracy_strict`` (``trained/accuracy`` in
+    older sweeps) or ``trained/mi_mean``."""
+    metrics = metric_columns(rows)
+    if requested is not None:
+        if requested not in metrics:
+            raise AggregateError(f"unknown --y {requested!r}; available metrics: {metrics}")
+        return requested
+    for candidate in ("trained/accuracy_strict", "trained/accuracy", MI_METRIC, "base/accuracy_strict",
+                      "base/accuracy", "base/mi_mean"):
+        if candidate in metrics:
+            return candidate
+    return metrics[0]
+
+
+def draw_figures(rows: Sequence[SummaryRow], x: str, y: str, group: list[str] | None,
+                 out_dir: Path, title: str) -> list[Path]:
+    """The ``y`` figure and, when they are other metrics that exist, the MI and per-token MI figures;
+    when ``x`` is categorical (a comparison of methods), also the paired deltas against the base model
+    (``deltas_vs_<x>.png``, ``mipo.reporting.plots.plot_deltas``)."""
+    ys = [y] + [m for m in (MI_METRIC, MI_PER_TOKEN_METRIC) if m != y and m in metric_columns(rows)]
+    written = [plot(rows, x=x, y=metric, group=group, path=out_dir / figure_name(metric, x), title=title)
+               for metric in ys]
+    if not all(is_number(row.values[x]) for row in rows if row.values[x] is not None):
+        deltas = plot_deltas(rows, x, out_dir / figure_name("deltas", x), group=group, title=title)
+        written += [deltas] if deltas is not None else []
+    return written
+
+
+def failure_report(runs: Sequence[Run]) -> str:
+    """``all N jobs complete``, or how many failed and each one's problem."""
+    failed = [r for r in runs if r.failed]
+    if not failed:
+        return f"all {len(runs)} jobs complete"
+    lines = [f"{len(failed)} of {len(runs)} jobs failed or are incomplete (left out of the summary):"]
+    lines += [f"  {run.name}: {run.problem}" for run in failed]
+    return "\n".join(lines)

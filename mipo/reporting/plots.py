@@ -1,0 +1,205 @@
+"""Figures of a summarised sweep: a metric against a swept key, one line per group, s.e.m. error bars.
+
+    rows = summarize(collect_runs("multirun/2026-11-21/10-00-00"))
+    plot(rows, x="loss.beta", y="trained/accuracy", path=figure_name("trained/accuracy", "loss.beta"))
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from mipo.reporting.summary import SummaryRow, key_columns, metric_columns
+from mipo.reporting.sweep import AggregateError, hashable, is_number, sort_key
+
+
+def plot(rows: Sequence[SummaryRow], x: str = "loss.beta", y: str = "trained/accuracy",
+         group: str | Sequence[str] | None = None, path: str | Path = "figure.png",
+         title: str | None = None) -> Path:
+    """``y`` against ``x``, one line per value of ``group``, error bars = the standard error of ``y``; saved as PNG.
+
+    ``group`` is a swept key or a list of them; ``None`` means all swept keys other than ``x`` (so every
+    row lands on exactly one line). The x axis is logarithmic when all x values are positive and span
+    at least 10x, categorical when they are not numbers. ``title`` (e.g. the task name) heads the figure.
+    """
+    from matplotlib.figure import (
+        Figure,  # the Agg canvas, without touching the global pyplot backend
+    )
+
+    keys = key_columns(rows)
+    group_keys = resolve_group(keys, x, group)
+    _check_plot_columns(rows, keys, x, y)
+    lines = plot_lines(rows, x, y, group_keys)
+
+    figure = Figure(figsize=(6.4, 4.4), layout="constrained")
+    axes = figure.add_subplot()
+    x_values = sorted({row.values[x] for row in rows if row.values[x] is not None}, key=sort_key)
+    categorical = not all(is_number(v) for v in x_values)
+    positions = {v: i for i, v in enumerate(x_values)}
+    for label, points in lines.items():
+        xs = [positions[p[0]] if categorical else p[0] for p in points]
+        axes.errorbar(xs, [p[1] for p in points], yerr=[p[2] for p in points], marker="o", capsize=3,
+                      label=label or y)
+    baseline = base_reference(rows, y)
+    if baseline is not None:  # the untrained model, for reading the trained lines against
+        axes.axhline(baseline, color="0.4", linestyle="--", linewidth=1, label=f"base model ({y.replace('trained/', 'base/')})")
+    if categorical:
+        axes.set_xticks(range(len(x_values)), [str(v) for v in x_values])
+    elif use_log_scale(x_values):
+        axes.set_xscale("log")
+        if len(x_values) <= 10:  # label the swept values themselves, not powers of ten
+            axes.set_xticks(x_values, [str(v) for v in x_values])
+            axes.minorticks_off()
+    axes.set_xlabel(x)
+    axes.set_ylabel(y)
+    axes.set_title(f"{title}: {y} vs {x}" if title else f"{y} vs {x}", fontsize="medium")
+    axes.grid(True, alpha=0.3)
+    if lines:
+        axes.legend(fontsize="small")
+    figure.supxlabel(error_bar_note(rows, y), x=0.99, ha="right", fontsize="x-small", color="0.4")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+# the paired deltas (trained - base, per held-out prompt) a comparison of methods is read by, in panel order
+DELTA_METRICS = ("delta/accuracy_strict", "delta/accuracy_flexible", "delta/accuracy_loglik",
+                 "delta/mi_per_token_mean", "delta/mi_mean", "delta/judge_win_rate")
+
+
+def plot_deltas(rows: Sequence[SummaryRow], x: str, path: str | Path, group: str | Sequence[str] | None = None,
+                metrics: Sequence[str] = DELTA_METRICS, title: str | None = None) -> Path | None:
+    """One panel per paired delta in ``metrics`` that the sweep has: each value of ``x`` (e.g. the
+    methods of a comparison) with its mean delta and standard-error bar; 0 is the base model.
+
+    Made for a categorical ``x``: every point is read against the dashed base line, not against its
+    neighbours, so points are not joined. Groups (other swept keys) sit side by side. Returns ``None``
+    when the sweep has none of ``metrics``.
+    """
+    from matplotlib.figure import Figure
+
+    keys = key_columns(rows)
+    group_keys = resolve_group(keys, x, group)
+    available = [m for m in metrics if m in metric_columns(rows) and any(r.mean(m) is not None for r in rows)]
+    if not available:
+        return None
+    x_values = sorted({row.values[x] for row in rows if row.values[x] is not None}, key=sort_key)
+    positions = {v: i for i, v in enumerate(x_values)}
+    columns = min(3, len(available))
+    panel_rows = -(-len(available) // columns)
+    figure = Figure(figsize=(4.2 * columns, 3.4 * panel_rows + 0.6), layout="constrained")
+    for p, metric in enumerate(available):
+        axes = figure.add_subplot(panel_rows, columns, p + 1)
+        lines = plot_lines(rows, x, metric, group_keys)
+        width = 0.6 / max(1, len(lines))
+        for g, (label, points) in enumerate(lines.items()):
+            offset = (g - (len(lines) - 1) / 2) * width
+            axes.errorbar([positions[v] + offset for v, _, _ in points], [m for _, m, _ in points],
+                          yerr=[e for _, _, e in points], marker="o", linestyle="none", capsize=3,
+                          label=label or None)
+        axes.axhline(0.0, color="0.4", linestyle="--", linewidth=1, label="base model")
+        axes.set_xticks(range(len(x_values)), [str(v) for v in x_values], rotation=20)
+        axes.set_xlim(-0.5, len(x_values) - 0.5)
+        axes.set_title(metric.replace("delta/", "") + " (trained − base)", fontsize="medium")
+        axes.grid(True, axis="y", alpha=0.3)
+        if p == 0:
+            axes.legend(fontsize="x-small")
+    heading = f"paired deltas vs {x}"
+    figure.suptitle(f"{title}: {heading}" if title else heading, fontsize="medium")
+    figure.supxlabel(error_bar_note(rows, available[0]), x=0.99, ha="right", fontsize="x-small", color="0.4")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def base_reference(rows: Sequence[SummaryRow], y: str) -> float | None:
+    """For a ``trained/<metric>`` figure: the base model's value, when every row shares one.
+
+    A sweep over training settings evaluates one base model, so ``base/<metric>`` is the same in
+    every row; with several base models (e.g. a sweep over ``model``) there is no single line.
+    """
+    if not y.startswith("trained/"):
+        return None
+    values = {row.mean("base/" + y.split("/", 1)[1]) for row in rows}
+    if len(values) != 1 or None in values:
+        return None
+    return float(values.pop())
+
+
+def use_log_scale(values: Iterable[Any]) -> bool:
+    """True when every value is a positive number and the largest is at least 10x the smallest."""
+    values = list(values)
+    if not values or not all(is_number(v) and v > 0 for v in values):
+        return False
+    return max(values) / min(values) >= 10
+
+
+def error_bar_note(rows: Sequence[SummaryRow], y: str) -> str:
+    """What the error bars of ``y`` mean, from the seed counts of the plotted rows."""
+    counts = sorted({r.n_seeds for r in rows if r.mean(y) is not None})
+    if counts and counts[0] >= 2:
+        n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        return f"error bars: standard error across seeds (n={n})"
+    if counts == [1]:
+        return "error bars: the evaluation's own standard error (1 seed)"
+    return "error bars: standard error across seeds; the evaluation's own where there is 1 seed"
+
+
+def figure_name(y: str, x: str) -> str:
+    """``trained/accuracy``, ``loss.beta`` -> ``trained_accuracy_vs_loss.beta.png``."""
+    safe = lambda s: re.sub(r"[^A-Za-z0-9._=-]+", "_", s).strip("_")  # noqa: E731
+    return f"{safe(y)}_vs_{safe(x)}.png"
+
+
+def group_label(row: SummaryRow, group_keys: Sequence[str]) -> str:
+    """``negatives=random, loss.name=dpo`` for the row's values of ``group_keys``."""
+    return ", ".join(f"{k}={row.values.get(k)}" for k in group_keys)
+
+
+def resolve_group(keys: Sequence[str], x: str, group: str | Sequence[str] | None) -> list[str]:
+    """The group keys for lines: ``group`` checked against the swept ``keys``, or all keys but ``x``."""
+    if group is None:
+        return [k for k in keys if k != x]
+    group_keys = [group] if isinstance(group, str) else list(group)
+    unknown = [g for g in group_keys if g not in keys or g == x]
+    if unknown:
+        raise AggregateError(f"unknown group key(s) {unknown}; available (swept keys other than x={x!r}): "
+                             f"{[k for k in keys if k != x]}")
+    return group_keys
+
+
+def plot_lines(rows: Sequence[SummaryRow], x: str, y: str,
+               group_keys: Sequence[str]) -> dict[str, list[tuple[Any, float, float]]]:
+    """``{group label: [(x, mean, sem), ...]}``, lines in order of their group values, points sorted by x.
+
+    Rows without a value of ``y`` are skipped; two rows on the same line at the same x are an error.
+    """
+    lines: dict[str, list[tuple[Any, float, float]]] = {}
+    order: dict[str, tuple] = {}
+    seen: set[tuple[str, Any]] = set()
+    for row in rows:
+        label, x_value, stat = group_label(row, group_keys), row.values[x], row.stats[y]
+        order[label] = tuple(sort_key(row.values.get(k)) for k in group_keys)
+        if (label, hashable(x_value)) in seen:
+            others = [k for k in key_columns(rows) if k != x and k not in group_keys]
+            raise AggregateError(f"several rows have {x}={x_value} in the line '{label or y}': the swept key(s) "
+                                 f"{others} are neither x nor in the group; add them to the group")
+        seen.add((label, hashable(x_value)))
+        if stat.mean is None or x_value is None:
+            continue
+        sem = float("nan") if stat.stderr is None else stat.stderr
+        lines.setdefault(label, []).append((x_value, stat.mean, sem))
+    for points in lines.values():
+        points.sort(key=lambda p: sort_key(p[0]))
+    return dict(sorted(lines.items(), key=lambda item: order[item[0]]))
+
+
+def _check_plot_columns(rows: Sequence[SummaryRow], keys: Sequence[str], x: str, y: str) -> None:
+    if x not in keys:
+        raise AggregateError(f"unknown x {x!r}; available (swept keys other than the seed): {list(keys)}")
+    metrics = metric_columns(rows)
+    if y not in metrics:
+        raise AggregateError(f"unknown y {y!r}; available metrics: {metrics}")

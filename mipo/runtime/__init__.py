@@ -1,0 +1,1 @@
+"""Runtime: files and caches on disk, torchrun ranks, metrics logging, the one error type for bad input."""

@@ -1,0 +1,1 @@
+"""The pipeline's stages (sample, reference, train, evaluate, pipeline), their cache keys, and the entry points' setup."""

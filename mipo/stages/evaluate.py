@@ -1,0 +1,551 @@
+"""The evaluation stage: base vs trained model on held-out prompts, measured as the field does.
+
+For each model, on the same evaluation prompts (greedy by default):
+
+* **accuracy**, strict and flexible (``Task.extract_answer(text, mode=...)``, lm-evaluation-
+  harness's two filters), and for multiple choice the **log-likelihood accuracy** (lm-eval's
+  ``acc`` and ``acc_norm``: the option whose text has the highest log-likelihood after the
+  question, summed or per character), which needs no answer format at all;
+* **pointwise MI** of the responses under the *reference* (base) model for both models,
+
+      pmi(x; y) = log pi_ref(y|x) - log (1/K) sum_k pi_ref(y|x'_k)
+
+  (``mipo/mi.py``), summed over the response and **per token** (``pmi_per_token``; the summed
+  pmi grows with length), beside the **mean response length** and the **fraction cut at
+  max_new_tokens**. For personalization tasks the K alternatives x'_k keep the query and swap the
+  user's context (the conditional MI pmi(c; y | q));
+* for personalization with reference responses, the **LLM judge**'s scores and win rate against
+  the reference (``mipo/metrics/judge.py``); **diversity**: self-BLEU and distinct-1/2 (``mipo/metrics/diversity.py``).
+
+Then **paired comparisons**: both models answer the same prompts and are scored with the same
+alternatives, so ``deltas.<metric>`` is trained minus base per prompt: mean, paired standard
+error, a seeded 95% bootstrap interval over prompts and a p-value (McNemar's exact test for
+accuracies, a sign-flip permutation test for pmi and lengths; ``mipo/metrics/stats.py``).
+
+Each model's results are cached in ``<cache>/eval/<key>.json``, keyed by the evaluated
+model, the reference model, the evaluation prompts and settings: a sweep evaluates the base
+model once. The comparisons are recomputed from the cached per-prompt values.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mipo.data.chat import Messages
+from mipo.data.encoding import encode_rows
+from mipo.data.tasks import Example, Task, build_task, task_splits
+from mipo.metrics.diversity import diversity_metrics
+from mipo.metrics.judge import (
+    JudgeScores,
+    JudgeSettings,
+    judge_metrics,
+    prompt_problems,
+    score_responses,
+)
+from mipo.metrics.stats import mean_stderr, paired_comparison
+from mipo.mi import estimate_pmi, pmi_per_token
+from mipo.model.generation import generate
+from mipo.model.loading import (
+    load_model,
+    load_tokenizer,
+    model_identity,
+    model_source_problem,
+    resolve_device,
+    resolve_dtype,
+    tokenizer_identity,
+)
+from mipo.model.logprobs import Scorer
+from mipo.runtime.files import stable_hash, write_json
+
+log = logging.getLogger(__name__)
+MI_PLAIN, MI_CONDITIONAL = "pmi(x; y)", "conditional pmi(c; y | q)"
+CACHE_FORMAT = 3  # 3: strict/flexible/loglik accuracy, per-token pmi, lengths, judge, diversity, per-prompt values
+# deltas.<metric>: (per-prompt field, 0/1 outcome?). Binary ones get McNemar's exact test, the others a sign-flip test.
+PAIRED_METRICS: dict[str, tuple[str, bool]] = {
+    "accuracy_strict": ("correct_strict", True),
+    "accuracy_flexible": ("correct_flexible", True),
+    "accuracy_loglik": ("correct_loglik", True),
+    "accuracy_loglik_norm": ("correct_loglik_norm", True),
+    "mi_mean": ("mi", False),
+    "mi_per_token_mean": ("mi_per_token", False),
+    "mean_response_tokens": ("response_tokens", False),
+    "truncated_fraction": ("truncated", True),
+    "judge_score_mean": ("judge_score", False),
+    "judge_win_rate": ("judge_win", True),
+    "judge_strict_win_rate": ("judge_strict_win", True),
+}
+
+
+def accuracy(correct: Sequence[bool]) -> tuple[float, float]:
+    """Mean accuracy and its standard error, std (ddof=1) / sqrt(n), lm-evaluation-harness's
+    ``mean_stderr`` (sqrt(p (1 - p) / (n - 1)) for 0/1 values; NaN for n = 1)."""
+    return mean_stderr([float(c) for c in correct])
+
+
+def choose_option(option_logps: Sequence[float], option_chars: Sequence[int]) -> tuple[int, int]:
+    """The option a log-likelihood evaluation picks: lm-evaluation-harness's ``acc`` and ``acc_norm``.
+
+    ``acc``: argmax_j log pi(option_j | question); ``acc_norm``: argmax_j log pi(option_j | question)
+    / len(option_j in characters) (lm-eval ``ConfigurableTask.process_results``, multiple_choice:
+    ``completion_len`` is the character length of each choice). Ties go to the first option, as
+    numpy's argmax gives them there.
+
+    Args:
+        option_logps: (C,) summed log-likelihood of each option's text.
+        option_chars: (C,) each option's length in characters.
+
+    Returns:
+        (index by raw log-likelihood, index by per-character log-likelihood).
+    """
+    logps = np.asarray(option_logps, dtype=np.float64)  # (C,)
+    chars = np.maximum(np.asarray(option_chars, dtype=np.float64), 1.0)  # (C,)
+    return int(np.argmax(logps)), int(np.argmax(logps / chars))
+
+
+def loglik_correct(scorer: Scorer, task: Task, examples: Sequence[Example], desc: str | None = None
+                   ) -> dict[str, list[int]]:
+    """Log-likelihood accuracy of one model on multiple-choice examples, per example.
+
+    Each option's text is scored as the assistant's continuation of ``task.loglik_messages(ex)``
+    (lm-eval's ARC prompt ``"Question: ...\nAnswer:"`` in a user turn, as lm-eval's
+    ``--apply_chat_template`` renders it), without an end-of-turn token, through the model's
+    ``Scorer``: the options of one question share its prompt in one prompt tree.
+
+    Returns:
+        ``{"correct_loglik": (N,) 0/1, "correct_loglik_norm": (N,) 0/1}``.
+    """
+    prompts: list[Messages] = []
+    options: list[str] = []
+    for ex in examples:
+        messages = task.loglik_messages(ex)
+        for _, text in ex.choices:
+            prompts.append(messages)
+            options.append(text)
+    logps = scorer.score(prompts, options, desc=desc, finished=[False] * len(options)).tolist()  # (sum_i C_i,)
+    raw, norm, start = [], [], 0
+    for ex in examples:
+        count = len(ex.choices)
+        labels = [label for label, _ in ex.choices]
+        by_raw, by_norm = choose_option(logps[start : start + count], [len(text) for _, text in ex.choices])
+        raw.append(int(labels[by_raw] == ex.answer))
+        norm.append(int(labels[by_norm] == ex.answer))
+        start += count
+    return {"correct_loglik": raw, "correct_loglik_norm": norm}
+
+
+def uses_loglik(cfg: DictConfig, task: Task, examples: Sequence[Example]) -> bool:
+    """``eval.loglik``: auto is on when every evaluation example has options and a gold answer."""
+    setting = cfg.eval.get("loglik", "auto")
+    multiple_choice = task.has_answers and bool(examples) and all(e.choices and e.answer for e in examples)
+    if setting == "auto":
+        return multiple_choice
+    if setting and not multiple_choice:
+        raise ValueError(f"eval.loglik=true needs a multiple-choice task (options and gold answers); "
+                         f"task {task.name!r} has none: use eval.loglik=auto or false")
+    return bool(setting)
+
+
+def uses_judge(cfg: DictConfig, task: Task, examples: Sequence[Example]) -> bool:
+    """``judge.enabled``: auto is on when the prompts carry user contexts and some example has a reference response."""
+    judge = cfg.get("judge")
+    if judge is None:
+        return False
+    personalized = task.supports_context and any(e.context for e in examples) and any(e.reference for e in examples)
+    if judge.enabled == "auto":
+        return personalized
+    if judge.enabled and not personalized:
+        raise ValueError(f"judge.enabled=true needs a personalization task whose evaluation prompts carry user "
+                         f"contexts and reference responses; task {task.name!r} has none: use judge.enabled=auto or false")
+    return bool(judge.enabled)
+
+
+def eval_config_problems(cfg: DictConfig) -> list[str]:
+    """Problems with the ``eval.*`` and ``judge.*`` values this module adds (``mipo.stages.config`` lists them)."""
+    ev, problems = cfg.eval, []
+    resamples = ev.get("bootstrap_resamples", 10_000)
+    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+        problems.append(f"eval.bootstrap_resamples={resamples}: expected an int >= 1 (10000 as the default)")
+    if ev.get("loglik", "auto") not in ("auto", True, False):
+        problems.append(f"eval.loglik={ev.get('loglik')}: expected auto, true or false")
+    if not isinstance(ev.get("diversity", True), bool):
+        problems.append(f"eval.diversity={ev.get('diversity')}: expected true or false")
+    judge = cfg.get("judge")
+    if judge is not None:
+        if judge.get("enabled") not in ("auto", True, False):
+            problems.append(f"judge.enabled={judge.get('enabled')}: expected auto, true or false")
+        problems += prompt_problems(str(judge.get("prompt", "")))
+        max_new = judge.get("max_new_tokens")
+        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+            problems.append(f"judge.max_new_tokens={max_new}: expected an int > 0")
+        batch = judge.get("batch_size")
+        if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            problems.append(f"judge.batch_size={batch}: expected auto or an int > 0")
+        may_run = judge.get("enabled") is True or (judge.get("enabled") == "auto" and _task_has_contexts(cfg))
+        source_problem = model_source_problem(judge.model) if may_run else None
+        if source_problem is not None:
+            problems.append(f"{source_problem} (judge={judge.get('name')}; judge.enabled=false turns the judge off)")
+    return problems
+
+
+def _task_has_contexts(cfg: DictConfig) -> bool:
+    """Whether the configured task's prompts can carry a user context (the judge may run)."""
+    try:
+        return build_task(cfg).supports_context
+    except Exception:  # noqa: BLE001 - a bad task is reported by the task checks
+        return False
+
+
+def context_alternatives(task: Task, examples: list[Example]) -> list[list[Messages]] | None:
+    """For personalization: each example's query under every other user's context.
+
+    ``estimate_pmi`` draws its K alternatives from these lists; ``None`` for tasks without contexts.
+    """
+    if any(e.context is None for e in examples):
+        return None
+    contexts = sorted({e.context for e in examples})
+    return [[task.messages(task.with_context(e, c)) for c in contexts if c != e.context] for e in examples]
+
+
+def eval_inputs(cfg: DictConfig, evaluated_model: str, tokenizer, judged: bool = False) -> dict[str, Any]:
+    """Everything one model's evaluation results depend on (the judge only where it runs)."""
+    settings = OmegaConf.to_container(cfg.eval, resolve=True)
+    settings.pop("model_path", None)
+    settings.pop("bootstrap_resamples", None)  # the comparisons are recomputed from the cached per-prompt values
+    inputs = {
+        "evaluated_model": evaluated_model,
+        "reference_model": model_identity(cfg.model),
+        "tokenizer": tokenizer_identity(tokenizer),  # how prompts are rendered and tokenised
+        "task": OmegaConf.to_container(cfg.task, resolve=True),
+        "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval", "max_length", "max_prompt_length")},
+        "eval": settings,
+        "device_type": resolve_device(cfg.device).type,
+        "seed": cfg.seed,
+        "format": CACHE_FORMAT,
+    }
+    if judged:
+        judge = OmegaConf.to_container(cfg.judge, resolve=True)
+        inputs["judge"] = {**judge, "model": model_identity(cfg.judge.model)}
+    return inputs
+
+
+def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | None = None,
+             trained_id: str | None = None) -> dict[str, Any]:
+    """Evaluate the base model and (if ``model_path``) the trained model; writes ``eval.json``.
+
+    ``eval.json`` holds ``models.<base|trained>`` (each metric with ``<name>_stderr``; see
+    ``model_metrics``), ``deltas.<metric>`` (trained minus base over the same prompts: ``{"mean",
+    "stderr", "ci95", "p_value", "n", "test"}``, see ``paired_deltas``), the decoding settings, the
+    precision, the judge (where it ran) and ``per_prompt`` values of every metric.
+
+    Args:
+        model_path: a trained model folder (Hugging Face format).
+        trained_id: what identifies that model in the cache (the pipeline passes its train
+            key); by default the folder's file names, sizes and times.
+    """
+    output_dir = Path(output_dir)
+    task = build_task(cfg)
+    _, eval_examples = task_splits(cfg, task)
+    prompts = [task.messages(e) for e in eval_examples]
+    judged = uses_judge(cfg, task, eval_examples)
+
+    identities = {"base": model_identity(cfg.model)}
+    if model_path is not None:
+        identities["trained"] = f"trained:{trained_id}" if trained_id else model_identity({"name_or_path": str(model_path)})
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    inputs = {name: eval_inputs(cfg, identity, tokenizer, judged) for name, identity in identities.items()}
+    cache_files = {name: Path(cfg.paths.cache_dir) / "eval" / f"{stable_hash(inputs[name], 20)}.json"
+                   for name in identities}
+    records = {name: json.loads(path.read_text()) for name, path in cache_files.items() if path.exists()}
+    for name in records:
+        log.info("evaluation of the %s model: cached, skipping (%s)", name, cache_files[name])
+
+    pending = [name for name in identities if name not in records]
+    if pending:
+        records.update(_evaluate_models(cfg, task, tokenizer, eval_examples, prompts, pending, model_path, judged))
+        for name in pending:
+            write_json(cache_files[name], {"inputs": inputs[name], **records[name]})
+
+    results: dict[str, Any] = {
+        "task": cfg.task.name, "num_eval": len(eval_examples), "mi_k": cfg.eval.mi_k,
+        "mi": records["base"]["mi"],  # from the alternatives the estimator was given, not from one example
+        "precision": records["base"]["precision"],
+        "decoding": records["base"]["decoding"],
+        "models": {name: records[name]["metrics"] for name in identities},
+    }
+    if "trained" in records:
+        resamples = int(cfg.eval.get("bootstrap_resamples", 10_000))
+        results["deltas"] = paired_deltas(records["base"]["per_prompt"], records["trained"]["per_prompt"],
+                                          resamples=resamples, seed=cfg.seed)
+        results["comparison"] = {"bootstrap_resamples": resamples, "seed": cfg.seed, "ci": 0.95,
+                                 "unit": "prompt (trained minus base on the same prompts)"}
+    if judged:
+        results["judge"] = records["base"]["judge"]
+    results["mi_values"] = {name: records[name]["mi_values"] for name in identities}
+    results["per_prompt"] = {name: records[name]["per_prompt"] for name in identities}
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / "eval.json", results)
+    with open(output_dir / "responses.jsonl", "w") as f:
+        for i, e in enumerate(eval_examples):
+            row = {"uid": e.uid, "answer": e.answer, **{name: records[name]["responses"][i] for name in identities}}
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    (output_dir / "eval_table.md").write_text(format_table(results) + "\n")
+    return results
+
+
+def response_token_counts(tokenizer, prompts: Sequence[Messages], responses: Sequence[str], finished: Sequence[bool],
+                          max_length: int, max_prompt_length: int) -> list[int]:
+    """(N,) tokens each response is scored on: ``encode_rows``' response ids, end-of-turn included
+    for a finished response, after the truncation rule (what the MI estimator scores)."""
+    rows = encode_rows(tokenizer, prompts, responses, max_length, max_prompt_length, finished=finished)
+    return [len(row.response_ids) for row in rows]
+
+
+def model_metrics(per_prompt: dict[str, list]) -> dict[str, Any]:
+    """One model's ``eval.json`` numbers from its per-prompt values.
+
+    Each mean comes with ``<name>_stderr`` (std ddof=1 / sqrt(n)): ``accuracy_strict``,
+    ``accuracy_flexible`` (with ``unparsed_strict``/``unparsed_flexible``, the responses no answer
+    was extracted from), ``accuracy_loglik``/``accuracy_loglik_norm`` (multiple choice),
+    ``mi_mean`` (stderr ``mi_stderr``), ``mi_per_token_mean``, ``mean_response_tokens``
+    (generated tokens, end-of-turn not counted), ``truncated_fraction`` (cut at max_new_tokens).
+    ``accuracy`` is an alias of ``accuracy_strict`` for older sweeps.
+    """
+    metrics: dict[str, Any] = {}
+    for name, field in (("accuracy_strict", "correct_strict"), ("accuracy_flexible", "correct_flexible"),
+                        ("accuracy_loglik", "correct_loglik"), ("accuracy_loglik_norm", "correct_loglik_norm")):
+        if field in per_prompt:
+            metrics[name], metrics[f"{name}_stderr"] = accuracy(per_prompt[field])
+    for mode in ("strict", "flexible"):
+        if f"parsed_{mode}" in per_prompt:
+            metrics[f"unparsed_{mode}"] = sum(1 for parsed in per_prompt[f"parsed_{mode}"] if not parsed)
+    if "accuracy_strict" in metrics:
+        metrics["accuracy"], metrics["accuracy_stderr"] = metrics["accuracy_strict"], metrics["accuracy_strict_stderr"]
+    metrics["mi_mean"], metrics["mi_stderr"] = mean_stderr(per_prompt["mi"])
+    metrics["mi_per_token_mean"], metrics["mi_per_token_stderr"] = mean_stderr(per_prompt["mi_per_token"])
+    metrics["mean_response_tokens"], metrics["mean_response_tokens_stderr"] = mean_stderr(per_prompt["response_tokens"])
+    metrics["truncated_fraction"] = sum(per_prompt["truncated"]) / len(per_prompt["truncated"])
+    metrics["mean_response_chars"] = sum(per_prompt["response_chars"]) / len(per_prompt["response_chars"])
+    return metrics
+
+
+def paired_deltas(base: dict[str, list], trained: dict[str, list], resamples: int = 10_000,
+                  seed: int = 0) -> dict[str, dict[str, Any]]:
+    """``deltas.<metric>``: trained minus base over the same prompts, for each metric of ``PAIRED_METRICS``
+    both models have (``mipo.metrics.stats.paired_comparison``: mean, paired stderr, bootstrap ci95, p-value).
+
+    Prompts where either value is missing (a response the judge could not score) are left out,
+    and ``n`` says how many prompts were compared.
+    """
+    deltas = {}
+    for metric, (field, binary) in PAIRED_METRICS.items():
+        if field not in base or field not in trained:
+            continue
+        if len(base[field]) != len(trained[field]):
+            raise ValueError(f"{field}: base has {len(base[field])} prompts but trained {len(trained[field])}: "
+                             "the paired comparison needs the same evaluation prompts")
+        pairs = [(t, b) for t, b in zip(trained[field], base[field]) if t is not None and b is not None]
+        if not pairs:
+            continue
+        treated, control = [float(t) for t, _ in pairs], [float(b) for _, b in pairs]
+        deltas[metric] = paired_comparison(treated, control, binary=binary, resamples=resamples, seed=seed).record()
+    return deltas
+
+
+def _evaluate_models(cfg: DictConfig, task: Task, tokenizer, examples: list[Example], prompts: list,
+                     names: list[str], model_path: str | Path | None, judged: bool = False) -> dict[str, dict[str, Any]]:
+    """Generate with each named model (and score its log-likelihood accuracy), then score accuracy
+    and MI under the reference model, diversity, and the judge where it runs."""
+    device = resolve_device(cfg.device)
+    dtype = eval_dtype(cfg)
+    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
+               batch_size=cfg.eval.batch_size, seed=cfg.seed, max_prompt_length=cfg.data.max_prompt_length)
+    scoring = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
+                   batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel)
+    loglik = uses_loglik(cfg, task, examples)
+    base = load_model(cfg.model, device=device, dtype=dtype, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
+    generations, loglik_values = {}, {}
+    if "base" in names:
+        generations["base"] = generate(base, tokenizer, prompts, desc="eval: base model responses", **gen)
+        if loglik:
+            loglik_values["base"] = loglik_correct(Scorer(base, tokenizer, **scoring), task, examples,
+                                                   desc="eval: base model, option log-likelihoods")
+    if "trained" in names:
+        trained = load_model({"name_or_path": str(model_path), "attn_implementation": cfg.model.attn_implementation},
+                             device=device, dtype=dtype)
+        generations["trained"] = generate(trained, tokenizer, prompts, desc="eval: trained model responses", **gen)
+        if loglik:
+            loglik_values["trained"] = loglik_correct(Scorer(trained, tokenizer, **scoring), task, examples,
+                                                      desc="eval: trained model, option log-likelihoods")
+        del trained
+
+    # MI of each model's responses, always under the reference (base) model in fp32.
+    reference = base if base.dtype == torch.float32 else load_model(
+        cfg.model, device=device, dtype=torch.float32, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
+    scorer = Scorer(reference, tokenizer, **scoring)
+    alternatives = context_alternatives(task, examples)
+    mi_kind = MI_PLAIN if alternatives is None else MI_CONDITIONAL
+    precision = {"generation": str(dtype).removeprefix("torch."), "mi_reference": "float32", "device": device.type,
+                 "loglik": str(dtype).removeprefix("torch.") if loglik else None}
+    records = {}
+    for name, generated in generations.items():
+        outs = generated.texts
+        finished = [reason == "eos" for reason in generated.finish_reasons]
+        estimate = estimate_pmi(
+            scorer, prompts, outs, k=cfg.eval.mi_k, seed=cfg.seed, alternatives=alternatives,
+            include_positive=cfg.eval.mi_include_positive, desc=f"eval: MI of {name} responses", finished=finished)
+        scored_tokens = response_token_counts(tokenizer, prompts, outs, finished, cfg.data.max_length,
+                                              cfg.data.max_prompt_length)
+        per_prompt: dict[str, list] = {
+            "mi": estimate.values, "mi_per_token": pmi_per_token(estimate.values, scored_tokens),
+            "scored_tokens": scored_tokens, "response_tokens": [g.num_tokens for g in generated],
+            "truncated": [int(not done) for done in finished], "response_chars": [len(text) for text in outs],
+        }
+        if task.has_answers:
+            for mode in ("strict", "flexible"):
+                extracted = [task.extract_answer(r, mode=mode) for r in outs]
+                per_prompt[f"parsed_{mode}"] = [int(a is not None) for a in extracted]
+                per_prompt[f"correct_{mode}"] = [int(task.is_correct(r, e, mode=mode)) for r, e in zip(outs, examples)]
+        per_prompt.update(loglik_values.get(name, {}))
+        metrics = model_metrics(per_prompt)
+        if cfg.eval.get("diversity", True) and len(outs) > 1:
+            metrics.update({k: v for k, v in diversity_metrics(outs).items() if v is not None})
+        records[name] = {"metrics": metrics, "responses": outs, "per_prompt": per_prompt, "mi_values": estimate.values,
+                         "mi": mi_kind, "precision": precision, "decoding": generated.settings}
+    del reference, base, scorer
+    if judged:
+        _judge(cfg, examples, records, device)
+    return records
+
+
+def _judge(cfg: DictConfig, examples: list[Example], records: dict[str, dict[str, Any]], device: torch.device) -> None:
+    """Judge every model's responses and the reference responses; adds the judge's metrics and per-prompt values."""
+    settings = JudgeSettings.from_config(cfg.judge)
+    judge_tokenizer = load_tokenizer(cfg.judge.model, cfg.paths.cache_dir)
+    judge = load_model(cfg.judge.model, device=device, cache_dir=cfg.paths.cache_dir, vocab_size=len(judge_tokenizer))
+    with_reference = [i for i, e in enumerate(examples) if e.reference]
+    reference_judged = score_responses(judge, judge_tokenizer, settings, [examples[i] for i in with_reference],
+                                       [examples[i].reference for i in with_reference],
+                                       max_prompt_length=cfg.data.max_length, desc="judge: reference responses")
+    reference_scores: list[float | None] = [None] * len(examples)
+    for i, score in zip(with_reference, reference_judged.scores):
+        reference_scores[i] = score
+    reference = JudgeScores(reference_scores, reference_judged.judgments, reference_judged.unparsed,
+                            reference_judged.unscored, reference_judged.no_preferences, reference_judged.unparsed_examples)
+    label = (f"{cfg.judge.name}: a weak judge, to test the judging path; its scores are not a result"
+             if cfg.judge.weak else f"{cfg.judge.name}")
+    for name, record in records.items():
+        judged = score_responses(judge, judge_tokenizer, settings, examples, record["responses"],
+                                 max_prompt_length=cfg.data.max_length, desc=f"judge: {name} responses")
+        metrics, per_prompt = judge_metrics(judged, reference)
+        record["metrics"].update(metrics)
+        record["per_prompt"].update(per_prompt)
+        record["judge"] = {"name": cfg.judge.name, "weak": bool(cfg.judge.weak), "label": label,
+                           "reference_judgments": reference.judgments, "reference_unparsed": reference.unparsed,
+                           "unparsed_examples": judged.unparsed_examples,
+                           "ties": "count as wins (judge_win_rate); judge_strict_win_rate counts only wins"}
+
+
+def eval_dtype(cfg: DictConfig) -> torch.dtype:
+    """The one precision both models generate in: ``eval.dtype`` (default fp32).
+
+    The trained policy is saved from fp32 master weights; at lr 5e-7 most per-weight updates
+    are below half a bf16 step, so loading it in bf16 would return most weights to the base
+    model. ``eval.dtype=bfloat16`` is allowed as an explicit choice and logged as such.
+    """
+    dtype = resolve_dtype(str(cfg.eval.dtype), resolve_device(cfg.device))
+    if dtype != torch.float32:
+        log.warning("eval.dtype=%s: both models generate in %s, which can round small trained updates away; "
+                    "the MI reference stays fp32", cfg.eval.dtype, dtype)
+    return dtype
+
+
+def _percent(value: float, stderr: float | None) -> str:
+    return f"{100 * value:.1f}% ± {100 * stderr:.1f}" if stderr is not None and math.isfinite(stderr) else f"{100 * value:.1f}%"
+
+
+def _number(value: float, stderr: float | None, digits: int = 3) -> str:
+    return f"{value:.{digits}f} ± {stderr:.{digits}f}" if stderr is not None and math.isfinite(stderr) else f"{value:.{digits}f}"
+
+
+def _delta_cell(delta: dict[str, Any] | None, percent: bool, digits: int = 3) -> str:
+    """``+2.5 pp [-1.2, +6.2] p=0.27`` (accuracies in percentage points) or ``-11.946 [-15.1, -8.7] p<0.001``."""
+    if delta is None:
+        return "—"
+    scale, unit, fmt = (100.0, " pp", ".1f") if percent else (1.0, "", f".{digits}f")
+    lo, hi = delta["ci95"]
+    p = delta["p_value"]
+    p_text = "p<0.001" if p < 0.001 else f"p={p:.3f}"
+    return f"{scale * delta['mean']:+{fmt}}{unit} [{scale * lo:+{fmt}}, {scale * hi:+{fmt}}] {p_text}"
+
+
+# The columns of the printed table: (header, metric, stderr field, percent?)
+TABLE_COLUMNS = (
+    ("accuracy strict", "accuracy_strict", "accuracy_strict_stderr", True),
+    ("accuracy flexible", "accuracy_flexible", "accuracy_flexible_stderr", True),
+    ("accuracy loglik", "accuracy_loglik", "accuracy_loglik_stderr", True),
+    ("accuracy loglik norm", "accuracy_loglik_norm", "accuracy_loglik_norm_stderr", True),
+    ("pmi (nats)", "mi_mean", "mi_stderr", False),
+    ("pmi / token (nats)", "mi_per_token_mean", "mi_per_token_stderr", False),
+    ("tokens", "mean_response_tokens", "mean_response_tokens_stderr", False),
+    ("cut at max_new_tokens", "truncated_fraction", None, True),
+    ("judge win rate (ties win)", "judge_win_rate", "judge_win_rate_stderr", True),
+    ("judge strict win rate", "judge_strict_win_rate", "judge_strict_win_rate_stderr", True),
+    ("judge score (1-5)", "judge_score_mean", "judge_score_stderr", False),
+)
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A Markdown table: one row per model (each metric ± its standard error), then ``trained − base``
+    (mean difference over the same prompts, 95% bootstrap interval and p-value), then the
+    responses' diversity, the unparsed counts and the judge's label where they apply."""
+    models = results["models"]
+    columns = [c for c in TABLE_COLUMNS if any(c[1] in m for m in models.values())]
+    lines = [f"{results['task']}: {results['num_eval']} held-out prompts, {results['mi']} under the base model "
+             f"(K={results['mi_k']})", ""]
+    lines.append("| model | " + " | ".join(header for header, *_ in columns) + " |")
+    lines.append("|---|" + "---|" * len(columns))
+    for name, r in models.items():
+        cells = []
+        for _, metric, stderr, percent in columns:
+            if metric not in r:
+                cells.append("—")
+                continue
+            se = r.get(stderr) if stderr else None
+            digits = 1 if metric == "mean_response_tokens" else 3
+            cells.append(_percent(r[metric], se) if percent else _number(r[metric], se, digits))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    deltas = results.get("deltas")
+    if deltas:
+        cells = [_delta_cell(deltas.get(metric), percent, 1 if metric == "mean_response_tokens" else 3)
+                 for _, metric, _, percent in columns]
+        lines.append("| trained − base | " + " | ".join(cells) + " |")
+        comparison = results.get("comparison", {})
+        lines += ["", f"trained − base: mean over the same prompts, [95% bootstrap interval over prompts, "
+                      f"{comparison.get('bootstrap_resamples', '?')} resamples], p: McNemar's exact test for accuracies and "
+                      "the cut fraction, a sign-flip permutation test otherwise"]
+    notes = []
+    for name, r in models.items():
+        parts = []
+        if "unparsed_strict" in r:
+            parts.append(f"{r['unparsed_strict']} strict / {r['unparsed_flexible']} flexible responses without an answer")
+        if "self_bleu" in r or "distinct_2" in r:
+            bleu = f"self-BLEU {r['self_bleu']:.1f}, " if "self_bleu" in r else ""
+            parts.append(f"{bleu}distinct-1 {r['distinct_1']:.3f}, distinct-2 {r['distinct_2']:.3f}")
+        if "judge_judgments" in r:
+            parts.append(f"judge: {r['judge_unparsed']} of {r['judge_judgments']} judgments unparsed, "
+                         f"{r['judge_unscored']} responses unscored, {r['judge_compared']} compared with the reference")
+        if parts:
+            notes.append(f"{name}: " + "; ".join(parts))
+    if notes:
+        lines += [""] + notes
+    if "judge" in results:
+        lines += ["", f"judge: {results['judge']['label']}"]
+    return "\n".join(lines)

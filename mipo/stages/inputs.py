@@ -1,0 +1,172 @@
+"""The inputs check: what an entry point is given, checked before it loads a model or writes a file.
+
+``mipo.stages.cli.setup(cfg, entry)`` runs ``check_inputs`` first thing in every entry point:
+
+1. the config's values (``mipo.stages.config.check_config``);
+2. the run directory: one that holds an earlier run's outputs is never written into again
+   unless ``overwrite=true``; ``train.py`` continues its own unfinished run with
+   ``trainer.resume=true`` (``run_dir_problems``, which the Hydra callback
+   ``mipo.stages.cli.RunDirGuard`` also runs before Hydra writes ``.hydra/`` into the directory);
+3. the data the entry point is about to read, where it applies:
+
+   ==========  ====================================================================================
+   sample      the training prompts exist in the numbers asked for; the negative strategy can pair them
+   train       the pairs file exists, every line is a valid pair, it holds at least one batch, and every
+               pair carries what the loss needs (x' for SAMI/InfoNCE, K - 1 extra negatives for K > 1)
+   evaluate    the evaluation prompts exist; eval.mi_k is at most the distinct other prompts of a
+               row; eval.model_path exists
+   pipeline    sample's checks (train's if the pairs file exists), then evaluate's
+   ==========  ====================================================================================
+
+Every problem found is reported together, one line each, in one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from mipo.data.pairs import PairsFileError, PreferencePair, read_pairs
+from mipo.data.tasks import build_task, task_splits
+from mipo.losses import LOSS_FAMILIES
+from mipo.mi import available_k
+from mipo.negatives import plan_negatives
+from mipo.runtime.errors import raise_problems
+from mipo.stages.config import check_config
+from mipo.stages.evaluate import context_alternatives
+from mipo.stages.sample import pairs_path
+
+ENTRIES = ("sample", "train", "evaluate", "pipeline")
+RUN_OUTPUTS = ("train.json", "eval.json", "metrics.jsonl", "model", "checkpoints")
+UNFINISHED_TRAINING = ("metrics.jsonl", "model", "checkpoints")  # what a killed train.py leaves
+
+
+@dataclass
+class Inputs:
+    """What the check found and read, handed to the stage so that it reads nothing twice."""
+
+    run_dir: Path
+    pairs: list[PreferencePair] | None = None  # train.py (and pipeline.py when the pairs file exists)
+
+
+def check_inputs(cfg: DictConfig, entry: str, run_dir: str | Path) -> Inputs:
+    """Raise ``ConfigError`` listing every problem with what ``entry`` (sample, train, ...) is given."""
+    if entry not in ENTRIES:
+        raise ValueError(f"unknown entry point {entry!r}; expected one of {ENTRIES}")
+    check_config(cfg)  # the values first: the checks below assume them
+    inputs = Inputs(Path(run_dir))
+    problems = run_dir_problems(cfg, entry, inputs.run_dir)
+
+    path = pairs_path(cfg)
+    will_sample = not path.exists() or cfg.sampling.overwrite
+    if entry == "train" or (entry == "pipeline" and not will_sample):
+        inputs.pairs, pairs_problems = _read_pairs(cfg, path)
+        problems += pairs_problems
+    if entry == "pipeline" and not cfg.trainer.save_model:
+        problems.append("trainer.save_model=false: pipeline.py evaluates the trained model, so it needs "
+                        "trainer.save_model=true")
+    if (entry in ("sample", "pipeline") and will_sample) or entry in ("evaluate", "pipeline"):
+        problems += _data_problems(cfg, entry, sample=entry != "evaluate" and will_sample)
+    raise_problems("these inputs", problems)
+    return inputs
+
+
+def run_dir_problems(cfg: DictConfig, entry: str, run_dir: Path) -> list[str]:
+    """Why ``entry`` must not write into ``run_dir`` (empty: it may)."""
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    if not found or cfg.get("overwrite") is True:
+        return []
+    unfinished_training = set(found) <= set(UNFINISHED_TRAINING)
+    if entry == "train" and cfg.trainer.get("resume") is True:
+        if unfinished_training:
+            return []
+        return [f"trainer.resume=true, but hydra.run.dir={run_dir} holds a finished run ({', '.join(found)}): "
+                "there is nothing to resume (overwrite=true trains again from step 0)"]
+    if entry == "train" and unfinished_training:
+        hint = "add trainer.resume=true to continue that run, or overwrite=true to start it again"
+    else:
+        hint = "choose another hydra.run.dir, or add overwrite=true to replace them"
+    return [f"hydra.run.dir={run_dir} holds the outputs of an earlier run ({', '.join(found)}), which are never "
+            f"overwritten: {hint}"]
+
+
+def _read_pairs(cfg: DictConfig, path: Path) -> tuple[list[PreferencePair] | None, list[str]]:
+    """The pairs of the file train would read, validated, or the problem with it."""
+    if not path.exists():
+        if cfg.data.pairs_path:
+            return None, [f"data.pairs_path={path}: no such file (expected a pairs JSONL file)"]
+        return None, [f"no pairs file for these settings at {path}: run sample.py with the same overrides "
+                      "first, or set data.pairs_path"]
+    try:
+        pairs = read_pairs(path)
+    except PairsFileError as error:
+        return None, [str(error)]
+    if len(pairs) < cfg.trainer.batch_size:
+        return pairs, [f"{path} holds {len(pairs)} pairs, fewer than one batch (trainer.batch_size="
+                       f"{cfg.trainer.batch_size}): expected at least {cfg.trainer.batch_size}"]
+    return pairs, _pairs_loss_problems(cfg, path, pairs)
+
+
+def _pairs_loss_problems(cfg: DictConfig, path: Path, pairs: list[PreferencePair]) -> list[str]:
+    """What the loss needs from every pair: x' for SAMI/InfoNCE, K - 1 extra negatives for K > 1."""
+    loss_type = cfg.loss.loss_type
+    family = LOSS_FAMILIES.get(loss_type)
+    problems = []
+    if family is not None and family.needs_negative_prompt:
+        missing = [p.where for p in pairs if p.metadata.get("negative_prompt") is None]
+        if missing:
+            problems.append(f"{missing[0]}: field 'negative_prompt' is missing ({len(missing)} of {len(pairs)} pairs of "
+                            f"{path}): loss.loss_type={loss_type} scores y+ and y- under x' too (pairs written by "
+                            "sample.py carry it)")
+    k = cfg.negatives.get("num_negatives", 1)
+    if isinstance(k, int) and k > 1:
+        short = [p.where for p in pairs if len(p.metadata.get("extra_negatives") or []) < k - 1]
+        if short:
+            problems.append(f"{short[0]}: field 'extra_negatives' holds fewer than {k - 1} responses ({len(short)} of "
+                            f"{len(pairs)} pairs of {path}): negatives.num_negatives={k} needs {k - 1} per pair; "
+                            "sample the pairs with the same negatives.num_negatives")
+    return problems
+
+
+def _data_problems(cfg: DictConfig, entry: str, sample: bool) -> list[str]:
+    """Problems with the task's prompts: the splits, the negatives (``sample``), the MI evaluation."""
+    data = cfg.data
+    try:
+        task = build_task(cfg)
+        train_examples, eval_examples = task_splits(cfg, task)
+    except (ValueError, OSError, ImportError) as error:
+        return [f"data.source={data.source}, data.num_train={data.num_train}, data.num_eval={data.num_eval}: {error}"]
+    problems = []
+    if sample:
+        strategy = cfg.negatives.strategy
+        try:
+            plan_negatives(task, train_examples, strategy, random.Random(cfg.seed),
+                           num_negatives=cfg.negatives.get("num_negatives", 1))
+        except ValueError as error:
+            problems.append(f"negatives={strategy} on {len(train_examples)} training prompts "
+                            f"(data.num_train={data.num_train}): {error}")
+    if entry in ("evaluate", "pipeline"):
+        problems += _evaluation_problems(cfg, entry, task, eval_examples)
+    return problems
+
+
+def _evaluation_problems(cfg: DictConfig, entry: str, task: Any, eval_examples: list) -> list[str]:
+    problems = []
+    prompts = [task.messages(e) for e in eval_examples]
+    alternatives = context_alternatives(task, eval_examples)
+    k_max = available_k(prompts, alternatives)
+    if cfg.eval.mi_k > k_max:
+        others = "other users' contexts" if alternatives is not None else "other distinct prompts"
+        problems.append(f"eval.mi_k={cfg.eval.mi_k}: the {len(eval_examples)} evaluation prompts give a row at most "
+                        f"{k_max} {others} for the MI marginal (data.num_eval={cfg.data.num_eval}): expected "
+                        f"eval.mi_k <= {k_max}; lower eval.mi_k or raise data.num_eval")
+    model_path = cfg.eval.model_path
+    if entry == "evaluate" and model_path and not (Path(model_path) / "config.json").is_file():
+        what = "holds no config.json" if Path(model_path).is_dir() else "does not exist"
+        problems.append(f"eval.model_path={model_path} {what}: expected a trained model folder "
+                        "(e.g. outputs/<date>/<time>/model)")
+    return problems

@@ -1,0 +1,1 @@
+"""Training: the micro-step's forward and objectives, the optimizer, parallel strategies, checkpoints."""
