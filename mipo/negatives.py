@@ -21,8 +21,11 @@ from __future__ import annotations
 import random
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 from mipo.data.tasks import Example, Task
+from mipo.losses import LOSS_FAMILIES
+from mipo.runtime.errors import failed, is_int
 
 STRATEGIES = ("random", "partial", "random_context")
 
@@ -136,3 +139,24 @@ def plan_negatives(task: Task, examples: list[Example], strategy: str, rng: rand
         sigma = derangement([e.context for e in examples], rng)  # type: ignore[misc]
         return NegativePlan(examples, [task.with_context(e, examples[j].context) for e, j in zip(examples, sigma)], None)
     raise ValueError(f"unknown negatives.strategy {strategy!r}; expected one of {STRATEGIES}")
+
+
+def negatives_problems(negatives: Mapping[str, Any], loss_type: str | None, task: Task | None) -> list[str]:
+    """``negatives.strategy`` and ``negatives.num_negatives`` against the loss and the task (None: not built)."""
+    strategy, num_negatives = negatives["strategy"], negatives.get("num_negatives", 1)
+    checks = [(strategy in STRATEGIES, f"unknown negatives.strategy {strategy!r}; expected one of {STRATEGIES}"),
+              (is_int(num_negatives) and num_negatives >= 1,
+               f"negatives.num_negatives={num_negatives}: expected an int >= 1 (rejected responses per prompt)")]
+    if is_int(num_negatives) and num_negatives > 1:
+        family = LOSS_FAMILIES.get(loss_type)
+        checks += [(strategy == "random" and negatives.get("reuse_positives") is True,
+                    f"negatives.num_negatives={num_negatives} takes the K negatives from K distinct other training "
+                    f"prompts' responses: it needs negatives=random with negatives.reuse_positives=true, got "
+                    f"negatives.strategy={strategy}, reuse_positives={negatives.get('reuse_positives')}"),
+                   (family is None or family.multi_negative,
+                    f"negatives.num_negatives={num_negatives}: loss.loss_type={loss_type} trains on one negative "
+                    "per prompt; K > 1 needs a DPO loss (loss=dpo, cdpo, ipo or hinge)")]
+    if task is not None and strategy == "random_context":
+        checks.append((task.supports_context, f"negatives=random_context needs a personalization task whose prompts "
+                       f"carry a user context; task {task.name!r} has none (use negatives=random or negatives=partial)"))
+    return failed(checks)

@@ -244,3 +244,20 @@ def test_reported_errors_keep_the_traceback_with_hydra_full_error(monkeypatch):
     with pytest.raises(KeyError):  # a bug is never reduced to a one-line message
         with reported_errors("train"):
             raise KeyError("bug")
+
+
+def test_partial_samples_of_other_inputs_are_reported_cleanly_by_sample_py(tmp_path):
+    """A ``.partial`` sampling folder written for other inputs: one clean line naming the file and field, exit 1,
+    the folder untouched. (Every InputError subclass reaches the entry points' one error path.)"""
+    pairs = tmp_path / "pairs.jsonl"
+    partial = pairs.with_name(pairs.name + ".partial")
+    partial.mkdir()
+    (partial / "meta.json").write_text(json.dumps({"format": 1, "inputs": "written-by-another-run", "plans": {}}))
+    before = tree_hashes(partial)
+    proc = run_entry("sample.py", [*tiny_overrides(tmp_path), f"data.pairs_path={pairs}"], tmp_path / "run",
+                     expect_ok=False, merge_stderr=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"sample.py: error: {partial / 'meta.json'}: field 'inputs'"), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert tree_hashes(partial) == before and not pairs.exists()

@@ -17,11 +17,12 @@ ends, and the loss mask is the response by construction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
 from mipo.data.chat import Messages, prompt_key, render_prompt
+from mipo.runtime.errors import failed, is_int
 
 if TYPE_CHECKING:  # pairs.py imports Messages from here
     from mipo.data.pairs import PreferencePair
@@ -169,3 +170,17 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
         input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
         attention_mask[i, width - len(ids):] = 1
     return input_ids, attention_mask
+
+
+def length_problems(data: Mapping[str, Any]) -> list[str]:
+    """``data.max_length`` / ``data.max_prompt_length``: the prompt is cut to max_prompt_length inside max_length tokens."""
+    max_length, max_prompt_length = data["max_length"], data["max_prompt_length"]
+    problems = failed([
+        (is_int(max_length) and max_length > 1, f"data.max_length={max_length}: expected an int > 1"),
+        (is_int(max_prompt_length) and max_prompt_length > 0,
+         f"data.max_prompt_length={max_prompt_length}: expected an int > 0"),
+    ])
+    if is_int(max_length) and is_int(max_prompt_length) and max_prompt_length >= max_length:
+        problems.append(f"data.max_prompt_length={max_prompt_length} must be < data.max_length={max_length} "
+                        "(the response needs room after the prompt)")
+    return problems

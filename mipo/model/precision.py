@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
-from mipo.model.loading import resolve_dtype
+from mipo.model.loading import DTYPES, resolve_dtype
+from mipo.runtime.errors import failed
 
 AUTOCAST = ("auto", "none", "null", "bfloat16", "bf16", "float16", "fp16", "float32", "fp32")
 
@@ -63,3 +64,18 @@ def training_precision(cfg: DictConfig, device: torch.device) -> ForwardPrecisio
     ``trainer.autocast``. The reference log-probs are computed in it too (``mipo.stages.reference``)."""
     weights = resolve_dtype(train_dtype(cfg), device)
     return ForwardPrecision(weights, resolve_autocast(cfg.trainer.get("autocast"), device, weights))
+
+
+def precision_problems(cfg: DictConfig) -> list[str]:
+    """``trainer.autocast`` and the dtypes of the model (``model.dtype``, ``model.train_dtype``) and of evaluation."""
+    autocast = cfg.trainer.autocast
+    checks = [(autocast is None or str(autocast) in AUTOCAST,
+               f"trainer.autocast={autocast}: expected one of {', '.join(AUTOCAST)}"),
+              (str(autocast) not in ("float16", "fp16"),
+               f"trainer.autocast={autocast}: float16 autocast needs a gradient scaler, which this trainer does "
+               "not use; use trainer.autocast=bfloat16 (fp32's exponent range, no scaler needed)")]
+    for key, value in (("model.dtype", cfg.model.get("dtype")), ("model.train_dtype", cfg.model.get("train_dtype")),
+                       ("eval.dtype", cfg.eval.get("dtype"))):
+        checks.append((value is None or value == "auto" or value in DTYPES,
+                       f"{key}={value}: expected auto or one of {', '.join(DTYPES)}"))
+    return failed(checks)

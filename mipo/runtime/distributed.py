@@ -29,7 +29,8 @@ from typing import Any, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
+
+from mipo.runtime.resolvers import register_resolver
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -184,6 +185,5 @@ def _mipo_now(pattern: str) -> str:
 
 
 # Registered at import (mipo.stages.cli imports this module before @hydra.main composes the config).
-if not OmegaConf.has_resolver("mipo_now"):
-    OmegaConf.register_new_resolver("mipo_now", _mipo_now)
+register_resolver("mipo_now", _mipo_now)
 

@@ -21,3 +21,18 @@ def raise_problems(what: str, problems: list[str]) -> None:
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise ConfigError(f"{what} cannot run ({len(problems)} problem{'s' * (len(problems) > 1)}):\n{lines}")
+
+
+def is_int(value: object) -> bool:
+    """An int and not a bool (YAML's ``true`` is not a batch size)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float, not a bool and not a string (``loss.beta='0.1'`` is refused with its type)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def failed(checks: list[tuple[bool, str]]) -> list[str]:
+    """The messages of the checks that failed: ``[(condition, message), ...]`` -> ``[message, ...]``."""
+    return [message for ok, message in checks if not ok]

@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from mipo.runtime.errors import failed
+
 WANDB_MODES = ("disabled", "offline", "online")
 
 
@@ -75,3 +77,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def wandb_problems(wandb: Mapping[str, Any]) -> list[str]:
+    return failed([(wandb["mode"] in WANDB_MODES, f"wandb.mode={wandb['mode']!r}: expected one of {', '.join(WANDB_MODES)}")])

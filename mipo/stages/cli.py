@@ -24,11 +24,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from mipo.runtime import (
-    distributed,  # registers ${mipo_now:...}: the run directory is rank 0's under torchrun
-)
+# distributed registers ${mipo_now:...} at import: the run directory is rank 0's under torchrun
+from mipo.runtime import distributed
 from mipo.runtime.errors import InputError, raise_problems
 from mipo.runtime.files import stable_hash
+from mipo.runtime.resolvers import register_resolver
 from mipo.stages.inputs import ENTRIES, Inputs, check_inputs, run_dir_problems
 
 log = logging.getLogger("mipo")
@@ -50,8 +50,7 @@ def job_dirname(overrides: list[str]) -> str:
 
 
 # Registered at import, before @hydra.main composes conf/config.yaml, which uses it for job names.
-if not OmegaConf.has_resolver("mipo_job_dirname"):
-    OmegaConf.register_new_resolver("mipo_job_dirname", lambda overrides: job_dirname(list(overrides)))
+register_resolver("mipo_job_dirname", lambda overrides: job_dirname(list(overrides)))
 
 
 def run_dir() -> Path:

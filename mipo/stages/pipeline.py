@@ -43,6 +43,7 @@ from omegaconf import DictConfig, open_dict
 
 from mipo.data.pairs import PreferencePair
 from mipo.runtime import distributed
+from mipo.runtime.errors import failed, is_int
 from mipo.runtime.files import exclusive_lock, stable_hash, write_json
 from mipo.stages.evaluate import evaluate
 from mipo.stages.sample import sample_pairs
@@ -161,3 +162,13 @@ def _link(link: Path, target: Path, directory: bool) -> None:
     if link.is_symlink() or link.exists():
         link.unlink() if link.is_symlink() or not link.is_dir() else shutil.rmtree(link)
     link.symlink_to(target, target_is_directory=directory)
+
+
+def rounds_problems(cfg: DictConfig) -> list[str]:
+    """``rounds``: pipeline.py's rounds of iterative MIPO, each sampling new pairs."""
+    rounds = cfg.get("rounds", 1)
+    checks = [(is_int(rounds) and rounds >= 1, f"rounds={rounds}: expected an int >= 1 (pipeline.py's rounds of iterative MIPO)")]
+    if is_int(rounds) and rounds > 1:
+        checks.append((not cfg.data.pairs_path, f"rounds={rounds} samples new pairs every round, but data.pairs_path="
+                       f"{cfg.data.pairs_path} fixes one pairs file: leave data.pairs_path unset"))
+    return failed(checks)

@@ -47,7 +47,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from mipo.runtime import distributed
-from mipo.runtime.errors import InputError
+from mipo.runtime.errors import InputError, failed, is_int
 from mipo.runtime.files import atomic_dir, remove_stale, remove_tree
 
 log = logging.getLogger(__name__)
@@ -233,3 +233,12 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
             raise CheckpointError(f"the checkpoint holds RNG states of {len(cuda)} CUDA devices but "
                                   f"{torch.cuda.device_count()} are visible: resume with the same devices")
         torch.cuda.set_rng_state_all(cuda)
+
+
+def checkpoint_problems(trainer: Mapping[str, Any]) -> list[str]:
+    """``trainer.checkpoint_every`` / ``keep_checkpoints`` (null or a count) and ``trainer.resume``."""
+    checks = [(trainer.get(key) is None or (is_int(trainer.get(key)) and trainer.get(key) > 0),
+               f"trainer.{key}={trainer.get(key)}: expected null or an int > 0")
+              for key in ("checkpoint_every", "keep_checkpoints")]
+    checks.append((isinstance(trainer.get("resume"), bool), f"trainer.resume={trainer.get('resume')}: expected true or false"))
+    return failed(checks)

@@ -16,24 +16,31 @@ to the master, and the parameter is the master rounded to its dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Iterable, Mapping
 
 import torch
 from transformers import get_scheduler
 
+from mipo.runtime.errors import failed, is_int, is_number
+
 LR_SCHEDULERS = ("constant_with_warmup", "linear", "cosine_with_min_lr")
 MASTER_WEIGHTS = ("none", "device", "cpu")
 
 
-def adamw_update(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
-                 step: int, lr: float, beta1: float, beta2: float, eps: float, weight_decay: float) -> None:
+def adamw_update(param: torch.Tensor, grad: torch.Tensor, state: Mapping[str, Any], group: Mapping[str, Any]) -> None:
     """One AdamW step in place (Loshchilov & Hutter, "Decoupled Weight Decay Regularization", ICLR 2019,
     Algorithm 2), in the operation order of ``torch.optim.AdamW``:
 
         theta <- theta (1 - lr lambda)
         m <- beta1 m + (1 - beta1) g,   v <- beta2 v + (1 - beta2) g^2
         theta <- theta - lr / (1 - beta1^t) * m / (sqrt(v / (1 - beta2^t)) + eps)
+
+    ``state``: the parameter's ``exp_avg`` (m), ``exp_avg_sq`` (v) and ``step`` (t, already counting this
+    step); ``group``: its param group's ``lr``, ``betas``, ``eps`` and ``weight_decay`` (lambda).
     """
+    exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], int(state["step"])
+    lr, (beta1, beta2), eps, weight_decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
     param.mul_(1 - lr * weight_decay)
     exp_avg.lerp_(grad, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
@@ -68,7 +75,6 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def step(self, closure=None):  # noqa: D102 - torch.optim.Optimizer.step
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -79,8 +85,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                                  exp_avg_sq=torch.zeros_like(master))
                 state["step"] += 1
                 grad = p.grad.to(state["master"].device, torch.float32)
-                adamw_update(state["master"], grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
-                             group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+                adamw_update(state["master"], grad, state, group)
                 p.copy_(state["master"])
         return loss
 
@@ -139,3 +144,25 @@ def final_weights(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> 
     return policy
 
 
+def optimizer_problems(trainer: Mapping[str, Any]) -> list[str]:
+    """The optimizer's and the schedule's settings in ``trainer``."""
+    betas = list(trainer["adam_betas"]) if isinstance(trainer["adam_betas"], Sequence) and not isinstance(
+        trainer["adam_betas"], str) else None
+    max_steps = trainer["max_steps"]
+    return failed([
+        (is_number(trainer["lr"]) and trainer["lr"] > 0, f"trainer.lr={trainer['lr']}: expected a learning rate > 0"),
+        (is_number(trainer["warmup_ratio"]) and 0 <= trainer["warmup_ratio"] <= 1,
+         f"trainer.warmup_ratio={trainer['warmup_ratio']}: expected a fraction in [0, 1]"),
+        (is_number(trainer["max_grad_norm"]) and trainer["max_grad_norm"] > 0,
+         f"trainer.max_grad_norm={trainer['max_grad_norm']}: expected a number > 0"),
+        (max_steps is None or (is_int(max_steps) and max_steps > 0),
+         f"trainer.max_steps={max_steps}: expected null or an int > 0"),
+        (trainer["lr_scheduler"] in LR_SCHEDULERS,
+         f"trainer.lr_scheduler={trainer['lr_scheduler']}: expected one of {', '.join(LR_SCHEDULERS)}"),
+        (is_number(trainer["min_lr_ratio"]) and 0 <= trainer["min_lr_ratio"] <= 1,
+         f"trainer.min_lr_ratio={trainer['min_lr_ratio']}: expected a fraction in [0, 1]"),
+        (betas is not None and len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas),
+         f"trainer.adam_betas={trainer['adam_betas']}: expected [beta1, beta2], each in [0, 1)"),
+        (trainer["master_weights"] in MASTER_WEIGHTS,
+         f"trainer.master_weights={trainer['master_weights']}: expected one of {', '.join(MASTER_WEIGHTS)}"),
+    ])

@@ -35,7 +35,7 @@ from typing import Any, Mapping
 import torch
 
 from mipo.runtime import distributed
-from mipo.runtime.errors import ConfigError
+from mipo.runtime.errors import ConfigError, failed, is_int
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +201,22 @@ def save_consolidated(policy: torch.nn.Module, tokenizer: Any, model_dir: Path, 
         policy.save_pretrained(model_dir, state_dict=state)
         tokenizer.save_pretrained(model_dir)
     distributed.barrier()
+
+
+def batch_problems(trainer: Mapping[str, Any], world: int) -> list[str]:
+    """``trainer.batch_size`` / ``micro_batch_size`` / ``epochs`` / ``strategy`` / ``cpu_offload``, for ``world`` ranks."""
+    problems = failed([(is_int(trainer[key]) and trainer[key] > 0, f"trainer.{key}={trainer[key]}: expected an int > 0")
+                       for key in ("batch_size", "micro_batch_size", "epochs")])
+    batch, micro = trainer["batch_size"], trainer["micro_batch_size"]
+    if is_int(batch) and is_int(micro) and micro > 0:
+        if batch % micro != 0:
+            problems.append(f"trainer.batch_size={batch} must be a multiple of trainer.micro_batch_size={micro} "
+                            "(pairs per step = micro-batch x accumulation)")
+        if world > 1 and (problem := batch_split_problem(batch, micro, world)) is not None:
+            problems.append(problem)
+    strategy = trainer.get("strategy", "single")
+    return problems + failed([
+        (strategy in STRATEGIES, f"trainer.strategy={strategy}: expected one of {', '.join(STRATEGIES)}"),
+        (isinstance(trainer.get("cpu_offload", False), bool),
+         f"trainer.cpu_offload={trainer.get('cpu_offload')}: expected true or false"),
+    ])

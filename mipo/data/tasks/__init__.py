@@ -36,7 +36,7 @@ from mipo.data.tasks.jsonl import JsonlTask
 from mipo.data.tasks.multifaceted import MultifacetedBenchTask
 from mipo.data.tasks.persistbench import PERSISTBENCH_SUBSETS, PersistBenchTask
 from mipo.data.tasks.prism import PrismTask
-from mipo.data.tasks.sources import load_splits
+from mipo.data.tasks.splits import load_splits
 from mipo.data.tasks.svamp import SvampTask
 from mipo.data.tasks.text import extract_number, normalize_number, split_sentences
 

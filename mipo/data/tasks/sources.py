@@ -1,6 +1,7 @@
-"""Where a task's rows come from: source resolution, the hub, offline copies, train/eval splits.
+"""Where a task's rows come from: source resolution, the hub, offline copies.
 
-Sources accepted by :meth:`Task.load <mipo.data.tasks.base.Task.load>` and :func:`load_splits`:
+Sources accepted by :meth:`Task.load <mipo.data.tasks.base.Task.load>` and
+:func:`~mipo.data.tasks.splits.load_splits`:
 
 ``"hub"``
     ``datasets.load_dataset`` on the task's Hugging Face dataset (needs ``pip install datasets``
@@ -18,9 +19,9 @@ a path
     A local ``.jsonl`` file (one JSON object per line, same fields as the offline copy or the
     hub rows). A file is a single split: the ``split`` argument is ignored.
 
-The functions here take the task as their first argument; :class:`~mipo.data.tasks.base.Task` calls
-them from its thin ``resolve_source``/``offline_available``/``load`` methods, which subclasses
-may override.
+The functions here take the task as their first argument (anything with the fields of ``DatasetSpec``);
+:class:`~mipo.data.tasks.base.Task` calls them from its thin ``resolve_source``/``offline_available``/``load``
+methods, which subclasses may override.
 """
 
 from __future__ import annotations
@@ -28,14 +29,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, Protocol, TypeVar
 
 from mipo.runtime.files import installed_package_dir, read_jsonl
-
-if TYPE_CHECKING:
-    from mipo.data.tasks.base import Example, Task
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +44,22 @@ Row = tuple[str, dict[str, Any]]
 """A raw data row and a human-readable location (``"/path/gsm8k.jsonl line 17"``)."""
 
 _T = TypeVar("_T")
+
+
+class DatasetSpec(Protocol):
+    """What the functions here read of a task (``mipo.data.tasks.base.Task`` has these fields)."""
+
+    name: str
+    hub_dataset: str | None
+    hub_config: str | None
+    hub_splits: tuple[str, ...]
+    offline_split: str
+    offline_files: tuple[tuple[str, str, str], ...]
+
+    def offline_available(self) -> bool: ...
+
+    def resolve_source(self, source: str | os.PathLike[str]) -> str: ...
+
 
 # ---------------------------------------------------------------------------------------------
 # The hub and the offline copies
@@ -84,7 +97,7 @@ def hub_rows(dataset: str, config: str | None, split: str, table: Iterable[Mappi
     return [(f"{label} row {index + 1}", dict(row)) for index, row in enumerate(table)]
 
 
-def offline_paths(task: Task) -> list[tuple[str, Path]]:
+def offline_paths(task: DatasetSpec) -> list[tuple[str, Path]]:
     """Installed offline files of ``task`` as ``(group, path)``; the first matching package wins
     per group (``task.offline_files`` lists ``(group, package, relative path)`` candidates)."""
     found: dict[str, Path] = {}
@@ -98,7 +111,7 @@ def offline_paths(task: Task) -> list[tuple[str, Path]]:
     return list(found.items())
 
 
-def _offline_missing_message(task: Task) -> str:
+def _offline_missing_message(task: DatasetSpec) -> str:
     if not task.offline_files:
         hint = "source='hub' (pip install datasets; needs network)" if task.hub_dataset else "a local .jsonl path"
         return f"{task.name} has no offline copy; use {hint} or a path to a local .jsonl file"
@@ -114,7 +127,7 @@ def _offline_missing_message(task: Task) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_source(task: Task, source: str | os.PathLike[str]) -> str:
+def resolve_source(task: DatasetSpec, source: str | os.PathLike[str]) -> str:
     """Map ``source`` to ``"hub"``, ``"offline"`` or a file path (``"auto"`` resolved as in the
     module docstring); raise ValueError when ``task`` cannot use it."""
     source = os.fspath(source)
@@ -141,7 +154,7 @@ def resolve_source(task: Task, source: str | os.PathLike[str]) -> str:
     )
 
 
-def read_rows(task: Task, resolved_source: str, split: str) -> list[tuple[str, list[Row]]]:
+def read_rows(task: DatasetSpec, resolved_source: str, split: str) -> list[tuple[str, list[Row]]]:
     """Raw rows of ``split`` from a resolved source, grouped as ``(group used in uids, rows)``."""
     if resolved_source == SOURCE_HUB:
         if split not in task.hub_splits:
@@ -162,7 +175,7 @@ def read_rows(task: Task, resolved_source: str, split: str) -> list[tuple[str, l
 
 
 def with_offline_fallback(
-    task: Task,
+    task: DatasetSpec,
     source: str | os.PathLike[str],
     load: Callable[[str], _T],
     offline_usable: bool = True,
@@ -188,77 +201,3 @@ def with_offline_fallback(
             raise
         logger.warning("%s: hub unavailable (%s); using the offline copy", task.name, error)
     return load(SOURCE_OFFLINE)
-
-
-# ---------------------------------------------------------------------------------------------
-# Train / eval splits
-# ---------------------------------------------------------------------------------------------
-
-
-def _question_key(ex: Example) -> str:
-    return " ".join(ex.question.split()).casefold()
-
-
-def _check_count(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise ValueError(f"load_splits: {name} must be None or an int >= 0, got {value!r}")
-
-
-def _take(pool: list[Example], count: int | None, what: str, task: Task, source: str) -> list[Example]:
-    if count is None:
-        return pool
-    if count > len(pool):
-        raise ValueError(
-            f"load_splits: {what}={count} but only {len(pool)} {task.name} examples are available "
-            f"from source {source!r} for it; lower {what} (or use None for all)"
-        )
-    return pool[:count]
-
-
-def _split_pools(task: Task, resolved_source: str) -> tuple[list[Example] | None, list[Example]]:
-    """(train split, evaluation split) of a source with a train split; (None, the only split)
-    otherwise."""
-    if task.train_split_available(resolved_source):
-        return task.load(resolved_source, "train"), task.load(resolved_source, task.hub_eval_split)
-    return None, task.load(resolved_source)
-
-
-def load_splits(
-    task: Task,
-    source: str,
-    num_train: int | None,
-    num_eval: int | None,
-    seed: int,
-) -> tuple[list[Example], list[Example]]:
-    """Training and evaluation prompts, disjoint by uid and by question text.
-
-    * Source with a train split (hub GSM8K/SVAMP/ARC): eval = ``num_eval`` examples of the
-      shuffled test split; train = ``num_train`` examples of the shuffled train split, after
-      removing any whose question text also occurs anywhere in the test split.
-    * Single-split source (offline copies, a local JSONL, a hub dataset published as one split):
-      the examples are shuffled with ``random.Random(seed)``; eval = the first ``num_eval``;
-      train = the next ``num_train``, skipping any whose question text occurs in eval.
-
-    ``None`` means all (so with a single split and ``num_eval=None`` the train set is empty).
-    Deterministic for a seed. Raises ValueError when more examples are requested than exist.
-    """
-    _check_count("num_train", num_train)
-    _check_count("num_eval", num_eval)
-    requested = os.fspath(source)
-    train_split, test_pool = with_offline_fallback(task, requested, lambda resolved: _split_pools(task, resolved))
-    rng = random.Random(seed)
-    rng.shuffle(test_pool)
-    if train_split is not None:
-        rng.shuffle(train_split)
-    eval_examples = _take(test_pool, num_eval, "num_eval", task, requested)
-    if train_split is not None:
-        train_pool, held_out = train_split, test_pool
-    else:  # a single split: train comes from what eval left over
-        train_pool, held_out = test_pool[len(eval_examples) :], eval_examples
-    held_out_keys = {_question_key(ex) for ex in held_out}
-    train_candidates = [ex for ex in train_pool if _question_key(ex) not in held_out_keys]
-    train_examples = _take(train_candidates, num_train, "num_train", task, requested)
-    eval_uids = {ex.uid for ex in eval_examples}
-    if any(ex.uid in eval_uids for ex in train_examples):  # pragma: no cover - guaranteed above
-        raise RuntimeError("load_splits: train and eval share a uid")
-    return train_examples, eval_examples
