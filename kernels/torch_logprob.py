@@ -32,27 +32,28 @@ def _row_chunks(logits3: torch.Tensor, chunk_size: int):
 def _torch_forward(logits3: torch.Tensor, targets: torch.Tensor, ignore_index: int, chunk_size: int):
     """Pure-PyTorch forward: logp, lse (N,) in the compute dtype, chunk_size rows at a time.
 
-    Per chunk one ``log_softmax`` in the compute dtype gives logp = logsm[y], and
-    lse = max(z) - max(logsm) (= m + log sum exp(z - m): as accurate as ``torch.logsumexp``
-    and finite even when z[y] = -inf). On CPU this is about twice as fast as
-    ``torch.logsumexp``, which runs several unfused passes.
-    Peak extra memory: one (chunk_size, V) compute-dtype buffer (two for bf16/fp16 logits on
-    CPU, where log_softmax upcasts into a separate copy first), independent of N.
+    Per chunk ``lse = torch.logsumexp(z)`` in the compute dtype and ``logp = z[y] - lse``: equation (1) as
+    written. Not ``log_softmax(z)[y]``: torch's CPU log_softmax is off in one direction on logits shaped
+    like a language model's (a few large values far above a wide bulk), by +5e-6 nats per token at
+    V = 49,152, so a 300-token response's sum drifts by 1.5e-3; logsumexp's error is ~1e-8 and not
+    one-signed (tests/test_kernels.py, ``test_no_drift_on_peaked_logits``). It costs about 1.3x the
+    log_softmax on CPU (``make bench-kernel``). A row whose z[y] = -inf gets logp = -inf, as (1) says.
+    Peak extra memory: one (chunk_size, V) compute-dtype temporary inside logsumexp (plus the
+    upcast copy of a bf16/fp16 chunk), independent of N.
     """
     B, T, V = logits3.shape
     cdtype = _compute_dtype(logits3.dtype)
     logp = torch.empty(B * T, dtype=cdtype, device=logits3.device)
     lse = torch.empty(B * T, dtype=cdtype, device=logits3.device)
     for s, e, b, t0, t1 in _row_chunks(logits3, chunk_size):
-        z = logits3[b, t0:t1]  # (c, V) in the logits dtype, a view
+        z = logits3[b, t0:t1].to(cdtype)  # (c, V): a view when the logits are in the compute dtype
         tgt = targets[s:e]  # (c,)
         ignored = tgt == ignore_index
         safe_tgt = torch.where(ignored, 0, tgt)
-        logsm = torch.log_softmax(z, dim=-1, dtype=cdtype)  # (c, V)
-        # logsm = (z - m) - log(sum exp(z - m)) peaks at the argmax with exactly -log(sum ...)
-        lse[s:e] = z.amax(dim=-1).to(cdtype) - logsm.amax(dim=-1)
-        logp[s:e] = torch.where(ignored, 0.0, logsm.gather(-1, safe_tgt.unsqueeze(-1)).squeeze(-1))
-        del logsm
+        lse[s:e] = torch.logsumexp(z, dim=-1)  # (c,)
+        target_logits = z.gather(-1, safe_tgt.unsqueeze(-1)).squeeze(-1)  # (c,)
+        logp[s:e] = torch.where(ignored, 0.0, target_logits - lse[s:e])
+        del z
     return logp, lse
 
 
@@ -97,9 +98,10 @@ def _torch_backward(
 
 
 def _naive_logprob(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """The textbook baseline: an (..., V) fp32 log-softmax, then a gather. Autograd keeps it alive."""
+    """The textbook baseline: (..., V) fp32 logits, their logsumexp, a gather: equation (1). Autograd keeps
+    the (..., V) fp32 copy alive. (Not ``log_softmax(-1).gather``: see ``_torch_forward`` on its CPU bias.)"""
     ignored = targets == ignore_index
     safe_targets = torch.where(ignored, 0, targets)
-    logp = logits.to(_compute_dtype(logits.dtype)).log_softmax(-1)  # (..., V)
-    logp = logp.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)  # (...)
+    z = logits.to(_compute_dtype(logits.dtype))  # (..., V)
+    logp = z.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)  # (...)
     return logp.masked_fill(ignored, 0.0)
