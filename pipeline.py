@@ -10,8 +10,8 @@ stage from its newest checkpoint.
 import hydra
 from omegaconf import DictConfig
 
+from mipo.metrics.table import format_table
 from mipo.stages.cli import entry_point, setup
-from mipo.stages.evaluate import format_table
 from mipo.stages.pipeline import run_pipeline
 
 
@@ -19,7 +19,7 @@ from mipo.stages.pipeline import run_pipeline
 @entry_point("pipeline")
 def main(cfg: DictConfig) -> None:
     inputs = setup(cfg, "pipeline")
-    results = run_pipeline(cfg, inputs.run_dir, pairs=inputs.pairs)
+    results = run_pipeline(cfg, inputs.run_dir, inputs.pairs_path, pairs=inputs.pairs)
     print(format_table(results))
 
 

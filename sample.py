@@ -16,8 +16,8 @@ from mipo.stages.sample import sample_pairs
 @hydra.main(version_base=None, config_path="conf", config_name="config")
 @entry_point("sample")
 def main(cfg: DictConfig) -> None:
-    setup(cfg, "sample")
-    path = sample_pairs(cfg)
+    inputs = setup(cfg, "sample")
+    path = sample_pairs(cfg, inputs.pairs_path)
     log.info("pairs: %s", path)
 
 

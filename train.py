@@ -8,6 +8,7 @@
 import hydra
 from omegaconf import DictConfig
 
+from mipo.data.pairs import PairsFile
 from mipo.stages.cli import entry_point, log, setup
 from mipo.stages.train import train
 
@@ -16,7 +17,7 @@ from mipo.stages.train import train
 @entry_point("train")
 def main(cfg: DictConfig) -> None:
     inputs = setup(cfg, "train")
-    summary = train(cfg, inputs.run_dir, pairs=inputs.pairs)
+    summary = train(cfg, inputs.run_dir, PairsFile.hashed(inputs.pairs_path), pairs=inputs.pairs)
     log.info("trained %d steps; model saved to %s", summary["steps"], summary.get("model_dir", "(not saved)"))
 
 

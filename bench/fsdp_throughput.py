@@ -31,7 +31,7 @@ from mipo.data.encoding import EncodedRow
 from mipo.model.loading import enable_activation_checkpointing, load_model
 from mipo.runtime import distributed
 from mipo.training import parallel
-from mipo.training.forward import ReferenceLogps, TrainingForward
+from mipo.training.forward import ReferenceLogps, TrainingForward, TrainingRows
 
 # Llama-3.2-1B's shape (meta-llama/Llama-3.2-1B-Instruct config.json), randomly initialised
 LLAMA_1B = dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
@@ -69,6 +69,7 @@ def run(kernel: str, args: argparse.Namespace, device: torch.device) -> dict[str
     b = args.micro_batch
     chosen, rejected = synthetic_rows(b * (args.steps + args.warmup), args.prompt_tokens, args.response_tokens, vocab,
                                       seed=distributed.rank())
+    rows = TrainingRows(chosen, rejected)
     reference = ReferenceLogps(torch.zeros(len(chosen)), torch.zeros(len(chosen)), Path("-"), cache_hit=True)
     loss_cfg = {"beta": 0.1, "label_smoothing": 0.0, "loss_type": "sigmoid"}
     if device.type == "cuda":
@@ -76,7 +77,7 @@ def run(kernel: str, args: argparse.Namespace, device: torch.device) -> dict[str
     times = []
     for step in range(args.warmup + args.steps):
         index = list(range(step * b, (step + 1) * b))
-        batch = forward.collate(chosen, rejected, index, reference, 0).to(device)
+        batch = forward.collate_rows(rows, index, reference, 0, loss_cfg["loss_type"]).to(device)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()

@@ -12,7 +12,7 @@ Methods, all in one process on the same model and prompts:
   one-prompt loop   ``model.generate(do_sample=True)`` on each prompt alone (the paper's code)
   hf batched        ``model.generate`` on left-padded batches of ``--hf-batch-size`` prompts sorted
                     by length (this project's sampling before ``mipo.model.generation`` had its own loop)
-  mipo.model.generation   ``generate(batch_size=auto)``: finished rows leave, waiting prompts refill,
+  mipo.model.generation   ``generate`` (batch_size auto): finished rows leave, waiting prompts refill,
                     the prompts' common prefix is run once
 
 Throughput counts useful tokens only: the tokens of the returned responses (up to, not
@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from mipo.data.encoding import encode_prompt
 from mipo.data.tasks import get_task, load_splits
-from mipo.model.generation import generate
+from mipo.model.generation import DecodeSettings, PlanSettings, generate
 from mipo.model.loading import load_model, load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,8 +101,8 @@ def report(argv: list[str] | None = None) -> str:
                            args.top_p)
 
     def mipo_generation() -> int:
-        out = generate(model, tokenizer, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       batch_size=batch_size, desc=None)
+        settings = DecodeSettings(args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        out = generate(model, tokenizer, prompts, settings, PlanSettings(batch_size=batch_size), desc=None)
         return out.summary()["new_tokens"]
 
     methods: dict[str, Callable[[], int]] = {"one-prompt loop": one_prompt_loop}
@@ -111,7 +111,7 @@ def report(argv: list[str] | None = None) -> str:
     methods[f"mipo.model.generation ({args.batch_size})"] = mipo_generation
 
     # warm-up: one short call of each kind (oneDNN primitive creation, lazy imports)
-    generate(model, tokenizer, prompts[:2], 4, temperature=args.temperature, top_p=args.top_p, desc=None)
+    generate(model, tokenizer, prompts[:2], DecodeSettings(4, temperature=args.temperature, top_p=args.top_p), desc=None)
     hf_generate(model, tokenizer, prompt_ids[:2], 2, 4, args.temperature, args.top_p)
 
     times: dict[str, list[float]] = {name: [] for name in methods}

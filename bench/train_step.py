@@ -9,7 +9,7 @@ first, so machine noise hits both alike and only one of them computes at any mom
                      reported, both are printed); TRL: ``DPOTrainer._precompute_ref_logps``
                      (``precompute_ref_log_probs=True``), timed around that call alone
     training steps   mipo: collate, ``TrainingForward`` (forward + loss), backward, clip, AdamW
-                     step, as ``mipo.stages.train.train`` runs them; TRL: ``trainer.train()``, each step
+                     step, as ``mipo.training.step.optimizer_step`` runs them; TRL: ``trainer.train()``, each step
                      timed from ``on_step_begin`` to ``on_step_end`` by a callback that also
                      waits for the driver before letting the next step start
 
@@ -79,21 +79,23 @@ def _setup(settings: Settings):
 def mipo_worker(conn, settings: Settings) -> None:
     from mipo.data.encoding import encode_pairs
     from mipo.model.loading import enable_activation_checkpointing
-    from mipo.model.logprobs import Scorer
-    from mipo.training.forward import ReferenceLogps, TrainingForward
+    from mipo.model.logprobs import Scorer, ScoringSettings
+    from mipo.training.forward import ReferenceLogps, TrainingForward, TrainingRows
     from mipo.training.optim import build_optimizer
 
     cfg, pairs, tokenizer, load = _setup(settings)
     chosen, rejected = encode_pairs(tokenizer, pairs, cfg.data.max_length, cfg.data.max_prompt_length)
     reference_model = load().requires_grad_(False)
-    scorer = Scorer(reference_model, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length,
-                    batch_size=2 * settings.reference_batch_pairs, kernel=cfg.kernel)
+    scorer = Scorer(reference_model, tokenizer, ScoringSettings(cfg.data.max_length, cfg.data.max_prompt_length,
+                                                                batch_size=2 * settings.reference_batch_pairs,
+                                                                kernel=cfg.kernel))
     while conn.recv() == "reference":  # the driver asks twice, before and after TRL's pass
         start = time.perf_counter()
         logps = scorer.score_rows(chosen + rejected, desc=None)
         conn.send(time.perf_counter() - start)
     del reference_model, scorer
     reference = ReferenceLogps(logps[: len(pairs)], logps[len(pairs):], path=None, cache_hit=False)
+    rows = TrainingRows(chosen, rejected)
 
     policy = load()
     if settings.gradient_checkpointing:
@@ -105,7 +107,8 @@ def mipo_worker(conn, settings: Settings) -> None:
     while conn.recv() == "step":
         index = list(range(step * settings.pairs_per_step, (step + 1) * settings.pairs_per_step))
         start = time.perf_counter()
-        loss, _ = forward(policy, forward.collate(chosen, rejected, index, reference, tokenizer.pad_token_id), cfg.loss)
+        batch = forward.collate_rows(rows, index, reference, tokenizer.pad_token_id, cfg.loss.loss_type)
+        loss, _ = forward(policy, batch, cfg.loss)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.trainer.max_grad_norm)
         optimizer.step()

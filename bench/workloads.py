@@ -73,8 +73,9 @@ def gsm8k_pairs(cfg: DictConfig, path: Path, seed: int = 0) -> Path:
 def pairs_file(name: str, cfg: DictConfig) -> Path:
     """The workload's pairs file, built (or sampled) once and cached under the cache dir."""
     if name == "anchor":
+        from mipo.stages.keys import pairs_path
         from mipo.stages.sample import sample_pairs
 
-        return sample_pairs(cfg)
+        return sample_pairs(cfg, pairs_path(cfg))
     path = Path(cfg.paths.cache_dir) / "pairs" / f"bench-gsm8k-{cfg.data.num_train}.jsonl"
     return path if path.exists() else gsm8k_pairs(cfg, path)

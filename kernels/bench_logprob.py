@@ -48,7 +48,12 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from mipo.kernels.logprob import HAS_TRITON, default_impl, linear_logprob, logprob_gather
+from mipo.kernels.logprob import (
+    HAS_TRITON,
+    default_impl,
+    linear_logprob,
+    logprob_gather,
+)
 
 IGNORE_INDEX = -100
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

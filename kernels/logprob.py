@@ -52,7 +52,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from mipo.kernels.torch_logprob import _compute_dtype, _naive_logprob, _torch_backward, _torch_forward
+from mipo.kernels.torch_logprob import (
+    _compute_dtype,
+    _naive_logprob,
+    _torch_backward,
+    _torch_forward,
+)
 
 try:  # Triton is optional: without it the "torch" and "naive" implementations still work.
     from mipo.kernels import triton_logprob as _tl

@@ -16,7 +16,8 @@ context is swapped, the pointwise *conditional* MI
 The marginal is an expectation over prompts, estimated here by a Monte Carlo average over K
 alternative prompts. ``pointwise_mi`` is the single place that equation is computed;
 ``conditional_pointwise_mi`` names the conditional quantity and calls it, and
-``estimate_pmi`` scores (prompt, response) rows with a model and feeds the result to it.
+``estimate_pmi`` scores (prompt, response) rows with a model, under K alternative prompts per
+row drawn as its ``Marginal`` says, and feeds the result to it.
 """
 
 from __future__ import annotations
@@ -33,6 +34,33 @@ from mipo.data.chat import Messages, prompt_key
 # --------------------------------------------------------------------------------------------
 # The equation
 # --------------------------------------------------------------------------------------------
+
+def _checked_log_probs(logp_y_given_x: Any, logp_y_given_others: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``pointwise_mi``'s inputs as tensors, (N,) and (N, K) floating point with K >= 1; a ValueError or
+    TypeError that says how to mend them otherwise."""
+    logp_y_given_x = torch.as_tensor(logp_y_given_x)
+    logp_y_given_others = torch.as_tensor(logp_y_given_others)
+    if logp_y_given_x.dim() != 1:
+        raise ValueError(
+            f"logp_y_given_x must have shape (N,), got {tuple(logp_y_given_x.shape)}; "
+            "pass one log pi(y|x) per row (flatten a (N, 1) tensor with .squeeze(-1))")
+    if logp_y_given_others.dim() != 2:
+        hint = (" (for a single alternative prompt per row, use logp_y_given_others[:, None])"
+                if logp_y_given_others.dim() == 1 else "")
+        raise ValueError(
+            f"logp_y_given_others must have shape (N, K), got {tuple(logp_y_given_others.shape)}{hint}")
+    n, k = logp_y_given_others.shape
+    if n != logp_y_given_x.shape[0]:
+        raise ValueError(
+            f"logp_y_given_x has {logp_y_given_x.shape[0]} rows but logp_y_given_others has {n}: "
+            "row i of both must score the same response y_i")
+    if k < 1:
+        raise ValueError("logp_y_given_others has K = 0 columns: the marginal needs at least one other prompt")
+    if not (logp_y_given_x.is_floating_point() and logp_y_given_others.is_floating_point()):
+        raise TypeError(
+            f"log-probs must be floating point, got {logp_y_given_x.dtype} and {logp_y_given_others.dtype}")
+    return logp_y_given_x, logp_y_given_others
+
 
 def pointwise_mi(
     logp_y_given_x: torch.Tensor,
@@ -87,28 +115,7 @@ def pointwise_mi(
         differentiable w.r.t. both inputs. Rows whose response has probability 0 under every
         prompt (all log-probs -inf) are undefined (NaN).
     """
-    logp_y_given_x = torch.as_tensor(logp_y_given_x)
-    logp_y_given_others = torch.as_tensor(logp_y_given_others)
-    if logp_y_given_x.dim() != 1:
-        raise ValueError(
-            f"logp_y_given_x must have shape (N,), got {tuple(logp_y_given_x.shape)}; "
-            "pass one log pi(y|x) per row (flatten a (N, 1) tensor with .squeeze(-1))")
-    if logp_y_given_others.dim() != 2:
-        hint = (" (for a single alternative prompt per row, use logp_y_given_others[:, None])"
-                if logp_y_given_others.dim() == 1 else "")
-        raise ValueError(
-            f"logp_y_given_others must have shape (N, K), got {tuple(logp_y_given_others.shape)}{hint}")
-    n, k = logp_y_given_others.shape
-    if n != logp_y_given_x.shape[0]:
-        raise ValueError(
-            f"logp_y_given_x has {logp_y_given_x.shape[0]} rows but logp_y_given_others has {n}: "
-            "row i of both must score the same response y_i")
-    if k < 1:
-        raise ValueError("logp_y_given_others has K = 0 columns: the marginal needs at least one other prompt")
-    if not (logp_y_given_x.is_floating_point() and logp_y_given_others.is_floating_point()):
-        raise TypeError(
-            f"log-probs must be floating point, got {logp_y_given_x.dtype} and {logp_y_given_others.dtype}")
-
+    logp_y_given_x, logp_y_given_others = _checked_log_probs(logp_y_given_x, logp_y_given_others)
     logp_x = logp_y_given_x.to(torch.float64)  # (N,)
     logp_others = logp_y_given_others.to(device=logp_x.device, dtype=torch.float64)  # (N, K)
     if include_positive:
@@ -288,17 +295,21 @@ class RowScorer(Protocol):
         ...
 
 
-def estimate_pmi(
-    scorer: RowScorer,
-    prompts: Sequence[Messages],
-    responses: Sequence[str],
-    k: int = 8,
-    seed: int = 0,
-    alternatives: Sequence[Sequence[Messages]] | None = None,
-    include_positive: bool = False,
-    desc: str | None = "MI",
-    finished: Sequence[bool] | None = None,
-) -> MIEstimate:
+@dataclass(frozen=True)
+class Marginal:
+    """How ``estimate_pmi`` estimates the marginal pi(y) = E_{x'}[pi(y|x')] of each row (``pointwise_mi``):
+    the mean of pi(y|x'_k) over ``k`` alternative prompts drawn without replacement by a
+    ``numpy.random.Generator`` seeded with ``seed``; with ``include_positive`` the mean also takes x
+    itself (the InfoNCE form, pmi <= log(K+1))."""
+
+    k: int = 8  # K >= 1; a larger K lowers the plain form's bias (tightens the InfoNCE bound), K + 1 forwards per row
+    seed: int = 0
+    include_positive: bool = False
+
+
+def estimate_pmi(scorer: RowScorer, prompts: Sequence[Messages], responses: Sequence[str],
+                 marginal: Marginal = Marginal(), alternatives: Sequence[Sequence[Messages]] | None = None,
+                 desc: str | None = "MI", finished: Sequence[bool] | None = None) -> MIEstimate:
     """Estimate pmi(x_i; y_i) under the scorer's model for every (prompt, response) row (see ``pointwise_mi``).
 
     Each row needs log pi(y_i|x_i) and log pi(y_i|x'_{i,k}) for K alternative prompts. All
@@ -322,11 +333,8 @@ def estimate_pmi(
             log pi(response | prompt).
         prompts: chat message lists [{"role": "user", "content": ...}]. Length N.
         responses: response strings, ``responses[i]`` scored under ``prompts[i]``. Length N.
-        k: number of alternative prompts per row (K >= 1). Larger K lowers the bias of the
-            plain estimator (and tightens the InfoNCE bound) at K + 1 forward passes per row.
-        seed: seeds the one ``numpy.random.Generator`` that draws the alternatives.
+        marginal: K, the seed of the draw of the alternatives, and the plain or InfoNCE form.
         alternatives: per-row candidate prompts (length N), or None to draw from the rows.
-        include_positive: InfoNCE form (marginal also averages over x_i; pmi <= log(K+1)).
         desc: progress-bar label, None to hide it.
         finished: (N,) False for a response cut at ``max_new_tokens``: it is scored without an
             end-of-turn token under every prompt, as training scores it. None: all finished (and
@@ -339,6 +347,26 @@ def estimate_pmi(
     Raises:
         ValueError: lengths disagree, k < 1, or a row has fewer than k distinct alternatives.
     """
+    n, k = len(prompts), marginal.k
+    _check_rows(prompts, responses, k)
+    other_indices, other_prompts = _draw_alternatives(prompts, alternatives, k, np.random.default_rng(marginal.seed))
+    logps = _score_with_alternatives(scorer, prompts, responses, other_prompts, desc, finished)  # (N, K+1)
+    logp_y_given_x, logp_y_given_others = logps[:, 0], logps[:, 1:]  # (N,), (N, K)
+    values = pointwise_mi(logp_y_given_x, logp_y_given_others, include_positive=marginal.include_positive)  # (N,)
+    return MIEstimate(
+        mean=values.mean().item(),
+        stderr=(values.std(correction=1) / math.sqrt(n)).item() if n > 1 else float("nan"),
+        values=values.tolist(),
+        logp_y_given_x=logp_y_given_x.tolist(),
+        logp_y_given_others=logp_y_given_others.tolist(),
+        other_indices=other_indices,
+        k=k,
+        include_positive=marginal.include_positive,
+    )
+
+
+def _check_rows(prompts: Sequence[Messages], responses: Sequence[str], k: int) -> None:
+    """One response per prompt, at least one row, K >= 1, every prompt a chat message list."""
     n = len(prompts)
     if len(responses) != n:
         raise ValueError(f"{n} prompts but {len(responses)} responses: give one response per prompt")
@@ -348,20 +376,32 @@ def estimate_pmi(
         raise ValueError(f"k must be >= 1 (the number of alternative prompts per row), got {k}")
     for i, messages in enumerate(prompts):
         _check_messages(messages, f"prompts[{i}]")
-    rng = np.random.default_rng(seed)
 
+
+def _draw_alternatives(prompts: Sequence[Messages], alternatives: Sequence[Sequence[Messages]] | None, k: int,
+                       rng: np.random.Generator) -> tuple[list[list[int]], list[list[Messages]]]:
+    """Each row's K alternative prompts: (N, K) indices (``MIEstimate.other_indices``) and the prompts.
+
+    From the other rows' distinct prompts (``alternatives=None``) or from ``alternatives[i]``.
+    """
     if alternatives is None:
         keys = [prompt_key(messages) for messages in prompts]
         other_indices = _sample_other_rows(keys, k, rng)
-        other_prompts = [[prompts[j] for j in row] for row in other_indices]
-    else:
-        if len(alternatives) != n:
-            raise ValueError(
-                f"alternatives has {len(alternatives)} entries but there are {n} rows: "
-                "give one list of candidate prompts per row")
-        other_indices = _sample_alternatives(prompts, alternatives, k, rng)
-        other_prompts = [[alternatives[i][j] for j in row] for i, row in enumerate(other_indices)]
+        return other_indices, [[prompts[j] for j in row] for row in other_indices]
+    if len(alternatives) != len(prompts):
+        raise ValueError(
+            f"alternatives has {len(alternatives)} entries but there are {len(prompts)} rows: "
+            "give one list of candidate prompts per row")
+    other_indices = _sample_alternatives(prompts, alternatives, k, rng)
+    return other_indices, [[alternatives[i][j] for j in row] for i, row in enumerate(other_indices)]
 
+
+def _score_with_alternatives(scorer: RowScorer, prompts: Sequence[Messages], responses: Sequence[str],
+                             other_prompts: list[list[Messages]], desc: str | None,
+                             finished: Sequence[bool] | None) -> torch.Tensor:
+    """(N, K+1) log pi(y_i | x): column 0 under the row's own prompt, then its K alternatives, in one
+    ``scorer.score`` call over the flattened rows."""
+    n, k = len(prompts), len(other_prompts[0])
     # Flatten: row i occupies positions i*(K+1) .. i*(K+1)+K, its own prompt first.
     flat_prompts: list[Messages] = []
     flat_responses: list[str] = []
@@ -376,19 +416,4 @@ def estimate_pmi(
             raise ValueError(f"{len(finished)} finished flags but {n} responses: give one per response")
         flat_finished = [bool(done) for done in finished for _ in range(k + 1)]
         scored = scorer.score(flat_prompts, flat_responses, desc=desc, finished=flat_finished)
-    logps = torch.as_tensor(scored).view(n, k + 1)  # (N, K+1)
-    logp_y_given_x, logp_y_given_others = logps[:, 0], logps[:, 1:]  # (N,), (N, K)
-
-    values = pointwise_mi(logp_y_given_x, logp_y_given_others, include_positive=include_positive)  # (N,)
-    mean = values.mean().item()
-    stderr = (values.std(correction=1) / math.sqrt(n)).item() if n > 1 else float("nan")
-    return MIEstimate(
-        mean=mean,
-        stderr=stderr,
-        values=values.tolist(),
-        logp_y_given_x=logp_y_given_x.tolist(),
-        logp_y_given_others=logp_y_given_others.tolist(),
-        other_indices=other_indices,
-        k=k,
-        include_positive=include_positive,
-    )
+    return torch.as_tensor(scored).view(n, k + 1)  # (N, K+1)

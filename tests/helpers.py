@@ -13,12 +13,18 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from hydra import compose, initialize_config_dir
 
+from mipo.data.chat import Messages
+from mipo.data.encoding import EncodedRow
 from mipo.model.loading import load_model, load_tokenizer
+from mipo.model.prompt_tree import PromptGroup, group_by_prompt
+
+if TYPE_CHECKING:  # imported where used: they pull in segment attention (~1 s), which most tests never need
+    from mipo.training.forward import ContinuationBatch, ReferenceLogps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,6 +60,49 @@ def tiny_model(tokenizer, cfg: dict[str, Any] | None = None, dtype: torch.dtype 
 
 def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
+
+
+# --------------------------------------------------------------------------------------------
+# Shortcuts the tests use: one-off scoring, prompt groups, DPO micro-batches
+# --------------------------------------------------------------------------------------------
+
+def score_responses(model: torch.nn.Module, tokenizer, prompts: Sequence[Messages], responses: Sequence[str],
+                    desc: str | None = "scoring", **settings: Any) -> torch.Tensor:
+    """``Scorer(model, tokenizer, ScoringSettings(**settings)).score(prompts, responses)``: for one-off scoring calls.
+
+    ``settings``: ``Scorer``'s fields (``batch_size``, ``max_length``, ``max_prompt_length``, ``kernel``,
+    ``share_prompts``, ...), its defaults otherwise.
+    """
+    from mipo.model.logprobs import Scorer, ScoringSettings
+
+    return Scorer(model, tokenizer, ScoringSettings(**settings)).score(prompts, responses, desc=desc)
+
+
+def group_rows(rows_per_continuation: Sequence[Sequence[EncodedRow]]) -> list[PromptGroup]:
+    """Group i: the prompt of ``rows[i]`` with the responses of every row list at i, in list order.
+
+    ``group_rows([chosen_rows, rejected_rows])`` gives DPO's (x, [y+, y-]) groups. The rows of a
+    group must share their (truncated) prompt (``mipo.model.prompt_tree.group_by_prompt`` gives them
+    one group): ``encode_pair`` cuts a prompt independently of its response, so rows of one prompt
+    always do.
+    """
+    groups = []
+    for rows in zip(*rows_per_continuation, strict=True):
+        prompt_groups, _ = group_by_prompt(rows)
+        if len(prompt_groups) != 1:
+            raise ValueError("rows grouped under one prompt have different prompt ids; encode them with "
+                             "mipo.data.encoding.encode_rows/encode_pairs, which cut a prompt the same way for every response")
+        groups.append(prompt_groups[0])
+    return groups
+
+
+def collate_pairs(chosen_rows: Sequence[EncodedRow], rejected_rows: Sequence[EncodedRow], index: Sequence[int],
+                  reference: ReferenceLogps, pad_token_id: int, share_prompt: bool = True) -> ContinuationBatch:
+    """DPO's micro-batch: the pairs ``index`` as prompts with two continuations (y+, y-)."""
+    from mipo.training.forward import collate_groups
+
+    reference_logps = torch.stack([reference.chosen, reference.rejected], dim=1)  # (N, 2)
+    return collate_groups([chosen_rows, rejected_rows], index, reference_logps, pad_token_id, share_prompt)
 
 
 # --------------------------------------------------------------------------------------------

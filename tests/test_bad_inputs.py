@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import mipo.stages.reference
+from mipo.data.pairs import PairsFile
 from mipo.stages.cli import reported_errors
 from mipo.stages.train import train
 from tests.helpers import (
@@ -222,7 +223,7 @@ def test_full_disk_while_writing_the_reference_cache_leaves_no_partial_file(tmp_
 
     monkeypatch.setattr(mipo.stages.reference.torch, "save", disk_full)
     with pytest.raises(OSError) as error:
-        train(cfg, tmp_path / "run")
+        train(cfg, tmp_path / "run", PairsFile.hashed(pairs_file))
     assert error.value.errno == errno.ENOSPC
     assert list((tmp_path / "cache" / "reference").iterdir()) == []  # no partial file, no temporary file
     assert tree_hashes(pairs_file) == before

@@ -30,7 +30,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mipo.model.generation import DecodeSettings, Generation, plan_generation, row_seed
+from mipo.model.generation import (
+    DecodeSettings,
+    Generation,
+    PlanSettings,
+    plan_generation,
+    row_seed,
+)
 from mipo.model.loading import load_model
 from mipo.model.vllm_backend import VLLMGenerator, resolve_backend, sampling_params
 from mipo.runtime import distributed
@@ -174,8 +180,9 @@ def test_vllm_generate_returns_responses_in_prompt_order() -> None:
     rendered = {tuple(plan_generation(tokenizer, [p], 4).prompts[0].ids): f"r{i}" for i, p in enumerate(prompts)}
     script = {ids: (tokenizer.encode(text, add_special_tokens=False), "length") for ids, text in rendered.items()}
     engine = FakeLLM(script)
-    out = vllm_backend.generate(VLLMGenerator(engine, tokenizer, FakeSamplingParams), prompts, max_new_tokens=4,
-                                temperature=0.0, top_p=1.0, seed=5, chunk_size=2)
+    out = vllm_backend.generate(VLLMGenerator(engine, tokenizer, FakeSamplingParams), prompts,
+                                DecodeSettings(max_new_tokens=4, temperature=0.0, top_p=1.0), PlanSettings(chunk_size=2),
+                                seed=5)
     assert out.texts == ["r0", "r1", "r2"]  # plans decode longest first; the result is in input order
     assert out.settings["backend"] == "vllm" and out.settings["temperature"] == 0.0
     assert [p.seed for _, params in engine.calls for p in params] == [row_seed(5, 1), row_seed(5, 2), row_seed(5, 0)]
@@ -309,17 +316,17 @@ WORKER = '''
 import json, sys
 import torch
 from mipo.runtime import distributed
-from mipo.model.generation import generate
-from mipo.model.logprobs import Scorer
+from mipo.model.generation import DecodeSettings, PlanSettings, generate
+from mipo.model.logprobs import Scorer, ScoringSettings
 from tests.helpers import tiny_model, tiny_tokenizer, user
 
 distributed.init()
 tokenizer = tiny_tokenizer()
 model = tiny_model(tokenizer)
 prompts = [user(f"question {i}: " + "word " * (i % 4)) for i in range(7)]
-gens = generate(model, tokenizer, prompts, max_new_tokens=6, temperature=1.0, top_p=0.9, chunk_size=2, batch_size=2,
-                seed=3, desc=None)
-logps = Scorer(model, tokenizer, max_length=128, max_prompt_length=64, batch_size=2).score(
+gens = generate(model, tokenizer, prompts, DecodeSettings(6, temperature=1.0, top_p=0.9),
+                PlanSettings(batch_size=2, chunk_size=2), seed=3, desc=None)
+logps = Scorer(model, tokenizer, ScoringSettings(max_length=128, max_prompt_length=64, batch_size=2)).score(
     prompts, [g.text + " end" for g in gens], desc=None)
 if distributed.is_main():
     json.dump({"texts": gens.texts, "logps": logps.tolist(), "world": distributed.world_size()}, open(sys.argv[1], "w"))

@@ -11,7 +11,9 @@ from hydra import compose, initialize_config_dir
 
 import mipo.stages.evaluate as evaluation
 from mipo.data.tasks import task_splits
+from mipo.metrics.accuracy import choose_option, loglik_correct
 from mipo.model.loading import load_model, load_tokenizer
+from mipo.stages import keys
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -123,14 +125,15 @@ def test_eval_json_reports_every_metric_and_paired_deltas(tmp_path):
 
 def test_loglik_accuracy_agrees_with_unshared_scoring(tmp_path):
     # the prompt-tree scorer's pick of each option equals plain right-padded scoring's
-    from mipo.model.logprobs import Scorer
+    from mipo.model.logprobs import Scorer, ScoringSettings
     cfg = tiny_cfg(tmp_path, "data.num_eval=5")
     task = evaluation.build_task(cfg)
     _, examples = task_splits(cfg, task)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, device="cpu", dtype=torch.float32, vocab_size=len(tokenizer))
-    shared = evaluation.loglik_correct(Scorer(model, tokenizer, max_length=768, max_prompt_length=700), task, examples)
-    plain_scorer = Scorer(model, tokenizer, max_length=768, max_prompt_length=700, share_prompts=False)
+    shared = loglik_correct(Scorer(model, tokenizer, ScoringSettings(max_length=768, max_prompt_length=700)), task,
+                            examples)
+    plain_scorer = Scorer(model, tokenizer, ScoringSettings(max_length=768, max_prompt_length=700, share_prompts=False))
     expected_raw, expected_norm = [], []
     for ex in examples:
         texts = [text for _, text in ex.choices]
@@ -144,8 +147,8 @@ def test_loglik_accuracy_agrees_with_unshared_scoring(tmp_path):
 
 def test_choose_option_by_hand():
     # raw: -4 is the highest; per character: -6/12 = -0.5 beats -4/2 = -2 and -5/5 = -1
-    assert evaluation.choose_option([-4.0, -6.0, -5.0], [2, 12, 5]) == (0, 1)
-    assert evaluation.choose_option([-3.0, -3.0], [4, 4]) == (0, 0)  # ties: the first option, as numpy's argmax
+    assert choose_option([-4.0, -6.0, -5.0], [2, 12, 5]) == (0, 1)
+    assert choose_option([-3.0, -3.0], [4, 4]) == (0, 0)  # ties: the first option, as numpy's argmax
 
 
 def test_paired_deltas_skip_prompts_missing_either_value():
@@ -161,8 +164,8 @@ def test_old_eval_json_without_new_fields_is_not_reused(tmp_path):
     # the cache key carries the format: an evaluation cached by the previous code is not read back
     cfg = tiny_cfg(tmp_path)
     tokenizer = load_tokenizer(cfg.model)
-    assert evaluation.eval_inputs(cfg, "m", tokenizer)["format"] == evaluation.CACHE_FORMAT >= 3
-    assert "bootstrap_resamples" not in evaluation.eval_inputs(cfg, "m", tokenizer)["eval"]
+    assert keys.eval_key(cfg, "m", tokenizer)["format"] == keys.EVAL_FORMAT >= 3
+    assert "bootstrap_resamples" not in keys.eval_key(cfg, "m", tokenizer)["eval"]
 
 
 @pytest.mark.parametrize(("override", "message"), [

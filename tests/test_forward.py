@@ -1,5 +1,6 @@
 """The prompt-shared training forward (mipo/model/prompt_tree.py, mipo/model/segment_attention.py, mipo/training/forward.py) against the
-unshared rows: same log-probs, same loss, same gradient of every parameter, on a tiny random Llama."""
+unshared rows: same log-probs, same loss, same gradient of every parameter, on a tiny random Llama; and the table of
+objectives (mipo/training/objectives.py) that turns the forward's log-probs into each loss."""
 
 from __future__ import annotations
 
@@ -16,17 +17,24 @@ from mipo.data.encoding import (
 )
 from mipo.model.loading import enable_activation_checkpointing
 from mipo.model.logprobs import continuation_logps, sequence_logps
-from mipo.model.prompt_tree import PromptGroup, dense_mask, group_rows, pack_groups
+from mipo.model.prompt_tree import PromptGroup, dense_mask, group_by_prompt, pack_groups
 from mipo.model.segment_attention import NAME as SEGMENTS
 from mipo.training.forward import (
     ReferenceLogps,
     TrainingForward,
     collate_groups,
-    collate_pairs,
     continuation_batch_logps,
-    dpo_forward,
+    micro_batch_loss,
+    pair_groups,
 )
-from tests.helpers import tiny_config, tiny_model, tiny_tokenizer, user
+from tests.helpers import (
+    collate_pairs,
+    group_rows,
+    tiny_config,
+    tiny_model,
+    tiny_tokenizer,
+    user,
+)
 
 FEWSHOT = "Solve. Q: 1+1? A: 2. Q: 2+3? A: 5. Q: 7-4? A: 3. "  # a shared prefix, as GSM8K's 8-shot block
 PROMPTS = [FEWSHOT + "Q: 2+2?", FEWSHOT + "Q: 10-1?", "Name a fruit.", FEWSHOT + "Q: 2+2?"]
@@ -122,6 +130,25 @@ def test_group_rows_rejects_rows_of_different_prompts():
         group_rows([[EncodedRow((1, 2), (3,))], [EncodedRow((1, 9), (3,))]])
 
 
+def test_group_by_prompt_groups_rows_in_first_seen_order():
+    rows = [EncodedRow((1, 2), (3,)), EncodedRow((4,), (5,)), EncodedRow((1, 2), (6, 7))]
+    groups, order = group_by_prompt(rows)
+    assert groups == [PromptGroup((1, 2), ((3,), (6, 7))), PromptGroup((4,), ((5,),))]
+    assert order == [0, 2, 1]  # the row of each packed continuation
+
+
+def test_pair_groups_keep_pairs_apart_and_map_each_continuation():
+    """A pair whose rows have two prompts gives two groups; equal prompts of two pairs are not merged."""
+    a, b = (1, 2), (8, 9)
+    columns = [[EncodedRow(a, (10,)), EncodedRow(a, (20,))],  # k = 0
+               [EncodedRow(b, (11,)), EncodedRow(a, (21,))],  # k = 1: pair 0 under another prompt
+               [EncodedRow(a, (12,)), EncodedRow(a, (22,))]]  # k = 2
+    groups, order = pair_groups(columns)
+    assert groups == [PromptGroup(a, ((10,), (12,))), PromptGroup(b, ((11,),)), PromptGroup(a, ((20,), (21,), (22,)))]
+    assert order == [0, 2, 1, 3, 4, 5]  # (i, k) row-major -> packed continuation
+    assert pair_groups(columns[::2]) == ([PromptGroup(a, ((10,), (12,))), PromptGroup(a, ((20,), (22,)))], None)
+
+
 # --------------------------------------------------------------------------------------------
 # Values and gradients equal the unshared path
 # --------------------------------------------------------------------------------------------
@@ -163,7 +190,8 @@ def test_dpo_forward_loss_and_gradients_match_with_checkpointing(tokenizer, shar
         forward = TrainingForward.prepare(cfg, model)
         assert forward.share_prompt is share
         assert model.config._attn_implementation == (SEGMENTS if share else "sdpa")
-        batch = forward.collate(rows[0], rows[1], [2, 0, 3, 1], reference, tokenizer.pad_token_id)
+        batch = collate_pairs(rows[0], rows[1], [2, 0, 3, 1], reference, tokenizer.pad_token_id,
+                              share_prompt=forward.share_prompt)
         loss, metrics = forward(model, batch, LOSS)
         loss.backward()
         return loss.detach(), metrics, grads(model)
@@ -221,7 +249,7 @@ def test_share_prompt_false_keeps_the_policy_attention(tokenizer):
     ref = ReferenceLogps(torch.zeros(4), torch.zeros(4), path=None, cache_hit=True)
     rows = rows_per_continuation(tokenizer, k=2)
     batch = collate_pairs(rows[0], rows[1], [0, 1], ref, tokenizer.pad_token_id, share_prompt=False)
-    loss, _ = dpo_forward(model, batch, LOSS, kernel="torch")
+    loss, _ = micro_batch_loss(model, batch, LOSS, kernel="torch")
     assert batch.inputs.input_ids.shape[0] == 4 and torch.isfinite(loss)
 
 
@@ -230,6 +258,7 @@ def test_share_prompt_false_keeps_the_policy_attention(tokenizer):
 # --------------------------------------------------------------------------------------------
 
 from mipo.losses import (  # noqa: E402
+    LOSS_FAMILIES,  # noqa: E402
     dpo_plackett_luce_loss,
     infonce_loss,
     sami_loss,
@@ -237,6 +266,13 @@ from mipo.losses import (  # noqa: E402
     simpo_loss,
 )
 from mipo.training.forward import TrainingRows  # noqa: E402
+from mipo.training.objectives import (  # noqa: E402
+    BOTH_CONTEXTS,
+    CHOSEN,
+    CHOSEN_AND_REJECTED,
+    OBJECTIVES,
+    objective,
+)
 
 NEGATIVE_PROMPTS = [PROMPTS[1], PROMPTS[2], PROMPTS[0], "Name a colour."]  # x' of each pair
 FAMILY_LOSSES = {
@@ -332,9 +368,22 @@ def test_one_negative_is_the_dpo_forward_bit_for_bit(tokenizer):
             batch = forward.collate_rows(rows, [1, 3], reference, tokenizer.pad_token_id, "sigmoid")
             assert batch.order is None
         else:
-            batch = forward.collate(rows.chosen, rows.rejected, [1, 3], reference, tokenizer.pad_token_id)
+            batch = collate_pairs(rows.chosen, rows.rejected, [1, 3], reference, tokenizer.pad_token_id,
+                                  share_prompt=forward.share_prompt)
         loss, _ = forward(model, batch, {**LOSS, "multi_negative": "plackett_luce"})
         loss.backward()
         results.append((loss.detach(), grads(model)))
     assert torch.equal(results[0][0], results[1][0])
     assert all(torch.equal(results[0][1][n], results[1][1][n]) for n in results[0][1])
+
+
+def test_every_loss_type_has_one_objective_built_on_its_family():
+    """The table maps every ``loss.loss_type`` to an objective whose needs are its ``LossFamily``'s."""
+    assert set(OBJECTIVES) == set(LOSS_FAMILIES)
+    for loss_type, entry in OBJECTIVES.items():
+        assert entry.family == LOSS_FAMILIES[loss_type] and objective(loss_type) is entry
+    assert {name: OBJECTIVES[name].columns for name in ("sigmoid", "sft", "simpo", "sami", "infonce")} == {
+        "sigmoid": CHOSEN_AND_REJECTED, "sft": CHOSEN, "simpo": CHOSEN_AND_REJECTED, "sami": BOTH_CONTEXTS,
+        "infonce": BOTH_CONTEXTS}
+    with pytest.raises(ValueError, match="unknown loss.loss_type='kto'"):
+        objective("kto")

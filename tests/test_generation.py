@@ -17,18 +17,20 @@ from transformers.generation.logits_process import (
 import mipo.model.generation as generation
 from mipo.data.encoding import encode_prompt, truncate_prompt
 from mipo.model.generation import (
+    DecodeLoop,
     DecodeSettings,
     Plan,
+    PlanSettings,
     auto_batch_size,
-    common_prefix,
+    decode_problems,
     generate,
-    generate_chunk,
-    generate_plan,
     next_tokens,
     nucleus,
     plan_generation,
     row_seed,
 )
+from mipo.model.kv_cache import SlotCache, shared_prefix_length
+from mipo.model.prompt_tree import common_prefix_length
 from tests.helpers import tiny_model, tiny_tokenizer, user
 
 SYSTEM = {"role": "system", "content": "You answer questions about words."}
@@ -80,10 +82,11 @@ def test_greedy_matches_hf_generate_token_for_token(model, tokenizer, monkeypatc
     assert {reason for _, reason in expected} == {"eos", "length"}  # both ways of ending are exercised
 
     calls = []
-    monkeypatch.setattr(generation, "generate_chunk", lambda *a, **k: calls.append(k) or generate_chunk(
-        *a, **{**k, "share_prefix": share_prefix}))
-    out = generate(model, tokenizer, messages, max_new, temperature=0.0, batch_size=batch_size, chunk_size=chunk_size,
-                   desc=None)
+    generate_chunk = DecodeLoop.generate_chunk
+    monkeypatch.setattr(DecodeLoop, "generate_chunk", lambda self, *a, **k: calls.append(k) or generate_chunk(
+        self, *a, **{**k, "share_prefix": share_prefix}))
+    out = generate(model, tokenizer, messages, DecodeSettings(max_new),
+                   PlanSettings(batch_size=batch_size, chunk_size=chunk_size), desc=None)
     assert calls
     for (tokens, reason), got in zip(expected, out):
         assert got.text == tokenizer.decode(tokens, skip_special_tokens=True).strip()
@@ -94,10 +97,10 @@ def test_greedy_matches_hf_generate_token_for_token(model, tokenizer, monkeypatc
 def test_cache_compaction_keeps_greedy_exact(model, tokenizer, monkeypatch):
     """Many refills of 2 slots outgrow the cache's columns: the unused left columns are dropped on the way."""
     shifts = []
-    original = generation.SlotCache._shift
-    monkeypatch.setattr(generation.SlotCache, "_shift", lambda self, offset: shifts.append(offset) or original(self, offset))
+    original = SlotCache._shift
+    monkeypatch.setattr(SlotCache, "_shift", lambda self, offset: shifts.append(offset) or original(self, offset))
     messages = prompts(12)
-    out = generate(model, tokenizer, messages, 30, temperature=0.0, batch_size=2, desc=None)
+    out = generate(model, tokenizer, messages, DecodeSettings(30), PlanSettings(batch_size=2), desc=None)
     assert any(offset < 0 for offset in shifts)
     for m, got in zip(messages, out):
         tokens, reason = hf_greedy(model, tokenizer, m, 30)
@@ -108,7 +111,7 @@ def test_prompts_are_cut_by_truncate_prompt_and_counted(model, tokenizer):
     messages = prompts(4) + [[SYSTEM, *user("a much longer question " * 6)]]
     limit = 60
     lengths = [len(encode_prompt(tokenizer, m)) for m in messages]
-    out = generate(model, tokenizer, messages, 12, temperature=0.0, max_prompt_length=limit, desc=None)
+    out = generate(model, tokenizer, messages, DecodeSettings(12), PlanSettings(max_prompt_length=limit), desc=None)
     assert [g.prompt_cut for g in out] == [max(0, n - limit) for n in lengths]
     assert out.summary()["prompts_truncated"] == sum(n > limit for n in lengths) > 0
     for m, got in zip(messages, out):
@@ -132,8 +135,9 @@ def polluted(model):
 def test_checkpoint_generation_config_has_no_effect(model, tokenizer, temperature):
     messages = prompts(6)
     dirty = polluted(model)
-    clean = generate(model, tokenizer, messages, 16, temperature=temperature, top_p=0.95, seed=3, desc=None)
-    got = generate(dirty, tokenizer, messages, 16, temperature=temperature, top_p=0.95, seed=3, desc=None)
+    settings = DecodeSettings(16, temperature=temperature, top_p=0.95)
+    clean = generate(model, tokenizer, messages, settings, seed=3, desc=None)
+    got = generate(dirty, tokenizer, messages, settings, seed=3, desc=None)
     assert got.texts == clean.texts and got.finish_reasons == clean.finish_reasons
     assert got.settings == clean.settings
     assert got.settings["repetition_penalty"] == 1.0 and got.settings["no_repeat_ngram_size"] == 0
@@ -208,10 +212,10 @@ def test_a_rows_draw_does_not_depend_on_the_other_rows():
 
 def test_sampling_is_reproducible_and_seeded_per_prompt(model, tokenizer):
     messages = prompts(8)
-    kwargs = dict(temperature=1.0, top_p=0.95, batch_size=3, desc=None)
-    first = generate(model, tokenizer, messages, 16, seed=5, **kwargs)
-    again = generate(model, tokenizer, messages, 16, seed=5, **kwargs)
-    other = generate(model, tokenizer, messages, 16, seed=6, **kwargs)
+    settings, planning = DecodeSettings(16, temperature=1.0, top_p=0.95), PlanSettings(batch_size=3)
+    first = generate(model, tokenizer, messages, settings, planning, seed=5, desc=None)
+    again = generate(model, tokenizer, messages, settings, planning, seed=5, desc=None)
+    other = generate(model, tokenizer, messages, settings, planning, seed=6, desc=None)
     assert first.texts == again.texts
     assert first.texts != other.texts
     assert row_seed(5, 0) != row_seed(5, 1) != row_seed(6, 0)
@@ -223,18 +227,18 @@ def test_shards_and_resumed_chunks_reproduce_the_whole_run(model, tokenizer):
     settings = DecodeSettings(max_new_tokens=16, temperature=1.0, top_p=0.9)
     plan = plan_generation(tokenizer, messages, 16, batch_size=2, chunk_size=3)
     assert len(plan.chunks) == 4
-    whole = generate_plan(model, tokenizer, plan, settings, seed=1, desc=None)
+    loop = DecodeLoop(model, tokenizer)
+    whole = loop.generate_plan(plan, settings, seed=1, desc=None)
 
     # two ranks, each its own chunks, assembled
-    by_chunk = {c: generate_chunk(model, tokenizer, plan, c, settings, seed=1)
-                for rank in range(2) for c in plan.shard(rank, 2)}
+    by_chunk = {c: loop.generate_chunk(plan, c, settings, seed=1) for rank in range(2) for c in plan.shard(rank, 2)}
     assert sorted(by_chunk) == list(range(4)) and plan.shard(1, 2) == [1, 3]
-    assert generate_plan(model, tokenizer, plan, settings, seed=1, done=by_chunk, desc=None).items == whole.items
+    assert loop.generate_plan(plan, settings, seed=1, done=by_chunk, desc=None).items == whole.items
 
     # a resumed run: two chunks read back, the others decoded
     finished = []
-    resumed = generate_plan(model, tokenizer, plan, settings, seed=1, done={0: by_chunk[0], 2: by_chunk[2]},
-                            on_chunk=lambda chunk, gens: finished.append(chunk), desc=None)
+    resumed = loop.generate_plan(plan, settings, seed=1, done={0: by_chunk[0], 2: by_chunk[2]},
+                                 on_chunk=lambda chunk, gens: finished.append(chunk), desc=None)
     assert finished == [1, 3] and resumed.items == whole.items
 
 
@@ -248,8 +252,8 @@ def test_plan_sorts_longest_first_and_chunks():
     assert auto_batch_size([10], 8, 10_000) == 1 and auto_batch_size([10] * 1000, 8, 10**9) == 256
     assert plan.fingerprint() == plan_generation(tokenizer, messages, 8, "auto", 2, None, 100).fingerprint()
     assert plan.fingerprint() != Plan(plan.prompts, plan.chunks, plan.batch_size + 1, 2).fingerprint()
-    assert common_prefix([(1, 2, 3, 4), (1, 2, 5), (1, 2, 3)]) == 2
-    assert common_prefix([(1, 2), (1, 2, 3)]) == 1  # every row keeps a token to run
+    assert shared_prefix_length([(1, 2, 3, 4), (1, 2, 5), (1, 2, 3)]) == 2
+    assert shared_prefix_length([(1, 2), (1, 2, 3)]) == 1  # every row keeps a token to run
 
 
 def test_sliding_window_models_are_refused(tokenizer):
@@ -262,4 +266,58 @@ def test_sliding_window_models_are_refused(tokenizer):
     if all(t == "full_attention" for t in model.config.layer_types):
         pytest.skip("this transformers version builds no sliding layers from this config")
     with pytest.raises(NotImplementedError, match="full attention"):
-        generate(model, tokenizer, prompts(2), 4, desc=None)
+        generate(model, tokenizer, prompts(2), DecodeSettings(4, temperature=0.1, top_p=0.9), desc=None)
+
+
+# --------------------------------------------------------------------------------------------
+# The checks beside the settings, and the prefix a chunk shares
+# --------------------------------------------------------------------------------------------
+
+GOOD_DECODING = {"temperature": 0.1, "top_p": 0.9, "top_k": None, "max_new_tokens": 8, "batch_size": "auto"}
+
+
+@pytest.mark.parametrize("group", ["sampling", "eval"])
+def test_decode_problems_name_the_override_and_refuse_bools(group):
+    assert decode_problems(group, GOOD_DECODING) == []
+    assert decode_problems(group, {**GOOD_DECODING, "top_k": 5, "batch_size": 4, "temperature": 0}) == []
+    bad = {"temperature": -0.5, "top_p": 0, "top_k": True, "max_new_tokens": True, "batch_size": 0}
+    assert decode_problems(group, bad) == [
+        f"{group}.temperature=-0.5: expected a number >= 0 (0 = greedy)",
+        f"{group}.top_p=0: expected (0, 1]",
+        f"{group}.max_new_tokens=True: expected an int > 0",
+        f"{group}.batch_size=0: expected auto or an int > 0",
+        f"{group}.top_k=True: expected null (no top-k) or an int > 0",
+    ]
+    assert decode_problems(group, {**GOOD_DECODING, "temperature": "0.1", "top_p": 1.5, "batch_size": True}) == [
+        f"{group}.temperature=0.1: expected a number >= 0 (0 = greedy)", f"{group}.top_p=1.5: expected (0, 1]",
+        f"{group}.batch_size=True: expected auto or an int > 0"]
+    assert decode_problems(group, {k: v for k, v in GOOD_DECODING.items() if k != "top_k"}) == []  # top_k is optional
+
+
+def test_decode_problems_are_what_the_config_check_reports(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from mipo.stages.config import config_problems
+    from tests.helpers import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            "model=tiny-llama", f"paths.cache_dir={tmp_path}", "sampling.temperature=-1", "sampling.top_k=0",
+            "eval.top_p=2", "eval.batch_size=0", "eval.max_new_tokens=0"])
+    expected = decode_problems("sampling", cfg.sampling) + decode_problems("eval", cfg.eval)
+    assert len(expected) == 5 and set(expected) <= set(config_problems(cfg))
+
+
+@pytest.mark.parametrize("sequences, common, shared", [
+    ([(5,)], 1, 0),                                # one prompt: all of it is common, its last token is its own
+    ([(1, 2, 3)], 3, 2),
+    ([(1, 2, 3), (1, 2, 3)], 3, 2),                # identical prompts
+    ([(), (1, 2)], 0, 0),
+    ([(1, 2), (1, 2, 3)], 2, 1),                   # a prompt that is the others' prefix keeps its last token
+    ([(1, 2, 3, 4), (1, 2, 5), (1, 2, 3)], 2, 2),
+    ([(7, 1), (8, 1)], 0, 0),
+])
+def test_the_shared_prefix_is_the_common_prefix_less_a_token_for_every_row(sequences, common, shared):
+    # the one common-prefix computation is prompt_tree's; a chunk leaves every prompt a token of its own to prefill
+    assert common_prefix_length(sequences) == common
+    assert shared_prefix_length(sequences) == shared

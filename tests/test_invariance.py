@@ -15,13 +15,19 @@ import pytest
 import torch
 
 from mipo.data.encoding import EncodedRow, encode_pairs, pad_batch
-from mipo.data.pairs import read_pairs
+from mipo.data.pairs import PairsFile, read_pairs
 from mipo.losses import dpo_loss
-from mipo.model.logprobs import Scorer, prompt_tree_logps, sequence_logps
-from mipo.stages.reference import reference_logps
+from mipo.model.logprobs import (
+    Scorer,
+    ScoringSettings,
+    prompt_tree_logps,
+    sequence_logps,
+)
+from mipo.stages.reference import FP32, ReferencePass
 from mipo.stages.train import train
-from mipo.training.forward import ReferenceLogps, collate_pairs, dpo_forward
+from mipo.training.forward import ReferenceLogps, micro_batch_loss
 from tests.helpers import (
+    collate_pairs,
     compose_config,
     load_weights,
     tiny_model,
@@ -59,7 +65,7 @@ def test_micro_batches_of_one_accumulated_equal_one_micro_batch_of_four(tmp_path
             "model=tiny-llama", f"data.pairs_path={pairs_file}", f"paths.cache_dir={tmp_path / 'cache'}",
             "data.max_length=256", "data.max_prompt_length=128", "trainer.batch_size=4",
             f"trainer.micro_batch_size={micro}", "trainer.lr=1e-3", "trainer.warmup_ratio=0", "kernel=torch")
-        train(cfg, tmp_path / f"micro{micro}")
+        train(cfg, tmp_path / f"micro{micro}", PairsFile.hashed(pairs_file))
         weights[micro] = load_weights(tmp_path / f"micro{micro}" / "model")
         metrics[micro] = [json.loads(line) for line in (tmp_path / f"micro{micro}" / "metrics.jsonl").open()]
     for one, four in zip(metrics[1], metrics[4], strict=True):
@@ -83,7 +89,7 @@ def test_accumulated_gradients_equal_the_full_batch_gradient(tokenizer, rows):
         model.zero_grad(set_to_none=True)
         for start in range(0, len(index), micro):
             batch = collate_pairs(chosen, rejected, index[start:start + micro], reference, tokenizer.pad_token_id)
-            loss, _ = dpo_forward(model, batch, LOSS, kernel="torch")
+            loss, _ = micro_batch_loss(model, batch, LOSS, kernel="torch")
             (loss / (len(index) // micro)).backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -105,10 +111,10 @@ def test_concatenated_forward_equals_separate_forwards(tokenizer, rows):
     torch.testing.assert_close(concatenated, torch.cat([separate_chosen, separate_rejected]), rtol=1e-6, atol=1e-5)
 
     # and the loss and its gradient built on them, concatenated and prompt-shared
-    loss, _ = dpo_forward(model, batch, LOSS, kernel="torch")
+    loss, _ = micro_batch_loss(model, batch, LOSS, kernel="torch")
     grad_concatenated = torch.autograd.grad(loss, list(model.parameters()))
     shared = collate_pairs(chosen, rejected, index, reference, tokenizer.pad_token_id, share_prompt=True)
-    loss_shared, _ = dpo_forward(model, shared, LOSS, kernel="torch")
+    loss_shared, _ = micro_batch_loss(model, shared, LOSS, kernel="torch")
     grad_shared = torch.autograd.grad(loss_shared, list(model.parameters()))
     c = sequence_logps(model, pad_batch([chosen[i] for i in index], tokenizer.pad_token_id), kernel="torch")
     r = sequence_logps(model, pad_batch([rejected[i] for i in index], tokenizer.pad_token_id), kernel="torch")
@@ -148,24 +154,24 @@ def test_prompt_tree_neighbours_do_not_change_logps(tokenizer, rows):
 def test_cached_reference_equals_fresh_logps_under_another_batch_size(tmp_path, tokenizer):
     pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", 8)
     model_cfg = compose_config("model=tiny-llama").model
-    cached = reference_logps(model_cfg, tokenizer, pairs_file, tmp_path / "cache", 256, 128,
-                             device=torch.device("cpu"), batch_size=8, kernel="torch")
+    reference_pass = ReferencePass(model_cfg, tokenizer, ScoringSettings(256, 128, batch_size=8, kernel="torch"), FP32,
+                                   torch.device("cpu"), tmp_path / "cache")
+    cached = reference_pass.logps(PairsFile.hashed(pairs_file))
     assert not cached.cache_hit
-    again = reference_logps(model_cfg, tokenizer, pairs_file, tmp_path / "cache", 256, 128,
-                            device=torch.device("cpu"), batch_size=8, kernel="torch")
+    again = reference_pass.logps(PairsFile.hashed(pairs_file))
     assert again.cache_hit and torch.equal(again.chosen, cached.chosen)
 
     model = tiny_model(tokenizer)
     chosen, rejected = encode_pairs(tokenizer, read_pairs(pairs_file), 256, 128)
     # another batch size, each row in full (no prompt sharing): the scorer's other path
-    scorer = Scorer(model, tokenizer, max_length=256, max_prompt_length=128, batch_size=3, kernel="torch",
-                    share_prompts=False)
+    scorer = Scorer(model, tokenizer, ScoringSettings(max_length=256, max_prompt_length=128, batch_size=3, kernel="torch",
+                                                      share_prompts=False))
     fresh = scorer.score_rows(chosen + rejected, desc=None)
     torch.testing.assert_close(fresh, torch.cat([again.chosen, again.rejected]), rtol=1e-6, atol=1e-4)
     # and the training forward, micro-batches of 2 pairs: policy == reference at step 0
     with torch.no_grad():
         for start in range(0, 8, 2):
             batch = collate_pairs(chosen, rejected, list(range(start, start + 2)), again, tokenizer.pad_token_id)
-            _, metrics = dpo_forward(model, batch, LOSS, kernel="torch")
+            _, metrics = micro_batch_loss(model, batch, LOSS, kernel="torch")
             torch.testing.assert_close(metrics["reward_chosen"], torch.tensor(0.0), rtol=0, atol=1e-5)
             torch.testing.assert_close(metrics["reward_rejected"], torch.tensor(0.0), rtol=0, atol=1e-5)

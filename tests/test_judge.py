@@ -44,7 +44,7 @@ def _scripted_generate(outputs):
 
     def fake(model, tokenizer, prompts, **kwargs):
         seen.extend(prompts)
-        assert kwargs["temperature"] == 0.0  # the judge decodes greedily
+        assert kwargs["settings"].temperature == 0.0  # the judge decodes greedily
         texts = [outputs.pop(0) for _ in prompts]
         return Generations([Generation(t, "eos", 1) for t in texts], {})
     return fake, seen

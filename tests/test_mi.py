@@ -13,9 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from mipo.mi import MIEstimate, conditional_pointwise_mi, estimate_pmi, pointwise_mi
+from mipo.mi import (
+    Marginal,
+    MIEstimate,
+    conditional_pointwise_mi,
+    estimate_pmi,
+    pointwise_mi,
+)
 from mipo.model.loading import byte_tokenizer, load_model
-from mipo.model.logprobs import Scorer, score_responses
+from mipo.model.logprobs import Scorer, ScoringSettings
+from tests.helpers import score_responses
 
 KS = (1, 4, 16, 64, 256)
 
@@ -230,8 +237,8 @@ def _one_at_a_time(model, tokenizer, prompts, responses, other_prompts, include_
 @pytest.mark.parametrize("include_positive", [False, True])
 def test_estimate_matches_row_at_a_time_computation(tiny, include_positive):
     model, tokenizer = tiny
-    estimate = estimate_pmi(Scorer(model, tokenizer, batch_size=4), PROMPTS, RESPONSES, k=3, seed=1,
-                            include_positive=include_positive, desc=None)
+    estimate = estimate_pmi(Scorer(model, tokenizer, ScoringSettings(batch_size=4)), PROMPTS, RESPONSES,
+                            Marginal(k=3, seed=1, include_positive=include_positive), desc=None)
     other_prompts = [[PROMPTS[j] for j in row] for row in estimate.other_indices]
     expected = _one_at_a_time(model, tokenizer, PROMPTS, RESPONSES, other_prompts, include_positive)
     torch.testing.assert_close(torch.tensor(estimate.values, dtype=torch.float64), expected, rtol=0, atol=1e-5)
@@ -249,7 +256,7 @@ def test_estimate_matches_row_at_a_time_computation(tiny, include_positive):
 def test_sampled_prompts_are_distinct_and_never_the_rows_own():
     distinct_prompts = len({json.dumps(p) for p in PROMPTS})  # 6
     for seed in range(20):
-        estimate = estimate_pmi(ConstantScorer(), PROMPTS, RESPONSES, k=distinct_prompts - 1, seed=seed, desc=None)
+        estimate = estimate_pmi(ConstantScorer(), PROMPTS, RESPONSES, Marginal(k=distinct_prompts - 1, seed=seed), desc=None)
         for i, row in enumerate(estimate.other_indices):
             assert i not in row
             assert all(PROMPTS[j] != PROMPTS[i] for j in row), (i, row)
@@ -258,9 +265,9 @@ def test_sampled_prompts_are_distinct_and_never_the_rows_own():
 
 def test_seed_reproducibility(tiny):
     scorer = Scorer(*tiny)
-    first = estimate_pmi(scorer, PROMPTS, RESPONSES, k=2, seed=3, desc=None)
-    again = estimate_pmi(scorer, PROMPTS, RESPONSES, k=2, seed=3, desc=None)
-    other = estimate_pmi(scorer, PROMPTS, RESPONSES, k=2, seed=4, desc=None)
+    first = estimate_pmi(scorer, PROMPTS, RESPONSES, Marginal(k=2, seed=3), desc=None)
+    again = estimate_pmi(scorer, PROMPTS, RESPONSES, Marginal(k=2, seed=3), desc=None)
+    other = estimate_pmi(scorer, PROMPTS, RESPONSES, Marginal(k=2, seed=4), desc=None)
     assert first == again
     assert first.other_indices != other.other_indices
     assert first.values != other.values
@@ -268,7 +275,7 @@ def test_seed_reproducibility(tiny):
     np.random.seed(0)
     torch.manual_seed(0)
     state = (np.random.get_state()[1].copy(), torch.get_rng_state().clone())
-    estimate_pmi(ConstantScorer(), PROMPTS, RESPONSES, k=2, seed=3, desc=None)
+    estimate_pmi(ConstantScorer(), PROMPTS, RESPONSES, Marginal(k=2, seed=3), desc=None)
     assert np.array_equal(np.random.get_state()[1], state[0]) and torch.equal(torch.get_rng_state(), state[1])
 
 
@@ -295,7 +302,7 @@ def test_alternatives_path_uses_only_the_given_candidates(tiny):
             calls.append((list(prompts), list(responses)))
             return super().score(prompts, responses, desc=desc)
 
-    estimate = estimate_pmi(SpyScorer(model, tokenizer, batch_size=4), prompts, responses, k=3, seed=0,
+    estimate = estimate_pmi(SpyScorer(model, tokenizer, ScoringSettings(batch_size=4)), prompts, responses, Marginal(k=3, seed=0),
                             alternatives=alternatives, desc=None)
     assert len(calls) == 1, "all N x (K+1) rows must be scored in one call"
     scored_prompts, scored_responses = calls[0]
@@ -314,10 +321,10 @@ def test_alternatives_path_uses_only_the_given_candidates(tiny):
 
 def test_too_few_candidates_name_the_row():
     with pytest.raises(ValueError, match=r"row 0 .*5 distinct other prompts.*k=6"):
-        estimate_pmi(ConstantScorer(), PROMPTS, RESPONSES, k=6, desc=None)
+        estimate_pmi(ConstantScorer(), PROMPTS, RESPONSES, Marginal(k=6), desc=None)
     alternatives = [[_user("a"), _user("b")], [_user("a"), _user("a"), PROMPTS[1]]]
     with pytest.raises(ValueError, match=r"row 1 has 1 distinct alternatives .*k=2"):
-        estimate_pmi(ConstantScorer(), PROMPTS[:2], RESPONSES[:2], k=2, alternatives=alternatives, desc=None)
+        estimate_pmi(ConstantScorer(), PROMPTS[:2], RESPONSES[:2], Marginal(k=2), alternatives=alternatives, desc=None)
 
 
 @pytest.mark.parametrize(
@@ -331,13 +338,14 @@ def test_too_few_candidates_name_the_row():
 )
 def test_input_errors_are_actionable(kwargs, error, match):
     arguments = {"prompts": PROMPTS, "responses": RESPONSES, "k": 2, "desc": None, **kwargs}
+    marginal = Marginal(k=arguments.pop("k"))
     with pytest.raises(error, match=match):
-        estimate_pmi(ConstantScorer(), **arguments)
+        estimate_pmi(ConstantScorer(), marginal=marginal, **arguments)
 
 
 def test_to_dict_round_trips_through_json(tiny):
     model, tokenizer = tiny
-    estimate = estimate_pmi(Scorer(model, tokenizer), PROMPTS, RESPONSES, k=2, seed=0, desc=None)
+    estimate = estimate_pmi(Scorer(model, tokenizer), PROMPTS, RESPONSES, Marginal(k=2, seed=0), desc=None)
     restored = MIEstimate(**json.loads(json.dumps(estimate.to_dict())))
     assert restored == estimate
 
@@ -352,7 +360,7 @@ def test_estimate_with_a_scorer_of_known_log_probs_and_no_model():
             return torch.tensor([-(responses.index(r) + 1.0) * (prompts.index(p) + 2.0)
                                  for p, r in zip(scored_prompts, scored_responses)])
 
-    estimate = estimate_pmi(TableScorer(), prompts, responses, k=2, seed=5, desc=None)
+    estimate = estimate_pmi(TableScorer(), prompts, responses, Marginal(k=2, seed=5), desc=None)
     for i, others in enumerate(estimate.other_indices):
         own = -(i + 1.0) * (i + 2.0)
         alternatives = torch.tensor([[-(i + 1.0) * (j + 2.0) for j in others]], dtype=torch.float64)
@@ -371,10 +379,10 @@ def test_finished_flags_reach_the_scorer_for_every_alternative():
             return torch.zeros(len(prompts))
 
     prompts = [[{"role": "user", "content": f"q{i}"}] for i in range(3)]
-    estimate_pmi(RecordingScorer(), prompts, ["a", "b", "c"], k=2, finished=[True, False, True])
+    estimate_pmi(RecordingScorer(), prompts, ["a", "b", "c"], Marginal(k=2), finished=[True, False, True])
     assert seen["finished"] == [True] * 3 + [False] * 3 + [True] * 3
     with pytest.raises(ValueError, match="2 finished flags but 3 responses"):
-        estimate_pmi(RecordingScorer(), prompts, ["a", "b", "c"], k=2, finished=[True, False])
+        estimate_pmi(RecordingScorer(), prompts, ["a", "b", "c"], Marginal(k=2), finished=[True, False])
 
 
 def test_pmi_per_token_by_hand():

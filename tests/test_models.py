@@ -302,7 +302,7 @@ def test_no_deprecated_transformers_calls_in_decoding_and_checkpointing():
     no DeprecationWarning from these calls): `cache=` from 5.24 on, `activation_checkpointing_enable` from 5.23."""
     import warnings
 
-    from mipo.model.generation import generate
+    from mipo.model.generation import DecodeSettings, PlanSettings, generate
     from mipo.model.loading import enable_activation_checkpointing
     from tests.helpers import tiny_model, tiny_tokenizer, user
 
@@ -310,7 +310,8 @@ def test_no_deprecated_transformers_calls_in_decoding_and_checkpointing():
     model = tiny_model(tokenizer)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        generate(model, tokenizer, [user("hello"), user("hi there")], 4, temperature=0.0, batch_size=2, desc=None)
+        generate(model, tokenizer, [user("hello"), user("hi there")], DecodeSettings(4), PlanSettings(batch_size=2),
+                 desc=None)
         enable_activation_checkpointing(model)
         model.train()
         ids = torch.tensor([[1, 2, 3, 4]])

@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import mipo.stages.train
+from mipo.data.pairs import PairsFile
+from mipo.stages.reference import ReferencePass
 from mipo.stages.train import NonFiniteError, batch_order, train
 from tests.helpers import compose_config, load_weights, write_pairs_file
 
@@ -26,15 +28,15 @@ def config(tmp_path, pairs_file, *overrides):
 @pytest.fixture
 def nan_reference(monkeypatch):
     """The real reference log-probs, with pair NAN_PAIR's log pi_ref(y+|x) set to NaN."""
-    real = mipo.stages.train.reference_logps
+    real = ReferencePass.logps
 
-    def with_nan(*args, **kwargs):
-        reference = real(*args, **kwargs)
+    def with_nan(self, *args, **kwargs):
+        reference = real(self, *args, **kwargs)
         reference.chosen = reference.chosen.clone()
         reference.chosen[NAN_PAIR] = float("nan")
         return reference
 
-    monkeypatch.setattr(mipo.stages.train, "reference_logps", with_nan)
+    monkeypatch.setattr(ReferencePass, "logps", with_nan)
 
 
 def nan_steps(num_pairs, batch_size, epochs, seed=0):
@@ -47,7 +49,7 @@ def test_nonfinite_loss_stops_the_run_naming_step_and_pairs(tmp_path, nan_refere
     first = nan_steps(8, 2, 2)[0]
     batch = next(b for s, b in enumerate(batch_order(8, 2, 2, 0), start=1) if s == first)
     with pytest.raises(NonFiniteError) as error:
-        train(config(tmp_path, pairs_file), tmp_path / "run")
+        train(config(tmp_path, pairs_file), tmp_path / "run", PairsFile.hashed(pairs_file))
     message = str(error.value)
     assert message.startswith(f"step {first}: the loss (nan)")
     names = [f"q{i}" for i in batch] if uids else [f"{pairs_file} line {i + 1}" for i in batch]
@@ -62,7 +64,7 @@ def test_skip_nonfinite_skips_the_update_and_counts_it(tmp_path, nan_reference):
     skipped = nan_steps(8, 2, 2)
     assert len(skipped) == 2 and skipped[0] < 8  # one per epoch, the first one not the last step
     summary = train(config(tmp_path, pairs_file, "trainer.skip_nonfinite=true",
-                           "trainer.lr_scheduler=constant_with_warmup"), tmp_path / "run")
+                           "trainer.lr_scheduler=constant_with_warmup"), tmp_path / "run", PairsFile.hashed(pairs_file))
     assert summary["skipped_nonfinite"] == 2 and summary["skipped_steps"] == skipped
     assert summary["optimizer_steps"] == summary["steps"] - 2 == 6
     assert json.loads((tmp_path / "run" / "train.json").read_text())["skipped_steps"] == skipped
@@ -98,6 +100,6 @@ def test_flush_denormal_holds_during_the_loop_and_is_restored(tmp_path, monkeypa
     monkeypatch.setattr(mipo.stages.train.parallel, "grad_norm_value", observe)
     assert not flushes_subnormals()
     train(config(tmp_path, pairs_file, f"trainer.flush_denormal={str(flush).lower()}", "trainer.epochs=1"),
-          tmp_path / "run")
+          tmp_path / "run", PairsFile.hashed(pairs_file))
     assert seen == [flush, flush]  # 4 pairs, batches of 2: two steps
     assert not flushes_subnormals()  # restored

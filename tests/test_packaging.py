@@ -109,7 +109,7 @@ CHECK = textwrap.dedent(
 SCORE = textwrap.dedent(
     """
     import torch
-    from mipo.model.logprobs import Scorer
+    from mipo.model.logprobs import Scorer, ScoringSettings
     from mipo.model.loading import load_model, load_tokenizer
 
     def score_once():
@@ -118,7 +118,7 @@ SCORE = textwrap.dedent(
                   "num_attention_heads": 2, "num_key_value_heads": 1}
         model = load_model({"random_init": True, "tokenizer": "byte", "config": config}, device="cpu",
                            vocab_size=len(tokenizer))
-        scorer = Scorer(model, tokenizer, max_length=64, max_prompt_length=32, batch_size=2, kernel="torch")
+        scorer = Scorer(model, tokenizer, ScoringSettings(max_length=64, max_prompt_length=32, batch_size=2, kernel="torch"))
         prompts = [[{"role": "user", "content": "2+2?"}], [{"role": "user", "content": "Capital of France?"}]]
         scores = scorer.score(prompts, ["4", "Paris"], desc=None)
         assert torch.isfinite(scores).all() and (scores < 0).all(), scores

@@ -9,12 +9,21 @@ import torch
 
 import mipo.stages.reference as reference
 from mipo.data.encoding import encode_pairs
-from mipo.data.pairs import PreferencePair, read_pairs, write_pairs
-from mipo.model.logprobs import score_responses
+from mipo.data.pairs import PairsFile, PreferencePair, read_pairs, write_pairs
+from mipo.model.logprobs import ScoringSettings
 from mipo.model.precision import ForwardPrecision
-from mipo.stages.reference import reference_logps
+from mipo.stages.keys import reference_path
+from mipo.stages.reference import ReferencePass
 from mipo.training.forward import TrainingForward, continuation_batch_logps
-from tests.helpers import TINY_CONFIG, tiny_config, tiny_model, tiny_tokenizer, user
+from tests.helpers import (
+    TINY_CONFIG,
+    collate_pairs,
+    score_responses,
+    tiny_config,
+    tiny_model,
+    tiny_tokenizer,
+    user,
+)
 
 MAX_LENGTH = 64
 MAX_PROMPT_LENGTH = 40
@@ -46,9 +55,9 @@ def pairs_path(tmp_path) -> Path:
 
 def _ref(pairs_path, cache_dir, tokenizer, model_cfg=TINY_CONFIG, max_length=MAX_LENGTH,
          max_prompt_length=MAX_PROMPT_LENGTH):
-    return reference_logps(model_cfg, tokenizer, pairs_path, cache_dir, max_length=max_length,
-                           max_prompt_length=max_prompt_length, device=torch.device("cpu"),
-                           batch_size=BATCH_SIZE, kernel="torch")
+    scoring = ScoringSettings(max_length, max_prompt_length, batch_size=BATCH_SIZE, kernel="torch")
+    reference_pass = ReferencePass(model_cfg, tokenizer, scoring, reference.FP32, torch.device("cpu"), Path(cache_dir))
+    return reference_pass.logps(PairsFile.hashed(pairs_path))
 
 
 def _expected(tokenizer, cfg=TINY_CONFIG, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH):
@@ -206,15 +215,17 @@ def step0_gap(model_cfg, policy, tokenizer, pairs_file, cache_dir, reference_pre
     run as the trainer runs it (prompt-shared, fused output layer, bf16 autocast)."""
     pairs = read_pairs(pairs_file)
     chosen, rejected = encode_pairs(tokenizer, pairs, MAX_LENGTH * 4, MAX_PROMPT_LENGTH * 4)
-    ref = reference_logps(model_cfg, tokenizer, pairs_file, cache_dir, MAX_LENGTH * 4, MAX_PROMPT_LENGTH * 4,
-                          device=torch.device("cpu"), batch_size=4, kernel="torch", pairs=pairs,
-                          encoded=(chosen, rejected), precision=reference_precision, fused_lm_head=True)
+    scoring = ScoringSettings(MAX_LENGTH * 4, MAX_PROMPT_LENGTH * 4, batch_size=4, kernel="torch", fused_lm_head=True)
+    reference_pass = ReferencePass(model_cfg, tokenizer, scoring, reference_precision, torch.device("cpu"),
+                                   Path(cache_dir))
+    ref = reference_pass.logps(PairsFile.hashed(pairs_file), (chosen, rejected))
     forward = TrainingForward.prepare({"trainer": {"share_prompt": "auto", "shared_attention": "auto"},
                                        "kernel": "torch", "fused_lm_head": True}, policy, BF16_AUTOCAST.autocast)
     gaps = []
     with torch.no_grad():
         for start in range(0, len(pairs), 2):
-            batch = forward.collate(chosen, rejected, range(start, min(start + 2, len(pairs))), ref, tokenizer.pad_token_id)
+            batch = collate_pairs(chosen, rejected, range(start, min(start + 2, len(pairs))), ref, tokenizer.pad_token_id,
+                                  share_prompt=forward.share_prompt)
             with BF16_AUTOCAST.context("cpu"):
                 logps = continuation_batch_logps(policy, batch.inputs, len(batch.reference_logps), kernel="torch")
             gaps.append((logps.float() - batch.reference_logps).abs().flatten())
@@ -231,5 +242,7 @@ def test_reference_in_the_policy_precision_makes_step_0_consistent(tmp_path, pai
     assert same <= fp32 / 5, (same, fp32)
     # and the two are different caches: the precision is part of the key
     assert len(list((tmp_path / "a" / "reference").glob("*.pt"))) == 1
-    keys = [reference.reference_inputs(TINY_CONFIG, tokenizer, pairs_path, 64, 40, p) for p in (reference.FP32, BF16_AUTOCAST)]
-    assert reference.reference_cache_path(tmp_path, keys[0]) != reference.reference_cache_path(tmp_path, keys[1])
+    passes = [ReferencePass(TINY_CONFIG, tokenizer, ScoringSettings(64, 40), p, torch.device("cpu"), tmp_path)
+              for p in (reference.FP32, BF16_AUTOCAST)]
+    keys = [reference_pass.key(PairsFile.hashed(pairs_path), 1) for reference_pass in passes]
+    assert reference_path(tmp_path, keys[0]) != reference_path(tmp_path, keys[1])

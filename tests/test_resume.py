@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mipo.runtime.files import BusyError, stable_hash
+from mipo.data.pairs import PairsFile
+from mipo.runtime.files import BusyError
+from mipo.stages import keys
 from mipo.stages.pipeline import train_stage
-from mipo.stages.train import train_inputs
 from tests.helpers import (
     ROOT,
     compose_config,
@@ -127,7 +128,7 @@ def test_pipeline_resumes_its_train_stage_after_sigkill(uninterrupted):
     run_dir = root / "pipeline"
     command = entry_command("pipeline.py", overrides, run_dir)
     cfg = compose_config(*overrides)
-    key = stable_hash(train_inputs(cfg, Path(cfg.data.pairs_path)), 16)
+    key = keys.train_dir(cfg, keys.train_key(cfg, PairsFile.hashed(cfg.data.pairs_path))).name
     partial, stage_dir = root / "cache" / "runs" / f"{key}.partial", root / "cache" / "runs" / key
     kill_after_step_4(command, partial / "checkpoints")
 
@@ -149,9 +150,9 @@ with exclusive_lock(sys.argv[1], "a test"):
 
 
 def test_a_second_pipeline_for_the_same_key_is_refused(tmp_path, monkeypatch):
-    pairs = write_pairs_file(tmp_path / "pairs.jsonl", 4)
-    cfg = compose_config(*TRAIN, f"data.pairs_path={pairs}", f"paths.cache_dir={tmp_path / 'cache'}")
-    lock = tmp_path / "cache" / "runs" / f"{stable_hash(train_inputs(cfg, pairs), 16)}.lock"
+    pairs = PairsFile.hashed(write_pairs_file(tmp_path / "pairs.jsonl", 4))
+    cfg = compose_config(*TRAIN, f"data.pairs_path={pairs.path}", f"paths.cache_dir={tmp_path / 'cache'}")
+    lock = tmp_path / "cache" / "runs" / f"{keys.train_dir(cfg, keys.train_key(cfg, pairs)).name}.lock"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"

@@ -13,12 +13,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mipo.stages.sample import (
-    ChunkStore,
-    PartialSamplesError,
-    pairs_path,
-    sampling_inputs,
-)
+from mipo.stages.keys import pairs_key, pairs_path
+from mipo.stages.sample import ChunkStore, PartialSamplesError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,4 +99,4 @@ def test_pairs_path_changes_with_every_sampling_setting(tmp_path: Path) -> None:
         else:
             assert path not in seen, override
             seen.add(path)
-    assert sampling_inputs(base)["seeding"] == "per-prompt-v1"
+    assert pairs_key(base)["seeding"] == "per-prompt-v1"

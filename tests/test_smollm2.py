@@ -11,9 +11,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from mipo.model.generation import generate
+from mipo.model.generation import DecodeSettings, generate
 from mipo.model.loading import load_model, load_tokenizer
-from mipo.model.logprobs import score_responses
+from tests.helpers import score_responses
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +39,7 @@ def test_gguf_is_converted_once_and_matches_direct_load(tmp_path: Path, model_cf
     # The model is real: its greedy answer is far more likely under its own question than under another.
     prompts = [[{"role": "user", "content": "What is the capital of France? Answer in one word."}],
                [{"role": "user", "content": "Name a primary colour. Answer in one word."}]]
-    answers = generate(model, tokenizer, prompts, max_new_tokens=8, temperature=0.0, desc=None).texts
+    answers = generate(model, tokenizer, prompts, DecodeSettings(max_new_tokens=8), desc=None).texts
     assert "paris" in answers[0].lower()
     own = score_responses(model, tokenizer, prompts, answers, desc=None)
     swapped = score_responses(model, tokenizer, prompts[::-1], answers, desc=None)

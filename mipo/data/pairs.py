@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 
 from mipo.data.chat import Messages
 from mipo.runtime.errors import InputError
-from mipo.runtime.files import atomic_path, read_jsonl
+from mipo.runtime.files import atomic_path, read_jsonl, sha256_file
 
 REQUIRED_FIELDS = ("prompt", "chosen", "rejected")
 
@@ -96,6 +96,19 @@ def truncation_summary(pairs: Sequence[PreferencePair]) -> dict[str, float]:
 
 class PairsFileError(InputError, ValueError):
     """A pairs file that cannot be read; the message names the file, line and field."""
+
+
+@dataclass(frozen=True)
+class PairsFile:
+    """A pairs file and the sha256 of its content: hashed once per run, then handed from stage to stage
+    (the reference and train cache keys hold the digest, ``mipo.stages.keys``)."""
+
+    path: Path
+    sha256: str
+
+    @classmethod
+    def hashed(cls, path: str | os.PathLike) -> "PairsFile":
+        return cls(Path(path), sha256_file(path))
 
 
 def write_pairs(path: str | os.PathLike, pairs: Iterable[PreferencePair]) -> None:

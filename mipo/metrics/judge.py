@@ -31,7 +31,7 @@ from typing import Any, Mapping, Sequence
 from mipo.data.chat import Messages
 from mipo.data.tasks import Example
 from mipo.metrics.stats import mean_stderr
-from mipo.model.generation import generate
+from mipo.model.generation import DecodeSettings, PlanSettings, generate
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,9 @@ def score_responses(model, tokenizer, settings: JudgeSettings, examples: Sequenc
         for preference in preferences_of(example.context):
             prompts.append(judge_messages(settings, preference, example.question, response))
             owner.append(i)
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens, temperature=0.0, top_p=1.0,
-                       batch_size=settings.batch_size, max_prompt_length=max_prompt_length, desc=desc).texts if prompts else []
+    greedy = DecodeSettings(max_new_tokens=settings.max_new_tokens, temperature=0.0, top_p=1.0)
+    planning = PlanSettings(batch_size=settings.batch_size, max_prompt_length=max_prompt_length)
+    outputs = generate(model, tokenizer, prompts, settings=greedy, planning=planning, desc=desc).texts if prompts else []
     parsed: list[list[int]] = [[] for _ in responses]
     asked = [0] * len(responses)
     unparsed_examples = []

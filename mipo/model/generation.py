@@ -15,13 +15,17 @@ Why not ``model.generate``:
 3. **Reproducibility.** A row's randomness comes from its own generator, seeded from
    ``(seed, the prompt's index in the prompt list)`` (``row_seed``), never from the global RNG.
 
-The loop, per chunk of prompts (``Plan``):
+The loop (``DecodeLoop``), per chunk of prompts (``Plan``), over the KV cache of the rows in flight
+(``mipo.model.kv_cache.SlotCache``):
 
     prefix   the chunk's longest common prompt prefix, once (batch of 1), into the KV cache
     prefill  the next prompts' suffixes on top of a copy of the prefix, into free slots
     step     for every row in flight: pick its next token from its logits (``next_tokens``);
              a row that emitted end-of-turn ("eos") or reached max_new_tokens ("length")
              leaves; the rest run one token through the model
+
+What a call is given: the distribution (``DecodeSettings``, checked by ``decode_problems``) and
+how the prompt list is cut into chunks and batches (``PlanSettings``); ``generate`` takes both.
 
 What is guaranteed: a chunk's responses depend only on the chunk (its prompts, their indices,
 the settings, the seed, the batch size), not on the other chunks, so a run split into chunks
@@ -41,18 +45,16 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
-from transformers.cache_utils import Cache, DynamicLayer
 
 from mipo.data.chat import Messages, prompt_key
-from mipo.data.encoding import encode_prompt, left_pad, truncate_prompt
-from mipo.model.loading import cache_kwargs
+from mipo.data.encoding import encode_prompt, truncate_prompt
+from mipo.model import kv_cache
 from mipo.runtime import distributed
+from mipo.runtime.errors import failed, is_int, is_number
 from mipo.runtime.files import stable_hash
 
 SEEDING = "per-prompt-v1"  # the per-row seeding scheme (``row_seed``); part of every sampling cache key
 FINISH_REASONS = ("eos", "length")
-PREFILL_TOKENS = 4096  # tokens per prefill forward (rows x padded suffix width)
-PREFILL_PADDING = 0.125  # at most this fraction of a prefill forward's tokens are padding
 SHORTLIST = 64  # top-p looks for the nucleus among this many most likely tokens before sorting the vocabulary
 
 
@@ -81,6 +83,24 @@ class DecodeSettings:
         return {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p,
                 "top_k": self.top_k, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0,
                 "seeding": SEEDING}
+
+
+def decode_problems(group: str, settings: Mapping[str, Any]) -> list[str]:
+    """The problems of decoding config group ``group`` (``sampling`` or ``eval``), one line each (empty when
+    ``decode_settings`` and ``PlanSettings.batch_size`` can take it); ``mipo.stages.config`` lists them."""
+    temperature, top_p, max_new_tokens = settings["temperature"], settings["top_p"], settings["max_new_tokens"]
+    batch_size, top_k = settings["batch_size"], settings.get("top_k")
+    return failed([
+        (is_number(temperature) and temperature >= 0,
+         f"{group}.temperature={temperature}: expected a number >= 0 (0 = greedy)"),
+        (is_number(top_p) and 0 < top_p <= 1, f"{group}.top_p={top_p}: expected (0, 1]"),
+        (is_int(max_new_tokens) and max_new_tokens > 0,
+         f"{group}.max_new_tokens={max_new_tokens}: expected an int > 0"),
+        (batch_size == "auto" or (is_int(batch_size) and batch_size > 0),
+         f"{group}.batch_size={batch_size}: expected auto or an int > 0"),
+        (top_k is None or (is_int(top_k) and top_k > 0),
+         f"{group}.top_k={top_k}: expected null (no top-k) or an int > 0"),
+    ])
 
 
 def decode_settings(group: Mapping[str, Any]) -> DecodeSettings:
@@ -230,143 +250,23 @@ def plan_generation(tokenizer, prompts: Sequence[Messages], max_new_tokens: int,
     return Plan(tuple(rendered), chunks, int(batch_size), chunk_size)
 
 
-# --------------------------------------------------------------------------------------------
-# The KV cache of the rows in flight
-# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlanSettings:
+    """How a prompt list is cut into a ``Plan`` (``plan_generation``'s options besides the prompts).
 
-class _SlotLayer(DynamicLayer):
-    """One layer's view of a ``SlotCache`` for the transformers attention code."""
-
-    def __init__(self, owner: "SlotCache", index: int):
-        super().__init__()
-        self.owner, self.index = owner, index
-        self.is_initialized = True
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write the new positions at columns [width, width + T) of the live rows; return all columns so far."""
-        owner = self.owner
-        n, end = owner.rows, owner.width + key_states.shape[-2]
-        keys, values = owner.keys[self.index], owner.values[self.index]
-        keys[:n, :, owner.width : end] = key_states
-        values[:n, :, owner.width : end] = value_states
-        self.keys, self.values = keys[:n, :, :end], values[:n, :, :end]  # (n, H, end, D) views
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.owner.width
-
-    def get_max_length(self) -> int:
-        return self.owner.capacity
-
-
-class SlotCache:
-    """Keys and values of up to ``slots`` rows, preallocated: (slots, H, capacity, D) per layer.
-
-    Rows [0, rows) are live; every live row's next token goes to column ``width`` (rows are
-    right-aligned: a shorter row has masked columns on its left). A row that ends is replaced by
-    the last live row (``remove``: one row copied, never the cache); new rows are copied into
-    the free slots after the live ones (``admit``). Columns no live row uses any more are
-    dropped from the left when the buffer runs out of room (``make_room``).
+    They decide which rows share a forward: a response's last bits, never its distribution
+    (that is ``DecodeSettings``).
     """
 
-    def __init__(self, model: torch.nn.Module, slots: int, capacity: int):
-        config = model.config.get_text_config(decoder=True)
-        layer_types = getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers
-        if any(kind != "full_attention" for kind in layer_types):
-            raise NotImplementedError(
-                f"mipo.model.generation decodes models whose layers all use full attention; {config.model_type} has "
-                f"layer types {sorted(set(layer_types))}")
-        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        parameter = next(model.parameters())
-        shape = (slots, heads, capacity, head_dim)
-        # zero-filled: masked columns must hold finite numbers (attention multiplies them by 0)
-        self.keys = [parameter.new_zeros(shape) for _ in layer_types]  # L x (slots, H, C, D)
-        self.values = [parameter.new_zeros(shape) for _ in layer_types]
-        self.mask = torch.zeros(slots, capacity, dtype=torch.bool, device=parameter.device)  # (slots, C)
-        self.positions = torch.zeros(slots, dtype=torch.long, device=parameter.device)  # (slots,) next position id
-        self.rows = 0
-        self.width = 0
-        self.view = Cache(layers=[_SlotLayer(self, i) for i in range(len(layer_types))])
+    batch_size: int | str = "auto"  # rows in flight; "auto": ``auto_batch_size`` with ``max_batch_tokens``
+    chunk_size: int = 256  # prompts per chunk (the unit of work: written, resumed, shared out between ranks)
+    max_prompt_length: int | None = None  # prompts cut by ``mipo.data.encoding.truncate_prompt``; None: not cut
+    max_batch_tokens: int = 16384  # cached positions ``batch_size="auto"`` fills
 
-    @property
-    def slots(self) -> int:
-        return self.mask.shape[0]
-
-    @property
-    def capacity(self) -> int:
-        return self.mask.shape[1]
-
-    def forward(self, model: torch.nn.Module, input_ids: torch.Tensor, input_mask: torch.Tensor,
-                position_ids: torch.Tensor) -> torch.Tensor:
-        """Run (rows, T) new tokens of the live rows at columns [width, width + T); returns (rows, V) next-token logits."""
-        n, t = input_ids.shape
-        self.mask[:n, self.width : self.width + t] = input_mask
-        output = model(input_ids=input_ids, attention_mask=self.mask[:n, : self.width + t], position_ids=position_ids,
-                       use_cache=True, logits_to_keep=1, **cache_kwargs(model, self.view))
-        self.width += t
-        return output.logits[:, -1].float()  # (n, V)
-
-    def remove(self, row: int) -> None:
-        """Drop live row ``row``: the last live row moves into its slot."""
-        last = self.rows - 1
-        if row != last:
-            for buffer in (*self.keys, *self.values):
-                buffer[row, :, : self.width] = buffer[last, :, : self.width]
-            self.mask[row] = self.mask[last]
-            self.positions[row] = self.positions[last]
-        self.mask[last] = False
-        self.rows = last
-
-    def make_room(self, columns: int, width: int | None = None) -> None:
-        """Ensure ``columns`` free columns after ``width`` (default: the current width), dropping columns
-        that no live row uses from the left if needed."""
-        needed = lambda: max(self.width, width or 0) + columns  # noqa: E731
-        if needed() <= self.capacity:
-            return
-        used = self.mask[: self.rows, : self.width].any(0).nonzero()
-        self._shift(-(int(used[0]) if len(used) else self.width))
-        if needed() > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} columns cannot hold {needed()}")
-
-    def admit(self, other: "SlotCache", reserve: int) -> None:
-        """Copy the live rows of ``other`` (a prefilled batch) into the free slots, right-aligned at ``width``,
-        with room for ``reserve`` more columns."""
-        k = other.rows
-        if self.rows + k > self.slots:
-            raise RuntimeError(f"{self.rows} + {k} rows do not fit {self.slots} slots")
-        self.make_room(reserve, width=other.width)
-        if other.width > self.width:
-            self._shift(other.width - self.width)
-        rows, start = slice(self.rows, self.rows + k), self.width - other.width
-        for mine, theirs in zip((*self.keys, *self.values), (*other.keys, *other.values)):
-            mine[rows, :, :start] = 0
-            mine[rows, :, start : self.width] = theirs[:k, :, : other.width]
-        self.mask[rows] = False
-        self.mask[rows, start : self.width] = other.mask[:k, : other.width]
-        self.positions[rows] = other.positions[:k]
-        self.rows += k
-
-    def _shift(self, offset: int) -> None:
-        """Move the live rows' columns by ``offset`` (right if positive, left if negative)."""
-        if offset == 0:
-            return
-        n, old = self.rows, self.width
-        new = old + offset
-        if new > self.capacity:
-            raise RuntimeError(f"KV cache of {self.capacity} columns cannot hold {new}")
-        source = slice(max(0, -offset), old)
-        target = slice(max(0, offset), new)
-        for buffer in (*self.keys, *self.values):
-            buffer[:n, :, target] = buffer[:n, :, source].clone()
-        self.mask[:n, target] = self.mask[:n, source].clone()
-        if offset > 0:
-            self.mask[:n, :offset] = False
-            for buffer in (*self.keys, *self.values):
-                buffer[:n, :, :offset] = 0
-        else:
-            self.mask[:n, new:old] = False
-        self.width = new
+    def plan(self, tokenizer, prompts: Sequence[Messages], max_new_tokens: int) -> Plan:
+        """``plan_generation`` of ``prompts`` with these settings."""
+        return plan_generation(tokenizer, prompts, max_new_tokens, self.batch_size, self.chunk_size,
+                               self.max_prompt_length, self.max_batch_tokens)
 
 
 # --------------------------------------------------------------------------------------------
@@ -385,140 +285,147 @@ class Generation:
 
 @dataclass
 class _Row:
-    index: int  # in the prompt list
+    index: int  # in the chunk
     uniforms: torch.Tensor | None  # (max_new_tokens,) float64 from the row's generator; None when greedy
     tokens: list[int] = field(default_factory=list)
-
-
-def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest common prefix of the sequences, leaving every sequence at least one token."""
-    first = sequences[0]
-    length = min(len(s) for s in sequences) - 1
-    for seq in sequences[1:]:
-        length = next((i for i in range(length) if seq[i] != first[i]), length)
-    return max(length, 0)
-
-
-def _prefill(model: torch.nn.Module, prefix: SlotCache | None, suffixes: Sequence[Sequence[int]],
-             pad_token_id: int) -> tuple[SlotCache, torch.Tensor]:
-    """Run prompt suffixes (left-padded) on top of a copy of ``prefix``; returns their cache and (k, V) logits."""
-    device = next(model.parameters()).device
-    input_ids, input_mask = left_pad(suffixes, pad_token_id)  # (k, S)
-    input_ids, input_mask = input_ids.to(device), input_mask.to(device).bool()
-    k, width = input_ids.shape
-    start = prefix.width if prefix is not None else 0
-    batch = SlotCache(model, k, start + width)
-    if prefix is not None:
-        for mine, theirs in zip((*batch.keys, *batch.values), (*prefix.keys, *prefix.values)):
-            mine[:, :, :start] = theirs[:1, :, :start]
-        batch.mask[:, :start] = True
-        batch.width = start
-    batch.rows = k
-    position_ids = start + (input_mask.long().cumsum(-1) - 1).clamp(min=0)  # (k, S)
-    logits = batch.forward(model, input_ids, input_mask, position_ids)
-    batch.positions[:k] = start + input_mask.sum(-1)
-    return batch, logits
 
 
 def _decode_text(tokenizer, tokens: Sequence[int]) -> str:
     return tokenizer.decode(list(tokens), skip_special_tokens=True).strip()
 
 
-@torch.no_grad()
-def generate_chunk(model: torch.nn.Module, tokenizer, plan: Plan, chunk: int, settings: DecodeSettings,
-                   seed: int = 0, share_prefix: bool = True, progress: tqdm | None = None) -> list[Generation]:
-    """Decode chunk ``chunk`` of ``plan``; returns its responses in the chunk's order.
+class _ChunkDecode:
+    """One chunk in the middle of its decode: the rows in flight (``rows[i]`` in slot i of ``live``),
+    their next-token ``logits`` (rows, V), the chunk's prompts waiting for a slot and the responses
+    of the rows that ended (``results``: position in the chunk -> ``Generation``)."""
 
-    The rows in flight are a ``SlotCache`` of ``plan.batch_size`` slots. Free slots are filled
-    (prefill) once a quarter of them or more are free and prompts are waiting; each step picks
-    every live row's next token, removes the rows that ended, and runs the others one token on.
-    """
-    index = plan.chunks[chunk]
-    prompts = [plan.prompts[i].ids for i in index]
-    slots = min(plan.batch_size, len(index))
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    max_new = settings.max_new_tokens
-    was_training = model.training
-    model.eval()
-    try:
-        prefix = None
-        start = common_prefix(prompts) if share_prefix and len(prompts) > 1 else 0
-        if start > 0:
-            prefix = SlotCache(model, 1, start)
-            prefix.rows = 1
-            device = prefix.mask.device
-            prefix.forward(model, torch.tensor([prompts[0][:start]], device=device),
-                           torch.ones(1, start, dtype=torch.bool, device=device),
-                           torch.arange(start, device=device)[None])
-        live = SlotCache(model, slots, max(map(len, prompts)) + max_new + max(64, max_new // 2))
-        rows: list[_Row] = []
-        logits = None  # (rows, V) next-token logits of the live rows
-        waiting = deque(range(len(index)))
-        results: dict[int, Generation] = {}
-        while waiting or rows:
-            free = slots - len(rows)
-            if waiting and (not rows or free >= max(1, slots // 4)):
-                admitted = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                for group in _prefill_groups([prompts[j][start:] for j in admitted]):
-                    batch, batch_logits = _prefill(model, prefix, [prompts[admitted[j]][start:] for j in group], pad)
-                    live.admit(batch, reserve=max_new)
-                    logits = batch_logits if logits is None else torch.cat([logits, batch_logits])
-                    for j in group:
-                        position = admitted[j]
-                        generator = None
-                        if not settings.greedy:
-                            generator = torch.Generator().manual_seed(row_seed(seed, index[position]))
-                        uniforms = torch.rand(max_new, generator=generator, dtype=torch.float64) if generator else None
-                        rows.append(_Row(position, uniforms))
-            uniforms = None if settings.greedy else torch.stack([r.uniforms[len(r.tokens)] for r in rows])
-            chosen = next_tokens(logits, settings, uniforms).tolist()  # (rows,)
-            ended = []
-            for slot, (row, token) in enumerate(zip(rows, chosen)):
-                if token == eos:
-                    ended.append((slot, "eos"))
+    def __init__(self, model: torch.nn.Module, tokenizer, plan: Plan, chunk: int, settings: DecodeSettings,
+                 seed: int, share_prefix: bool):
+        self.model, self.tokenizer, self.plan, self.settings, self.seed = model, tokenizer, plan, settings, seed
+        self.index = plan.chunks[chunk]
+        self.prompts = [plan.prompts[i].ids for i in self.index]
+        self.slots = min(plan.batch_size, len(self.index))
+        self.start = kv_cache.shared_prefix_length(self.prompts) if share_prefix and len(self.prompts) > 1 else 0
+        self.prefix = kv_cache.prefix_cache(model, self.prompts[0][: self.start]) if self.start > 0 else None
+        max_new = settings.max_new_tokens
+        self.live = kv_cache.SlotCache(model, self.slots, max(map(len, self.prompts)) + max_new + max(64, max_new // 2))
+        self.rows: list[_Row] = []
+        self.logits: torch.Tensor | None = None
+        self.waiting = deque(range(len(self.index)))
+        self.results: dict[int, Generation] = {}
+
+    def admit(self) -> None:
+        """Prefill waiting prompts into the free slots, when none is live or a quarter of the slots or more are free."""
+        free = self.slots - len(self.rows)
+        if not self.waiting or (self.rows and free < max(1, self.slots // 4)):
+            return
+        admitted = [self.waiting.popleft() for _ in range(min(free, len(self.waiting)))]
+        suffixes = [self.prompts[j][self.start :] for j in admitted]
+        for group in kv_cache.prefill_groups(suffixes):
+            batch, logits = kv_cache.prefill(self.model, self.prefix, [suffixes[j] for j in group],
+                                             self.tokenizer.pad_token_id)
+            self.live.admit(batch, reserve=self.settings.max_new_tokens)
+            self.logits = logits if self.logits is None else torch.cat([self.logits, logits])
+            self.rows += [self._new_row(admitted[j]) for j in group]
+
+    def _new_row(self, position: int) -> _Row:
+        """A row for prompt ``position`` of the chunk, with its uniforms drawn from its own generator (``row_seed``)."""
+        if self.settings.greedy:
+            return _Row(position, None)
+        generator = torch.Generator().manual_seed(row_seed(self.seed, self.index[position]))
+        return _Row(position, torch.rand(self.settings.max_new_tokens, generator=generator, dtype=torch.float64))
+
+    def pick(self) -> tuple[list[int], list[tuple[int, str]]]:
+        """Every live row's next token (rows,), and the rows that end with it: (slot, "eos" or "length")."""
+        settings = self.settings
+        uniforms = None if settings.greedy else torch.stack([r.uniforms[len(r.tokens)] for r in self.rows])
+        chosen = next_tokens(self.logits, settings, uniforms).tolist()  # (rows,)
+        ended = []
+        for slot, (row, token) in enumerate(zip(self.rows, chosen)):
+            if token == self.tokenizer.eos_token_id:
+                ended.append((slot, "eos"))
+                continue
+            row.tokens.append(token)
+            if len(row.tokens) == settings.max_new_tokens:
+                ended.append((slot, "length"))
+        return chosen, ended
+
+    def retire(self, chosen: list[int], ended: list[tuple[int, str]]) -> None:
+        """Write the responses of the rows that ended and free their slots (``chosen`` follows the rows)."""
+        for slot, reason in sorted(ended, reverse=True):  # from the last slot: a removal moves the last row in
+            row = self.rows[slot]
+            self.results[row.index] = Generation(_decode_text(self.tokenizer, row.tokens), reason, len(row.tokens),
+                                                 self.plan.prompts[self.index[row.index]].cut)
+            self.live.remove(slot)
+            last = len(self.rows) - 1
+            self.rows[slot], chosen[slot] = self.rows[last], chosen[last]
+            self.rows.pop()
+            chosen.pop()
+
+    def advance(self, chosen: list[int]) -> None:
+        """Run the rows still in flight one token (``chosen``) on: their next-token logits replace the
+        consumed ones (None once no row is left)."""
+        self.logits = self.live.step(self.model, chosen) if self.rows else None
+
+
+class DecodeLoop:
+    """This repository's decode loop on one model: ``generate_chunk`` decodes a chunk of a ``Plan``,
+    ``generate_plan`` all of them (``mipo.model.vllm_backend.VLLMGenerator`` is the same for a vLLM engine)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+
+    @torch.no_grad()
+    def generate_chunk(self, plan: Plan, chunk: int, settings: DecodeSettings, seed: int = 0,
+                       progress: tqdm | None = None, share_prefix: bool = True) -> list[Generation]:
+        """Decode chunk ``chunk`` of ``plan``; returns its responses in the chunk's order.
+
+        The rows in flight are a ``SlotCache`` of ``plan.batch_size`` slots. Free slots are filled
+        (prefill) once a quarter of them or more are free and prompts are waiting; each step picks
+        every live row's next token, removes the rows that ended, and runs the others one token on.
+        ``share_prefix=False`` runs every prompt whole (the prefix is a speed-up, tested against it).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            state = _ChunkDecode(self.model, self.tokenizer, plan, chunk, settings, seed, share_prefix)
+            while state.waiting or state.rows:
+                state.admit()
+                chosen, ended = state.pick()
+                state.retire(chosen, ended)
+                if progress is not None and ended:
+                    progress.update(len(ended))
+                state.advance(chosen)
+        finally:
+            self.model.train(was_training)
+        return [state.results[j] for j in range(len(state.index))]
+
+    def generate_plan(self, plan: Plan, settings: DecodeSettings, seed: int = 0,
+                      done: Mapping[int, Sequence[Generation]] | None = None,
+                      on_chunk: Callable[[int, list[Generation]], None] | None = None, desc: str | None = "sampling",
+                      shard_ranks: bool = True) -> Generations:
+        """Decode every chunk of ``plan`` not already in ``done`` (chunk -> its responses, e.g. read back
+        after a crash), calling ``on_chunk(chunk, responses)`` as each one finishes.
+
+        Under torchrun (``shard_ranks``) every rank must call this with the same plan: rank r decodes
+        the chunks ``plan.shard(r, N)`` and the responses are gathered on every rank, the same as
+        one process decodes them (each prompt has its own seed, each chunk depends on nothing else).
+        """
+        done = dict(done or {})
+        every = range(len(plan.chunks))
+        mine = set(plan.shard(distributed.rank(), distributed.world_size())) if shard_ranks else set(every)
+        decoded: dict[int, list[Generation]] = {}
+        with tqdm(total=len(plan.prompts), desc=desc, disable=desc is None or not distributed.is_main(),
+                  unit="response") as progress:
+            progress.update(sum(len(done[c]) for c in done))
+            for chunk in every:
+                if chunk in done or chunk not in mine:
                     continue
-                row.tokens.append(token)
-                if len(row.tokens) == max_new:
-                    ended.append((slot, "length"))
-            for slot, reason in sorted(ended, reverse=True):  # from the last slot: a removal moves the last row in
-                row = rows[slot]
-                results[row.index] = Generation(_decode_text(tokenizer, row.tokens), reason, len(row.tokens),
-                                                plan.prompts[index[row.index]].cut)
-                live.remove(slot)
-                last = len(rows) - 1
-                rows[slot], chosen[slot] = rows[last], chosen[last]
-                rows.pop()
-                chosen.pop()
-            if progress is not None and ended:
-                progress.update(len(ended))
-            logits = None  # consumed; the rows still in flight get new ones
-            if rows:
-                live.make_room(1)
-                n = len(rows)
-                logits = live.forward(model, torch.tensor(chosen, device=live.mask.device)[:, None],
-                                      torch.ones(n, 1, dtype=torch.bool, device=live.mask.device),
-                                      live.positions[:n, None].clone())
-                live.positions[:n] += 1
-    finally:
-        model.train(was_training)
-    return [results[j] for j in range(len(index))]
-
-
-def _prefill_groups(suffixes: Sequence[Sequence[int]]) -> Iterator[list[int]]:
-    """Consecutive groups of suffixes (longest first) to prefill together: at most ``PREFILL_TOKENS``
-    padded tokens, and at most ``PREFILL_PADDING`` of them padding (a group has at least one suffix)."""
-    group: list[int] = []
-    width = real = 0
-    for j, suffix in enumerate(suffixes):
-        grown_width, grown_real = max(width, len(suffix)), real + len(suffix)
-        padded = grown_width * (len(group) + 1)
-        if group and (padded > PREFILL_TOKENS or padded > (1 + PREFILL_PADDING) * grown_real):
-            yield group
-            group, grown_width, grown_real = [], len(suffix), len(suffix)
-        group.append(j)
-        width, real = grown_width, grown_real
-    if group:
-        yield group
+                decoded[chunk] = self.generate_chunk(plan, chunk, settings, seed, progress=progress)
+                if on_chunk is not None:
+                    on_chunk(chunk, decoded[chunk])
+        done.update(distributed.gather_dict(decoded) if shard_ranks else decoded)
+        return assemble(plan, done, generation_record(settings, seed, plan))
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,40 +470,6 @@ def generation_record(settings: DecodeSettings, seed: int, plan: Plan) -> dict[s
     return {**settings.record(), "seed": seed, "batch_size": plan.batch_size, "chunk_size": plan.chunk_size}
 
 
-def generate_plan(
-    model: torch.nn.Module,
-    tokenizer,
-    plan: Plan,
-    settings: DecodeSettings,
-    seed: int = 0,
-    done: Mapping[int, Sequence[Generation]] | None = None,
-    on_chunk: Callable[[int, list[Generation]], None] | None = None,
-    desc: str | None = "sampling",
-    shard_ranks: bool = True,
-) -> Generations:
-    """Decode every chunk of ``plan`` not already in ``done`` (chunk -> its responses, e.g. read back
-    after a crash), calling ``on_chunk(chunk, responses)`` as each one finishes.
-
-    Under torchrun (``shard_ranks``) every rank must call this with the same plan: rank r decodes
-    the chunks ``plan.shard(r, N)`` and the responses are gathered on every rank, the same as
-    one process decodes them (each prompt has its own seed, each chunk depends on nothing else).
-    """
-    done = dict(done or {})
-    mine = set(plan.shard(distributed.rank(), distributed.world_size())) if shard_ranks else set(range(len(plan.chunks)))
-    decoded: dict[int, list[Generation]] = {}
-    with tqdm(total=len(plan.prompts), desc=desc, disable=desc is None or not distributed.is_main(),
-              unit="response") as progress:
-        progress.update(sum(len(done[c]) for c in done))
-        for chunk in range(len(plan.chunks)):
-            if chunk in done or chunk not in mine:
-                continue
-            decoded[chunk] = generate_chunk(model, tokenizer, plan, chunk, settings, seed, progress=progress)
-            if on_chunk is not None:
-                on_chunk(chunk, decoded[chunk])
-    done.update(distributed.gather_dict(decoded) if shard_ranks else decoded)
-    return assemble(plan, done, generation_record(settings, seed, plan))
-
-
 def assemble(plan: Plan, done: Mapping[int, Sequence[Generation]], record: dict[str, Any]) -> Generations:
     """Every chunk's responses (``done``: chunk -> its responses, all chunks) back in the order of the plan's prompts."""
     items: list[Generation | None] = [None] * len(plan.prompts)
@@ -606,29 +479,15 @@ def assemble(plan: Plan, done: Mapping[int, Sequence[Generation]], record: dict[
     return Generations(items, record)  # type: ignore[arg-type]
 
 
-def generate(
-    model: torch.nn.Module,
-    tokenizer,
-    prompts: Sequence[Messages],
-    max_new_tokens: int,
-    temperature: float = 0.1,
-    top_p: float = 0.9,
-    top_k: int | None = None,
-    batch_size: int | str = "auto",
-    seed: int = 0,
-    max_prompt_length: int | None = None,
-    chunk_size: int = 256,
-    max_batch_tokens: int = 16384,
-    desc: str | None = "sampling",
-) -> Generations:
-    """One response per prompt, in the order of ``prompts``: ``plan_generation`` then ``generate_plan``.
+def generate(model: torch.nn.Module, tokenizer, prompts: Sequence[Messages], settings: DecodeSettings,
+             planning: PlanSettings = PlanSettings(), seed: int = 0, desc: str | None = "sampling") -> Generations:
+    """One response per prompt, in the order of ``prompts``: ``PlanSettings.plan`` then ``DecodeLoop.generate_plan``.
 
-    ``temperature == 0`` decodes greedily. Prompts are cut by ``mipo.data.encoding.truncate_prompt``
-    to ``max_prompt_length`` tokens. Row i samples with the generator of ``row_seed(seed, i)``;
-    see the module docstring for what is reproducible. ``batch_size`` is the number of rows in
-    flight (``"auto"``: ``auto_batch_size`` with ``max_batch_tokens``).
+    ``settings`` is the distribution (``temperature == 0`` decodes greedily); ``planning`` cuts the
+    prompts by ``mipo.data.encoding.truncate_prompt`` to ``max_prompt_length`` tokens and sets the
+    rows in flight (``batch_size``; ``"auto"``: ``auto_batch_size`` with ``max_batch_tokens``) and the
+    chunks. Row i samples with the generator of ``row_seed(seed, i)``; see the module docstring for
+    what is reproducible.
     """
-    plan = plan_generation(tokenizer, prompts, max_new_tokens, batch_size, chunk_size, max_prompt_length,
-                           max_batch_tokens)
-    settings = DecodeSettings(max_new_tokens, temperature, top_p, top_k)
-    return generate_plan(model, tokenizer, plan, settings, seed, desc=desc)
+    plan = planning.plan(tokenizer, prompts, settings.max_new_tokens)
+    return DecodeLoop(model, tokenizer).generate_plan(plan, settings, seed, desc=desc)

@@ -11,7 +11,8 @@ Two layouts: ``sequence_logps`` scores right-padded (prompt, response) rows; ``c
 scores a prompt tree (``mipo.model.prompt_tree``: each prompt, and the prefix prompts share, run once for
 all their continuations) and sends only the positions that predict a response token through the
 output layer (``output_layer_logps``). Training uses the tree (``mipo.training.forward``); so does
-``Scorer`` (``prompt_tree_logps``) unless ``share_prompts=False``.
+``Scorer`` (``prompt_tree_logps``, rows grouped by ``mipo.model.prompt_tree.group_by_prompt``) unless
+``share_prompts=False``.
 
 ``Scorer`` holds a model, its tokenizer and the scoring settings; the reference cache and the
 MI estimator score through it, without gradients.
@@ -20,24 +21,27 @@ MI estimator score through it, without gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from mipo.data.chat import Messages
 from mipo.data.encoding import IGNORE_INDEX, Batch, EncodedRow, encode_rows, pad_batch
-from mipo.kernels.logprob import linear_logprob, logprob_gather
+from mipo.kernels.logprob import IMPLS, linear_logprob, logprob_gather
 from mipo.model import segment_attention
 from mipo.model.prompt_tree import (
     PackedGroups,
-    PromptGroup,
     block_mask,
     dense_mask,
+    group_by_prompt,
     pack_groups,
 )
 from mipo.model.segment_attention import use_segment_attention
 from mipo.runtime import distributed
+from mipo.runtime.errors import failed
+
+KERNELS = ("auto", *IMPLS)  # the config key `kernel` (mipo.kernels.logprob)
 
 
 def output_layer_logps(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, kernel: str = "auto",
@@ -150,30 +154,54 @@ def prompt_tree_logps(model: torch.nn.Module, rows: Sequence[EncodedRow], kernel
     Returns (b,) float32, in the order of ``rows`` (no gradients are needed: this is for scoring).
     """
     device = next(model.parameters()).device
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
-    for i, row in enumerate(rows):
-        by_prompt.setdefault(row.prompt_ids, []).append(i)
-    groups = [PromptGroup(prompt, tuple(rows[i].response_ids for i in index)) for prompt, index in by_prompt.items()]
+    groups, packed_order = group_by_prompt(rows)  # packed_order[j]: the row of the j-th packed continuation
     with use_segment_attention(model):
         logps = continuation_logps(model, pack_groups(groups).to(device), kernel=kernel,
                                    fused_lm_head=fused_lm_head)  # (b,)
-    order = torch.tensor([i for index in by_prompt.values() for i in index], device=device)
+    order = torch.tensor(packed_order, device=device)
     return torch.empty_like(logps).index_copy_(0, order, logps)
+
+
+@dataclass(frozen=True)
+class ScoringSettings:
+    """How rows are scored: the truncation lengths, the batch, the log-prob kernel and the output layer.
+
+    One object that the reference pass (``mipo.stages.reference``), the MI estimator (through its
+    ``Scorer``) and the evaluation's log-likelihood accuracy all take. ``share_prompts``: score rows
+    that share a prompt as one prompt tree (``prompt_tree_logps``), else every row in full; both give
+    the same numbers up to float rounding. ``fused_lm_head``: the training forward's output-layer
+    path, so the reference scores with the policy's numerics.
+    """
+
+    max_length: int = 2048
+    max_prompt_length: int = 1536
+    batch_size: int = 8
+    kernel: str = "auto"
+    fused_lm_head: bool = False
+    share_prompts: bool = True
+
+    @classmethod
+    def of(cls, cfg: Mapping[str, Any], fused_lm_head: bool = False) -> "ScoringSettings":
+        """The config's: ``data.max_length``/``max_prompt_length``, ``eval.score_batch_size``, ``kernel``."""
+        return cls(cfg["data"]["max_length"], cfg["data"]["max_prompt_length"], cfg["eval"]["score_batch_size"],
+                   cfg["kernel"], fused_lm_head)
+
+    def key(self) -> dict[str, Any]:
+        """What of these settings changes the numbers (the batch size and the layout only change the rounding)."""
+        return {"max_length": int(self.max_length), "max_prompt_length": int(self.max_prompt_length),
+                "kernel": self.kernel, "fused_lm_head": bool(self.fused_lm_head)}
 
 
 @dataclass
 class Scorer:
     """log pi(response | prompt) of many rows under one model, in batches, without gradients.
 
-    Holds what every scoring call shares: the model, its tokenizer, the truncation lengths,
-    the batch size and the log-prob kernel. With ``share_prompts`` (the default), rows that
-    share a prompt are batched together and each distinct prompt of a batch, and the prefix the
-    prompts of a batch share (a system prompt, a few-shot block), is run once
-    (``prompt_tree_logps``): the MI estimator scores every prompt under K+1 responses and the
-    reference cache every prompt under two, so this removes most prompt tokens from the
-    forward passes. ``share_prompts=False`` runs every row in full; both give the same numbers
-    up to float rounding. ``fused_lm_head`` takes the training forward's output-layer path, so
-    the reference scores with the policy's numerics (``mipo.stages.reference``).
+    Holds what every scoring call shares: the model, its tokenizer and the ``ScoringSettings``. With
+    ``settings.share_prompts`` (the default), rows that share a prompt are batched together and each
+    distinct prompt of a batch, and the prefix the prompts of a batch share (a system prompt, a
+    few-shot block), is run once (``prompt_tree_logps``): the MI estimator scores every prompt under
+    K+1 responses and the reference cache every prompt under two, so this removes most prompt tokens
+    from the forward passes.
 
     Under torchrun (``shard_ranks``, on by default) every rank must call ``score_rows`` with the
     same rows: the batches are formed as in one process and dealt out round-robin (batch k to
@@ -183,12 +211,7 @@ class Scorer:
 
     model: torch.nn.Module
     tokenizer: object
-    max_length: int = 2048
-    max_prompt_length: int = 1536
-    batch_size: int = 8
-    kernel: str = "auto"
-    share_prompts: bool = True
-    fused_lm_head: bool = False
+    settings: ScoringSettings = ScoringSettings()
     shard_ranks: bool = True
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str], desc: str | None = "scoring",
@@ -198,21 +221,22 @@ class Scorer:
         ``finished[i]`` False scores response i without the end-of-turn token (a response cut at
         ``max_new_tokens``, or a continuation such as a multiple-choice option); default: all finished.
         """
-        rows = encode_rows(self.tokenizer, prompts, responses, self.max_length, self.max_prompt_length,
-                           finished=finished)
+        rows = encode_rows(self.tokenizer, prompts, responses, self.settings.max_length,
+                           self.settings.max_prompt_length, finished=finished)
         return self.score_rows(rows, desc=desc)
 
     @torch.no_grad()
     def score_rows(self, rows: Sequence[EncodedRow], desc: str | None = "scoring") -> torch.Tensor:
         """The same for rows already encoded by ``mipo.data.encoding.encode_rows``."""
-        if self.share_prompts:  # rows of one (truncated) prompt next to each other, longest prompts first
+        settings = self.settings
+        if settings.share_prompts:  # rows of one (truncated) prompt next to each other, longest prompts first
             order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].prompt_ids), rows[i].prompt_ids))
         else:
             order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids), reverse=True)
         device = next(self.model.parameters()).device
         pad_token_id = self.tokenizer.pad_token_id
         out = torch.empty(len(rows), dtype=torch.float32)
-        batches = [order[start : start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        batches = [order[start : start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
         mine = distributed.shard(len(batches)) if self.shard_ranks else range(len(batches))
         was_training = self.model.training
         self.model.eval()
@@ -220,11 +244,12 @@ class Scorer:
             for k in tqdm(mine, desc=desc, disable=desc is None or not distributed.is_main(), leave=False):
                 index = batches[k]
                 batch_rows = [rows[i] for i in index]
-                if self.share_prompts:
-                    logps = prompt_tree_logps(self.model, batch_rows, kernel=self.kernel, fused_lm_head=self.fused_lm_head)
+                if settings.share_prompts:
+                    logps = prompt_tree_logps(self.model, batch_rows, kernel=settings.kernel,
+                                              fused_lm_head=settings.fused_lm_head)
                 else:
-                    logps = sequence_logps(self.model, pad_batch(batch_rows, pad_token_id).to(device), kernel=self.kernel,
-                                           fused_lm_head=self.fused_lm_head)
+                    logps = sequence_logps(self.model, pad_batch(batch_rows, pad_token_id).to(device),
+                                           kernel=settings.kernel, fused_lm_head=settings.fused_lm_head)
                 out[index] = logps.float().cpu()
         finally:
             self.model.train(was_training)
@@ -235,19 +260,7 @@ class Scorer:
         return out
 
 
-def score_responses(
-    model: torch.nn.Module,
-    tokenizer,
-    prompts: Sequence[Messages],
-    responses: Sequence[str],
-    batch_size: int = 8,
-    max_length: int = 2048,
-    max_prompt_length: int = 1536,
-    kernel: str = "auto",
-    desc: str | None = "scoring",
-    share_prompts: bool = True,
-) -> torch.Tensor:
-    """``Scorer(model, tokenizer, ...).score(prompts, responses)``: for one-off scoring calls."""
-    scorer = Scorer(model, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
-                    batch_size=batch_size, kernel=kernel, share_prompts=share_prompts)
-    return scorer.score(prompts, responses, desc=desc)
+def scoring_problems(cfg: Mapping[str, Any]) -> list[str]:
+    """``kernel`` (the per-token log-prob implementation) and ``fused_lm_head`` (the output layer's path)."""
+    return failed([(cfg["kernel"] in KERNELS, f"kernel={cfg['kernel']}: expected one of {', '.join(KERNELS)}"),
+                   (isinstance(cfg["fused_lm_head"], bool), f"fused_lm_head={cfg['fused_lm_head']}: expected true or false")])

@@ -23,6 +23,10 @@ the forward is the unshared one, with each shared segment computed once. In the 
 sums in a shared segment's activations the gradients that the unshared path sends to each of its
 copies, so the loss and every parameter gradient equal the unshared path's (tests/test_forward.py).
 
+Encoded rows become groups through ``group_by_prompt``, the one grouping of rows by prompt (the
+training forward groups each pair's rows with it, the scorer a whole batch); the shared prefix c is
+``common_prefix_length``.
+
 Token y_gk[t] is predicted by the hidden state just before it *in its own row*: the last prompt
 token for t = 0 (not adjacent to y_gk in the packed row for k > 1), else y_gk[t-1]. ``pack_groups``
 lists these (source position, target token, continuation) triples, so only positions that
@@ -52,21 +56,23 @@ class PromptGroup:
     response_ids: tuple[tuple[int, ...], ...]
 
 
-def group_rows(rows_per_continuation: Sequence[Sequence[EncodedRow]]) -> list[PromptGroup]:
-    """Group i: the prompt of ``rows[i]`` with the responses of every row list at i, in list order.
+def group_by_prompt(rows: Sequence[EncodedRow]) -> tuple[list[PromptGroup], list[int]]:
+    """Rows grouped by prompt: one group per distinct (truncated) prompt, in first-seen order, with the
+    responses of its rows in input order.
 
-    ``group_rows([chosen_rows, rejected_rows])`` gives DPO's (x, [y+, y-]) groups. The rows of a
-    group must share their (truncated) prompt: ``encode_pair`` cuts a prompt independently of its
-    response, so rows of one prompt always do.
+    The one grouping of rows by prompt: the training forward groups each pair's K rows with it
+    (``mipo.training.forward.pair_groups``: DPO's (x, [y+, y-]); SAMI's x and x' as two groups), the
+    scorer a whole batch of rows (``mipo.model.logprobs.prompt_tree_logps``).
+
+    Returns:
+        ``(groups, order)``: ``order[j]`` is the index in ``rows`` of the j-th continuation of the
+        groups in ``pack_groups`` order (group by group, in order within a group).
     """
-    groups = []
-    for rows in zip(*rows_per_continuation, strict=True):
-        prompt = rows[0].prompt_ids
-        if any(row.prompt_ids != prompt for row in rows):
-            raise ValueError("rows grouped under one prompt have different prompt ids; encode them with "
-                             "mipo.data.encoding.encode_rows/encode_pairs, which cut a prompt the same way for every response")
-        groups.append(PromptGroup(prompt, tuple(row.response_ids for row in rows)))
-    return groups
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, row in enumerate(rows):
+        by_prompt.setdefault(row.prompt_ids, []).append(i)
+    groups = [PromptGroup(prompt, tuple(rows[i].response_ids for i in index)) for prompt, index in by_prompt.items()]
+    return groups, [i for index in by_prompt.values() for i in index]
 
 
 def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
 from mipo.data.chat import Messages
@@ -40,10 +41,10 @@ from mipo.model.generation import (
     Generation,
     Generations,
     Plan,
+    PlanSettings,
     _decode_text,
     assemble,
     generation_record,
-    plan_generation,
     row_seed,
 )
 from mipo.runtime import distributed
@@ -101,7 +102,8 @@ def sampling_params(settings: DecodeSettings, seed: int, eos_token_id: int, para
 
 
 class VLLMGenerator:
-    """Decodes chunks of a ``Plan`` with a vLLM engine; ``generate_chunk`` matches ``mipo.model.generation.generate_chunk``.
+    """Decodes chunks of a ``Plan`` with a vLLM engine: ``generate_chunk`` matches
+    ``mipo.model.generation.DecodeLoop.generate_chunk``.
 
     Args:
         engine: a ``vllm.LLM`` (or a stand-in with the same ``generate(prompts, sampling_params)``).
@@ -163,12 +165,11 @@ class VLLMGenerator:
         return assemble(plan, done, {**generation_record(settings, seed, plan), "backend": "vllm"})
 
 
-def generate(generator: VLLMGenerator, prompts: Sequence[Messages], max_new_tokens: int, temperature: float = 0.1,
-             top_p: float = 0.9, top_k: int | None = None, seed: int = 0, max_prompt_length: int | None = None,
-             chunk_size: int = 256) -> Generations:
+def generate(generator: VLLMGenerator, prompts: Sequence[Messages], settings: DecodeSettings,
+             planning: PlanSettings = PlanSettings(), seed: int = 0) -> Generations:
     """``mipo.model.generation.generate`` through vLLM: the same prompt rendering and plan, one response per prompt
-    in the order of ``prompts``. (``evaluate.py`` does not call it: evaluation generation always runs
+    in the order of ``prompts``. The engine batches a chunk itself: ``planning.batch_size`` is not used (a plan of
+    one batch per chunk). (``evaluate.py`` does not call it: evaluation generation always runs
     ``mipo.model.generation``'s decode loop.)"""
-    plan = plan_generation(generator.tokenizer, prompts, max_new_tokens, batch_size=len(prompts) or 1,
-                           chunk_size=chunk_size, max_prompt_length=max_prompt_length)
-    return generator.generate_plan(plan, DecodeSettings(max_new_tokens, temperature, top_p, top_k), seed)
+    plan = replace(planning, batch_size=len(prompts) or 1).plan(generator.tokenizer, prompts, settings.max_new_tokens)
+    return generator.generate_plan(plan, settings, seed)

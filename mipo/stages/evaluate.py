@@ -5,7 +5,7 @@ For each model, on the same evaluation prompts (greedy by default):
 * **accuracy**, strict and flexible (``Task.extract_answer(text, mode=...)``, lm-evaluation-
   harness's two filters), and for multiple choice the **log-likelihood accuracy** (lm-eval's
   ``acc`` and ``acc_norm``: the option whose text has the highest log-likelihood after the
-  question, summed or per character), which needs no answer format at all;
+  question, summed or per character; ``mipo/metrics/accuracy.py``), which needs no answer format at all;
 * **pointwise MI** of the responses under the *reference* (base) model for both models,
 
       pmi(x; y) = log pi_ref(y|x) - log (1/K) sum_k pi_ref(y|x'_k)
@@ -24,24 +24,24 @@ accuracies, a sign-flip permutation test for pmi and lengths; ``mipo/metrics/sta
 
 Each model's results are cached in ``<cache>/eval/<key>.json``, keyed by the evaluated
 model, the reference model, the evaluation prompts and settings: a sweep evaluates the base
-model once. The comparisons are recomputed from the cached per-prompt values.
+model once. The comparisons are recomputed from the cached per-prompt values. The printed
+table (``eval_table.md``) is ``mipo/metrics/table.py``'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mipo.data.chat import Messages
 from mipo.data.encoding import encode_rows
 from mipo.data.tasks import Example, Task, build_task, task_splits
+from mipo.metrics.accuracy import accuracy, loglik_correct
 from mipo.metrics.diversity import diversity_metrics
 from mipo.metrics.judge import (
     JudgeScores,
@@ -51,8 +51,9 @@ from mipo.metrics.judge import (
     score_responses,
 )
 from mipo.metrics.stats import mean_stderr, paired_comparison
-from mipo.mi import estimate_pmi, pmi_per_token
-from mipo.model.generation import generate
+from mipo.metrics.table import format_table
+from mipo.mi import Marginal, estimate_pmi, pmi_per_token
+from mipo.model.generation import DecodeSettings, Generations, PlanSettings, generate
 from mipo.model.loading import (
     load_model,
     load_tokenizer,
@@ -60,14 +61,14 @@ from mipo.model.loading import (
     model_source_problem,
     resolve_device,
     resolve_dtype,
-    tokenizer_identity,
 )
-from mipo.model.logprobs import Scorer
-from mipo.runtime.files import stable_hash, write_json
+from mipo.model.logprobs import Scorer, ScoringSettings
+from mipo.runtime.errors import failed, is_int
+from mipo.runtime.files import write_json
+from mipo.stages.keys import eval_key, eval_path
 
 log = logging.getLogger(__name__)
 MI_PLAIN, MI_CONDITIONAL = "pmi(x; y)", "conditional pmi(c; y | q)"
-CACHE_FORMAT = 3  # 3: strict/flexible/loglik accuracy, per-token pmi, lengths, judge, diversity, per-prompt values
 # deltas.<metric>: (per-prompt field, 0/1 outcome?). Binary ones get McNemar's exact test, the others a sign-flip test.
 PAIRED_METRICS: dict[str, tuple[str, bool]] = {
     "accuracy_strict": ("correct_strict", True),
@@ -82,63 +83,6 @@ PAIRED_METRICS: dict[str, tuple[str, bool]] = {
     "judge_win_rate": ("judge_win", True),
     "judge_strict_win_rate": ("judge_strict_win", True),
 }
-
-
-def accuracy(correct: Sequence[bool]) -> tuple[float, float]:
-    """Mean accuracy and its standard error, std (ddof=1) / sqrt(n), lm-evaluation-harness's
-    ``mean_stderr`` (sqrt(p (1 - p) / (n - 1)) for 0/1 values; NaN for n = 1)."""
-    return mean_stderr([float(c) for c in correct])
-
-
-def choose_option(option_logps: Sequence[float], option_chars: Sequence[int]) -> tuple[int, int]:
-    """The option a log-likelihood evaluation picks: lm-evaluation-harness's ``acc`` and ``acc_norm``.
-
-    ``acc``: argmax_j log pi(option_j | question); ``acc_norm``: argmax_j log pi(option_j | question)
-    / len(option_j in characters) (lm-eval ``ConfigurableTask.process_results``, multiple_choice:
-    ``completion_len`` is the character length of each choice). Ties go to the first option, as
-    numpy's argmax gives them there.
-
-    Args:
-        option_logps: (C,) summed log-likelihood of each option's text.
-        option_chars: (C,) each option's length in characters.
-
-    Returns:
-        (index by raw log-likelihood, index by per-character log-likelihood).
-    """
-    logps = np.asarray(option_logps, dtype=np.float64)  # (C,)
-    chars = np.maximum(np.asarray(option_chars, dtype=np.float64), 1.0)  # (C,)
-    return int(np.argmax(logps)), int(np.argmax(logps / chars))
-
-
-def loglik_correct(scorer: Scorer, task: Task, examples: Sequence[Example], desc: str | None = None
-                   ) -> dict[str, list[int]]:
-    """Log-likelihood accuracy of one model on multiple-choice examples, per example.
-
-    Each option's text is scored as the assistant's continuation of ``task.loglik_messages(ex)``
-    (lm-eval's ARC prompt ``"Question: ...\nAnswer:"`` in a user turn, as lm-eval's
-    ``--apply_chat_template`` renders it), without an end-of-turn token, through the model's
-    ``Scorer``: the options of one question share its prompt in one prompt tree.
-
-    Returns:
-        ``{"correct_loglik": (N,) 0/1, "correct_loglik_norm": (N,) 0/1}``.
-    """
-    prompts: list[Messages] = []
-    options: list[str] = []
-    for ex in examples:
-        messages = task.loglik_messages(ex)
-        for _, text in ex.choices:
-            prompts.append(messages)
-            options.append(text)
-    logps = scorer.score(prompts, options, desc=desc, finished=[False] * len(options)).tolist()  # (sum_i C_i,)
-    raw, norm, start = [], [], 0
-    for ex in examples:
-        count = len(ex.choices)
-        labels = [label for label, _ in ex.choices]
-        by_raw, by_norm = choose_option(logps[start : start + count], [len(text) for _, text in ex.choices])
-        raw.append(int(labels[by_raw] == ex.answer))
-        norm.append(int(labels[by_norm] == ex.answer))
-        start += count
-    return {"correct_loglik": raw, "correct_loglik_norm": norm}
 
 
 def uses_loglik(cfg: DictConfig, task: Task, examples: Sequence[Example]) -> bool:
@@ -170,6 +114,12 @@ def uses_judge(cfg: DictConfig, task: Task, examples: Sequence[Example]) -> bool
 def eval_config_problems(cfg: DictConfig) -> list[str]:
     """Problems with the ``eval.*`` and ``judge.*`` values this module adds (``mipo.stages.config`` lists them)."""
     ev, problems = cfg.eval, []
+    problems += failed([(is_int(ev.score_batch_size) and ev.score_batch_size > 0,
+                         f"eval.score_batch_size={ev.score_batch_size}: expected an int > 0"),
+                        (is_int(ev.mi_k) and ev.mi_k >= 1, f"eval.mi_k={ev.mi_k}: expected an int >= 1")])
+    if is_int(ev.mi_k) and is_int(cfg.data.num_eval) and ev.mi_k > cfg.data.num_eval - 1:
+        problems.append(f"eval.mi_k={ev.mi_k} needs at least {ev.mi_k + 1} distinct evaluation prompts (each row's own "
+                        f"and K others) but data.num_eval={cfg.data.num_eval}: lower eval.mi_k or raise data.num_eval")
     resamples = ev.get("bootstrap_resamples", 10_000)
     if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
         problems.append(f"eval.bootstrap_resamples={resamples}: expected an int >= 1 (10000 as the default)")
@@ -214,28 +164,6 @@ def context_alternatives(task: Task, examples: list[Example]) -> list[list[Messa
     return [[task.messages(task.with_context(e, c)) for c in contexts if c != e.context] for e in examples]
 
 
-def eval_inputs(cfg: DictConfig, evaluated_model: str, tokenizer, judged: bool = False) -> dict[str, Any]:
-    """Everything one model's evaluation results depend on (the judge only where it runs)."""
-    settings = OmegaConf.to_container(cfg.eval, resolve=True)
-    settings.pop("model_path", None)
-    settings.pop("bootstrap_resamples", None)  # the comparisons are recomputed from the cached per-prompt values
-    inputs = {
-        "evaluated_model": evaluated_model,
-        "reference_model": model_identity(cfg.model),
-        "tokenizer": tokenizer_identity(tokenizer),  # how prompts are rendered and tokenised
-        "task": OmegaConf.to_container(cfg.task, resolve=True),
-        "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval", "max_length", "max_prompt_length")},
-        "eval": settings,
-        "device_type": resolve_device(cfg.device).type,
-        "seed": cfg.seed,
-        "format": CACHE_FORMAT,
-    }
-    if judged:
-        judge = OmegaConf.to_container(cfg.judge, resolve=True)
-        inputs["judge"] = {**judge, "model": model_identity(cfg.judge.model)}
-    return inputs
-
-
 def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | None = None,
              trained_id: str | None = None) -> dict[str, Any]:
     """Evaluate the base model and (if ``model_path``) the trained model; writes ``eval.json``.
@@ -253,23 +181,21 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
     output_dir = Path(output_dir)
     task = build_task(cfg)
     _, eval_examples = task_splits(cfg, task)
-    prompts = [task.messages(e) for e in eval_examples]
     judged = uses_judge(cfg, task, eval_examples)
 
     identities = {"base": model_identity(cfg.model)}
     if model_path is not None:
         identities["trained"] = f"trained:{trained_id}" if trained_id else model_identity({"name_or_path": str(model_path)})
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
-    inputs = {name: eval_inputs(cfg, identity, tokenizer, judged) for name, identity in identities.items()}
-    cache_files = {name: Path(cfg.paths.cache_dir) / "eval" / f"{stable_hash(inputs[name], 20)}.json"
-                   for name in identities}
+    inputs = {name: eval_key(cfg, identity, tokenizer, judged) for name, identity in identities.items()}
+    cache_files = {name: eval_path(cfg, inputs[name]) for name in identities}
     records = {name: json.loads(path.read_text()) for name, path in cache_files.items() if path.exists()}
     for name in records:
         log.info("evaluation of the %s model: cached, skipping (%s)", name, cache_files[name])
 
     pending = [name for name in identities if name not in records]
     if pending:
-        records.update(_evaluate_models(cfg, task, tokenizer, eval_examples, prompts, pending, model_path, judged))
+        records.update(_evaluate_models(cfg, task, tokenizer, eval_examples, pending, model_path, judged))
         for name in pending:
             write_json(cache_files[name], {"inputs": inputs[name], **records[name]})
 
@@ -359,37 +285,33 @@ def paired_deltas(base: dict[str, list], trained: dict[str, list], resamples: in
     return deltas
 
 
-def _evaluate_models(cfg: DictConfig, task: Task, tokenizer, examples: list[Example], prompts: list,
-                     names: list[str], model_path: str | Path | None, judged: bool = False) -> dict[str, dict[str, Any]]:
+def _evaluate_models(cfg: DictConfig, task: Task, tokenizer, examples: list[Example], names: list[str],
+                     model_path: str | Path | None, judged: bool = False) -> dict[str, dict[str, Any]]:
     """Generate with each named model (and score its log-likelihood accuracy), then score accuracy
     and MI under the reference model, diversity, and the judge where it runs."""
     device = resolve_device(cfg.device)
     dtype = eval_dtype(cfg)
-    gen = dict(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature, top_p=cfg.eval.top_p,
-               batch_size=cfg.eval.batch_size, seed=cfg.seed, max_prompt_length=cfg.data.max_prompt_length)
-    scoring = dict(max_length=cfg.data.max_length, max_prompt_length=cfg.data.max_prompt_length,
-                   batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel)
+    prompts = [task.messages(e) for e in examples]
+    scoring = ScoringSettings.of(cfg)
     loglik = uses_loglik(cfg, task, examples)
     base = load_model(cfg.model, device=device, dtype=dtype, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
     generations, loglik_values = {}, {}
-    if "base" in names:
-        generations["base"] = generate(base, tokenizer, prompts, desc="eval: base model responses", **gen)
+    for name in ("base", "trained"):
+        if name not in names:
+            continue
+        model = base if name == "base" else load_model(
+            {"name_or_path": str(model_path), "attn_implementation": cfg.model.attn_implementation}, device=device,
+            dtype=dtype)
+        generations[name] = _responses(cfg, model, tokenizer, prompts, name)
         if loglik:
-            loglik_values["base"] = loglik_correct(Scorer(base, tokenizer, **scoring), task, examples,
-                                                   desc="eval: base model, option log-likelihoods")
-    if "trained" in names:
-        trained = load_model({"name_or_path": str(model_path), "attn_implementation": cfg.model.attn_implementation},
-                             device=device, dtype=dtype)
-        generations["trained"] = generate(trained, tokenizer, prompts, desc="eval: trained model responses", **gen)
-        if loglik:
-            loglik_values["trained"] = loglik_correct(Scorer(trained, tokenizer, **scoring), task, examples,
-                                                      desc="eval: trained model, option log-likelihoods")
-        del trained
+            loglik_values[name] = loglik_correct(Scorer(model, tokenizer, scoring), task, examples,
+                                                 desc=f"eval: {name} model, option log-likelihoods")
+        del model
 
     # MI of each model's responses, always under the reference (base) model in fp32.
     reference = base if base.dtype == torch.float32 else load_model(
         cfg.model, device=device, dtype=torch.float32, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
-    scorer = Scorer(reference, tokenizer, **scoring)
+    scorer = Scorer(reference, tokenizer, scoring)
     alternatives = context_alternatives(task, examples)
     mi_kind = MI_PLAIN if alternatives is None else MI_CONDITIONAL
     precision = {"generation": str(dtype).removeprefix("torch."), "mi_reference": "float32", "device": device.type,
@@ -397,32 +319,56 @@ def _evaluate_models(cfg: DictConfig, task: Task, tokenizer, examples: list[Exam
     records = {}
     for name, generated in generations.items():
         outs = generated.texts
-        finished = [reason == "eos" for reason in generated.finish_reasons]
-        estimate = estimate_pmi(
-            scorer, prompts, outs, k=cfg.eval.mi_k, seed=cfg.seed, alternatives=alternatives,
-            include_positive=cfg.eval.mi_include_positive, desc=f"eval: MI of {name} responses", finished=finished)
-        scored_tokens = response_token_counts(tokenizer, prompts, outs, finished, cfg.data.max_length,
-                                              cfg.data.max_prompt_length)
-        per_prompt: dict[str, list] = {
-            "mi": estimate.values, "mi_per_token": pmi_per_token(estimate.values, scored_tokens),
-            "scored_tokens": scored_tokens, "response_tokens": [g.num_tokens for g in generated],
-            "truncated": [int(not done) for done in finished], "response_chars": [len(text) for text in outs],
-        }
-        if task.has_answers:
-            for mode in ("strict", "flexible"):
-                extracted = [task.extract_answer(r, mode=mode) for r in outs]
-                per_prompt[f"parsed_{mode}"] = [int(a is not None) for a in extracted]
-                per_prompt[f"correct_{mode}"] = [int(task.is_correct(r, e, mode=mode)) for r, e in zip(outs, examples)]
-        per_prompt.update(loglik_values.get(name, {}))
+        per_prompt: dict[str, list] = {**_pmi_and_length_values(cfg, scorer, prompts, alternatives, name, generated),
+                                       **_answer_values(task, examples, outs), **loglik_values.get(name, {})}
         metrics = model_metrics(per_prompt)
         if cfg.eval.get("diversity", True) and len(outs) > 1:
             metrics.update({k: v for k, v in diversity_metrics(outs).items() if v is not None})
-        records[name] = {"metrics": metrics, "responses": outs, "per_prompt": per_prompt, "mi_values": estimate.values,
+        records[name] = {"metrics": metrics, "responses": outs, "per_prompt": per_prompt, "mi_values": per_prompt["mi"],
                          "mi": mi_kind, "precision": precision, "decoding": generated.settings}
     del reference, base, scorer
     if judged:
         _judge(cfg, examples, records, device)
     return records
+
+
+def _responses(cfg: DictConfig, model: torch.nn.Module, tokenizer, prompts: list[Messages], name: str) -> Generations:
+    """Model ``name``'s responses to the evaluation prompts, decoded with ``eval.*`` (greedy by default)."""
+    settings = DecodeSettings(max_new_tokens=cfg.eval.max_new_tokens, temperature=cfg.eval.temperature,
+                              top_p=cfg.eval.top_p)
+    planning = PlanSettings(batch_size=cfg.eval.batch_size, max_prompt_length=cfg.data.max_prompt_length)
+    return generate(model, tokenizer, prompts, settings, planning, seed=cfg.seed, desc=f"eval: {name} model responses")
+
+
+def _pmi_and_length_values(cfg: DictConfig, scorer: Scorer, prompts: list[Messages],
+                           alternatives: list[list[Messages]] | None, name: str,
+                           generated: Generations) -> dict[str, list]:
+    """One model's per-prompt pmi under the reference ``scorer`` (summed and per scored token), response
+    lengths and cut responses."""
+    outs = generated.texts
+    finished = [reason == "eos" for reason in generated.finish_reasons]
+    marginal = Marginal(k=cfg.eval.mi_k, seed=cfg.seed, include_positive=cfg.eval.mi_include_positive)
+    estimate = estimate_pmi(scorer, prompts, outs, marginal, alternatives=alternatives,
+                            desc=f"eval: MI of {name} responses", finished=finished)
+    scored_tokens = response_token_counts(scorer.tokenizer, prompts, outs, finished, cfg.data.max_length,
+                                          cfg.data.max_prompt_length)
+    return {
+        "mi": estimate.values, "mi_per_token": pmi_per_token(estimate.values, scored_tokens),
+        "scored_tokens": scored_tokens, "response_tokens": [g.num_tokens for g in generated],
+        "truncated": [int(not done) for done in finished], "response_chars": [len(text) for text in outs],
+    }
+
+
+def _answer_values(task: Task, examples: list[Example], outs: list[str]) -> dict[str, list]:
+    """Per prompt, for tasks with answers: whether an answer was extracted and whether it is correct,
+    strict and flexible."""
+    values: dict[str, list] = {}
+    if task.has_answers:
+        for mode in ("strict", "flexible"):
+            extracted = [task.extract_answer(r, mode=mode) for r in outs]
+            values[f"parsed_{mode}"] = [int(a is not None) for a in extracted]
+            values[f"correct_{mode}"] = [int(task.is_correct(r, e, mode=mode)) for r, e in zip(outs, examples)]
+    return values
 
 
 def _judge(cfg: DictConfig, examples: list[Example], records: dict[str, dict[str, Any]], device: torch.device) -> None:
@@ -465,87 +411,3 @@ def eval_dtype(cfg: DictConfig) -> torch.dtype:
         log.warning("eval.dtype=%s: both models generate in %s, which can round small trained updates away; "
                     "the MI reference stays fp32", cfg.eval.dtype, dtype)
     return dtype
-
-
-def _percent(value: float, stderr: float | None) -> str:
-    return f"{100 * value:.1f}% ± {100 * stderr:.1f}" if stderr is not None and math.isfinite(stderr) else f"{100 * value:.1f}%"
-
-
-def _number(value: float, stderr: float | None, digits: int = 3) -> str:
-    return f"{value:.{digits}f} ± {stderr:.{digits}f}" if stderr is not None and math.isfinite(stderr) else f"{value:.{digits}f}"
-
-
-def _delta_cell(delta: dict[str, Any] | None, percent: bool, digits: int = 3) -> str:
-    """``+2.5 pp [-1.2, +6.2] p=0.27`` (accuracies in percentage points) or ``-11.946 [-15.1, -8.7] p<0.001``."""
-    if delta is None:
-        return "—"
-    scale, unit, fmt = (100.0, " pp", ".1f") if percent else (1.0, "", f".{digits}f")
-    lo, hi = delta["ci95"]
-    p = delta["p_value"]
-    p_text = "p<0.001" if p < 0.001 else f"p={p:.3f}"
-    return f"{scale * delta['mean']:+{fmt}}{unit} [{scale * lo:+{fmt}}, {scale * hi:+{fmt}}] {p_text}"
-
-
-# The columns of the printed table: (header, metric, stderr field, percent?)
-TABLE_COLUMNS = (
-    ("accuracy strict", "accuracy_strict", "accuracy_strict_stderr", True),
-    ("accuracy flexible", "accuracy_flexible", "accuracy_flexible_stderr", True),
-    ("accuracy loglik", "accuracy_loglik", "accuracy_loglik_stderr", True),
-    ("accuracy loglik norm", "accuracy_loglik_norm", "accuracy_loglik_norm_stderr", True),
-    ("pmi (nats)", "mi_mean", "mi_stderr", False),
-    ("pmi / token (nats)", "mi_per_token_mean", "mi_per_token_stderr", False),
-    ("tokens", "mean_response_tokens", "mean_response_tokens_stderr", False),
-    ("cut at max_new_tokens", "truncated_fraction", None, True),
-    ("judge win rate (ties win)", "judge_win_rate", "judge_win_rate_stderr", True),
-    ("judge strict win rate", "judge_strict_win_rate", "judge_strict_win_rate_stderr", True),
-    ("judge score (1-5)", "judge_score_mean", "judge_score_stderr", False),
-)
-
-
-def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table: one row per model (each metric ± its standard error), then ``trained − base``
-    (mean difference over the same prompts, 95% bootstrap interval and p-value), then the
-    responses' diversity, the unparsed counts and the judge's label where they apply."""
-    models = results["models"]
-    columns = [c for c in TABLE_COLUMNS if any(c[1] in m for m in models.values())]
-    lines = [f"{results['task']}: {results['num_eval']} held-out prompts, {results['mi']} under the base model "
-             f"(K={results['mi_k']})", ""]
-    lines.append("| model | " + " | ".join(header for header, *_ in columns) + " |")
-    lines.append("|---|" + "---|" * len(columns))
-    for name, r in models.items():
-        cells = []
-        for _, metric, stderr, percent in columns:
-            if metric not in r:
-                cells.append("—")
-                continue
-            se = r.get(stderr) if stderr else None
-            digits = 1 if metric == "mean_response_tokens" else 3
-            cells.append(_percent(r[metric], se) if percent else _number(r[metric], se, digits))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    deltas = results.get("deltas")
-    if deltas:
-        cells = [_delta_cell(deltas.get(metric), percent, 1 if metric == "mean_response_tokens" else 3)
-                 for _, metric, _, percent in columns]
-        lines.append("| trained − base | " + " | ".join(cells) + " |")
-        comparison = results.get("comparison", {})
-        lines += ["", f"trained − base: mean over the same prompts, [95% bootstrap interval over prompts, "
-                      f"{comparison.get('bootstrap_resamples', '?')} resamples], p: McNemar's exact test for accuracies and "
-                      "the cut fraction, a sign-flip permutation test otherwise"]
-    notes = []
-    for name, r in models.items():
-        parts = []
-        if "unparsed_strict" in r:
-            parts.append(f"{r['unparsed_strict']} strict / {r['unparsed_flexible']} flexible responses without an answer")
-        if "self_bleu" in r or "distinct_2" in r:
-            bleu = f"self-BLEU {r['self_bleu']:.1f}, " if "self_bleu" in r else ""
-            parts.append(f"{bleu}distinct-1 {r['distinct_1']:.3f}, distinct-2 {r['distinct_2']:.3f}")
-        if "judge_judgments" in r:
-            parts.append(f"judge: {r['judge_unparsed']} of {r['judge_judgments']} judgments unparsed, "
-                         f"{r['judge_unscored']} responses unscored, {r['judge_compared']} compared with the reference")
-        if parts:
-            notes.append(f"{name}: " + "; ".join(parts))
-    if notes:
-        lines += [""] + notes
-    if "judge" in results:
-        lines += ["", f"judge: {results['judge']['label']}"]
-    return "\n".join(lines)

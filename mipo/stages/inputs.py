@@ -38,7 +38,7 @@ from mipo.negatives import plan_negatives
 from mipo.runtime.errors import raise_problems
 from mipo.stages.config import check_config
 from mipo.stages.evaluate import context_alternatives
-from mipo.stages.sample import pairs_path
+from mipo.stages.keys import pairs_path
 
 ENTRIES = ("sample", "train", "evaluate", "pipeline")
 RUN_OUTPUTS = ("train.json", "eval.json", "metrics.jsonl", "model", "checkpoints")
@@ -50,6 +50,7 @@ class Inputs:
     """What the check found and read, handed to the stage so that it reads nothing twice."""
 
     run_dir: Path
+    pairs_path: Path  # where sampling writes the pairs and training reads them (derived once, here)
     pairs: list[PreferencePair] | None = None  # train.py (and pipeline.py when the pairs file exists)
 
 
@@ -58,10 +59,10 @@ def check_inputs(cfg: DictConfig, entry: str, run_dir: str | Path) -> Inputs:
     if entry not in ENTRIES:
         raise ValueError(f"unknown entry point {entry!r}; expected one of {ENTRIES}")
     check_config(cfg)  # the values first: the checks below assume them
-    inputs = Inputs(Path(run_dir))
+    path = pairs_path(cfg)
+    inputs = Inputs(Path(run_dir), path)
     problems = run_dir_problems(cfg, entry, inputs.run_dir)
 
-    path = pairs_path(cfg)
     will_sample = not path.exists() or cfg.sampling.overwrite
     if entry == "train" or (entry == "pipeline" and not will_sample):
         inputs.pairs, pairs_problems = _read_pairs(cfg, path)

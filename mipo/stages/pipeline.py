@@ -1,13 +1,18 @@
 """sample -> train -> evaluate for one config, each stage skipped when its outputs exist.
 
-Every stage's output is addressed by a hash of its inputs, so one multirun line can sweep
-the whole method and only the stages whose inputs changed are run:
+Every stage's output is addressed by a hash of its inputs (``mipo.stages.keys``, one module for all
+four keys), so one multirun line can sweep the whole method and only the stages whose inputs changed
+are run:
 
     stage      output                                  keyed by
     sample     <cache>/pairs/<key>.jsonl               model, task, data split, negatives, sampling, seed
-    reference  <cache>/reference/<key>.pt              model, tokenizer, pairs content, lengths
+    reference  <cache>/reference/<key>.pt              model, tokenizer, pairs content, lengths, numerics
     train      <cache>/runs/<key>/{model,metrics...}   pairs content, model, loss, trainer, lengths, seed
     evaluate   <cache>/eval/<key>.json (per model)     the evaluated model, task, eval split, eval settings
+
+Values are handed on, not derived again: the pairs path comes from the entry point's inputs check, and
+the pairs file is hashed once after sampling (``PairsFile``); the digest goes to the train key and the
+reference key.
 
 A sweep over ``loss.beta`` therefore samples once, computes reference log-probs once and
 evaluates the base model once. The run directory of each job receives copies of the small
@@ -41,13 +46,14 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from mipo.data.pairs import PreferencePair
+from mipo.data.pairs import PairsFile, PreferencePair
 from mipo.runtime import distributed
 from mipo.runtime.errors import failed, is_int
-from mipo.runtime.files import exclusive_lock, stable_hash, write_json
+from mipo.runtime.files import exclusive_lock, write_json
+from mipo.stages import keys
 from mipo.stages.evaluate import evaluate
 from mipo.stages.sample import sample_pairs
-from mipo.stages.train import train, train_inputs
+from mipo.stages.train import train
 from mipo.training.checkpoint import clear_checkpoints
 
 log = logging.getLogger(__name__)
@@ -55,14 +61,13 @@ TRAIN_OUTPUTS = ("train.json", "metrics.jsonl")
 EVAL_OUTPUTS = ("eval.json", "responses.jsonl", "eval_table.md")
 
 
-def train_stage(cfg: DictConfig, pairs_file: Path, pairs: list[PreferencePair] | None = None) -> Path:
+def train_stage(cfg: DictConfig, pairs_file: PairsFile, pairs: list[PreferencePair] | None = None) -> Path:
     """Train unless a policy for exactly these inputs exists; returns its directory.
 
     A run of the same key that was killed is resumed from its newest checkpoint.
     """
-    key = stable_hash(train_inputs(cfg, pairs_file), 16)
-    runs = Path(cfg.paths.cache_dir) / "runs"
-    stage_dir = runs / key
+    stage_dir = keys.train_dir(cfg, keys.train_key(cfg, pairs_file))
+    runs, key = stage_dir.parent, stage_dir.name
 
     def done() -> bool:
         return (stage_dir / "train.json").exists() and (stage_dir / "model").exists()
@@ -75,7 +80,7 @@ def train_stage(cfg: DictConfig, pairs_file: Path, pairs: list[PreferencePair] |
         if distributed.broadcast_object(done()):  # finished by another process while this one waited to start
             return stage_dir
         partial = runs / f"{key}.partial"
-        summary = train(cfg, partial, pairs=pairs, resume=True)
+        summary = train(cfg, partial, pairs_file, pairs=pairs, resume=True)
         if main:
             clear_checkpoints(partial)  # the cache keeps the trained policy, not its optimizer states
             summary["model_dir"] = str(stage_dir / "model")
@@ -86,10 +91,13 @@ def train_stage(cfg: DictConfig, pairs_file: Path, pairs: list[PreferencePair] |
     return stage_dir
 
 
-def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs_path: Path,
+                 pairs: list[PreferencePair] | None = None) -> dict[str, Any]:
     """Run the three stages of ``cfg`` (``rounds`` times for iterative MIPO); returns the (last round's) evaluation.
 
-    ``pairs``: the contents of the pairs file when it existed before and was read already.
+    ``pairs_path``: where the (first round's) pairs are (``mipo.stages.keys.pairs_path``, from the inputs check);
+    ``pairs``: the contents of that file when it existed before and was read already. The file is hashed
+    once, after sampling, and the digest handed to the train stage's key and the reference cache's.
     The run directory receives the training outputs after the evaluation, so that a run killed
     while evaluating left nothing in it that would stop it from being run again.
     """
@@ -97,7 +105,7 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs: list[Preference
     output_dir.mkdir(parents=True, exist_ok=True)
     rounds = int(cfg.get("rounds", 1))
     if rounds == 1:
-        pairs_file = sample_pairs(cfg)
+        pairs_file = PairsFile.hashed(sample_pairs(cfg, pairs_path))
         stage_dir = train_stage(cfg, pairs_file, pairs)
         results = evaluate(cfg, output_dir, model_path=stage_dir / "model", trained_id=stage_dir.name)
         _publish_training(stage_dir, output_dir)
@@ -108,13 +116,13 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs: list[Preference
         round_dir = output_dir / f"round-{r}"
         log.info("iterative MIPO: round %d of %d (policy and reference: %s)", r, rounds, round_cfg.model.name_or_path
                  if r > 1 else "the base model")
-        pairs_file = sample_pairs(round_cfg)
+        pairs_file = PairsFile.hashed(sample_pairs(round_cfg, pairs_path if r == 1 else keys.pairs_path(round_cfg)))
         stage_dir = train_stage(round_cfg, pairs_file, pairs if r == 1 else None)
         results = evaluate(cfg, round_dir, model_path=stage_dir / "model", trained_id=stage_dir.name)  # vs the base
         _publish_training(stage_dir, round_dir)
         if distributed.is_main():
-            _link(round_dir / "pairs.jsonl", pairs_file.resolve(), directory=False)
-        summary.append({"round": r, "pairs": str(pairs_file), "model_dir": str(stage_dir / "model"),
+            _link(round_dir / "pairs.jsonl", pairs_file.path.resolve(), directory=False)
+        summary.append({"round": r, "pairs": str(pairs_file.path), "model_dir": str(stage_dir / "model"),
                         "sampled_and_reference_by": "base" if r == 1 else str(round_cfg.model.name_or_path),
                         "models": results["models"]})
         round_cfg = next_round_config(cfg, stage_dir / "model")

@@ -4,14 +4,14 @@
     y- ~ pi_base(.|x')       the response to a different prompt x' (``mipo/negatives.py``)
 
 The pairs file is content-addressed: its default path is a hash of everything sampling
-depends on (model, task, data split, negative strategy, decode settings and batching, seed,
-seeding scheme), so ``sample.py`` and ``train.py`` run with the same overrides find the same
-file, and a sweep over training settings reuses it.
+depends on (``mipo.stages.keys.pairs_key``: model, task, data split, negative strategy, decode
+settings and batching, seed, seeding scheme, backend), so ``sample.py`` and ``train.py`` run with
+the same overrides find the same file, and a sweep over training settings reuses it.
 
 Resuming. Responses are decoded in chunks (``mipo.model.generation.Plan``); each finished chunk is
 written at once to ``<pairs path>.partial/``::
 
-    meta.json               {"inputs": <hash of sampling_inputs>, "plans": {"chosen": <plan fingerprint>, ...}}
+    meta.json               {"inputs": <hash of keys.pairs_key>, "plans": {"chosen": <plan fingerprint>, ...}}
     chosen-00003.json       {"stream": "chosen", "chunk": 3, "indices": [...], "generations": [{...}, ...]}
     rejected-00000.json     (only when y- is sampled separately from y+)
 
@@ -39,24 +39,24 @@ import random
 import shutil
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mipo.data.chat import Messages
 from mipo.data.pairs import PreferencePair, write_pairs
 from mipo.data.tasks import build_task, task_splits
 from mipo.model.generation import (
-    SEEDING,
+    DecodeLoop,
+    DecodeSettings,
     Generation,
     Generations,
     Plan,
+    PlanSettings,
     assemble,
     decode_settings,
-    generate_chunk,
     generation_record,
-    plan_generation,
 )
 from mipo.model.loading import (
     load_model,
@@ -65,64 +65,14 @@ from mipo.model.loading import (
     resolve_device,
     resolve_dtype,
 )
-from mipo.model.vllm_backend import VLLMGenerator, resolve_backend
-from mipo.negatives import plan_negatives
+from mipo.model.vllm_backend import BACKENDS, VLLMGenerator, resolve_backend
+from mipo.negatives import NegativePlan, plan_negatives
 from mipo.runtime import distributed
-from mipo.runtime.errors import InputError
+from mipo.runtime.errors import InputError, failed, is_int
 from mipo.runtime.files import stable_hash, write_json
+from mipo.stages.keys import pairs_key
 
 log = logging.getLogger(__name__)
-
-DECODE_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens")  # the distribution
-BATCH_KEYS = ("batch_size", "chunk_size", "max_batch_tokens")  # which rows share a forward: the last bits
-
-
-def sampling_inputs(cfg: DictConfig) -> dict[str, Any]:
-    """Everything the pairs depend on, and nothing else (training settings are not here).
-
-    Besides the weights, the data and the decode settings: how prompts are rendered (the
-    tokenizer comes with the weights; ``model.tokenizer`` and ``model.chat_template_kwargs``
-    can change it) and the numerics of the decode (inference dtype, device type, attention
-    implementation), which change the sampled strings.
-    """
-    device = resolve_device(cfg.device)
-    return {
-        "model": model_identity(cfg.model),
-        "rendering": {"tokenizer": cfg.model.get("tokenizer"),
-                      "chat_template_kwargs": OmegaConf.to_container(cfg.model.get("chat_template_kwargs") or {},
-                                                                     resolve=True)},
-        "inference": {"dtype": str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."),
-                      "device_type": device.type, "attn_implementation": cfg.model.get("attn_implementation")},
-        "task": OmegaConf.to_container(cfg.task, resolve=True),
-        "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval")},
-        "negatives": _negatives_inputs(cfg),
-        "sampling": {k: cfg.sampling.get(k) for k in (*DECODE_KEYS, *BATCH_KEYS)},
-        "max_prompt_length": cfg.data.max_prompt_length,
-        "seed": cfg.seed,
-        "seeding": SEEDING,
-        "format": 3,  # 3: rendering and inference numerics in the key
-        # the vllm backend samples other strings: in the key when it runs (absent for transformers, as before)
-        **({"backend": "vllm"} if resolve_backend(cfg.sampling.get("backend", "transformers"), cfg.model,
-                                                  announce=False) == "vllm" else {}),
-    }
-
-
-def _negatives_inputs(cfg: DictConfig) -> dict[str, Any]:
-    """``negatives.*``; ``num_negatives`` only when K > 1, so K = 1 pairs keep the path they always had."""
-    negatives = OmegaConf.to_container(cfg.negatives, resolve=True)
-    if negatives.get("num_negatives", 1) == 1:
-        negatives.pop("num_negatives", None)
-    return negatives
-
-
-def pairs_path(cfg: DictConfig) -> Path:
-    """``data.pairs_path`` if set, else the content-addressed default under the cache dir."""
-    if cfg.data.pairs_path:
-        return Path(cfg.data.pairs_path)
-    inputs = sampling_inputs(cfg)
-    name = f"{cfg.task.name}-{cfg.negatives.strategy}-{stable_hash(inputs, 12)}.jsonl"
-    return Path(cfg.paths.cache_dir) / "pairs" / name
-
 
 class PartialSamplesError(InputError, ValueError):
     """A ``.partial`` folder that does not belong to this run; the message names the file and field."""
@@ -175,13 +125,13 @@ class ChunkStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def sample_pairs(cfg: DictConfig) -> Path:
-    """Sample the pairs of this config and write them; returns the pairs path.
+def sample_pairs(cfg: DictConfig, path: Path) -> Path:
+    """Sample the pairs of this config and write them to ``path`` (``mipo.stages.keys.pairs_path(cfg)``, derived
+    once by the entry point's inputs check); returns it.
 
     Skips all work when the file exists (``sampling.overwrite=true`` re-samples, discarding
     any partial samples too); resumes from ``<pairs path>.partial/`` otherwise.
     """
-    path = pairs_path(cfg)
     distributed.init()
     if distributed.broadcast_object(path.exists() and not cfg.sampling.overwrite):  # rank 0 decides
         log.info("pairs exist, not re-sampling: %s", path)
@@ -203,44 +153,78 @@ def sample_pairs(cfg: DictConfig) -> Path:
     streams: dict[str, tuple[list[Messages], int]] = {"chosen": (prompts, cfg.seed)}
     if not reuse:
         streams["rejected"] = (negative_prompts, cfg.seed + 1)
-    batch_size = cfg.sampling.batch_size
-    plans = {name: plan_generation(tokenizer, stream_prompts, cfg.sampling.max_new_tokens, batch_size,
-                                   cfg.sampling.chunk_size, cfg.data.max_prompt_length, cfg.sampling.max_batch_tokens)
+    planning = PlanSettings(batch_size=cfg.sampling.batch_size, chunk_size=cfg.sampling.chunk_size,
+                            max_prompt_length=cfg.data.max_prompt_length,
+                            max_batch_tokens=cfg.sampling.max_batch_tokens)
+    plans = {name: planning.plan(tokenizer, stream_prompts, cfg.sampling.max_new_tokens)
              for name, (stream_prompts, _) in streams.items()}
-    store = ChunkStore(path.with_name(path.name + ".partial"), stable_hash(sampling_inputs(cfg), 20), plans)
+    store = ChunkStore(path.with_name(path.name + ".partial"), stable_hash(pairs_key(cfg), 20), plans)
+    results, backend = sample_streams(cfg, tokenizer, store, {name: seed for name, (_, seed) in streams.items()})
+
+    pairs = build_pairs(cfg, plan, prompts, negative_prompts, results, backend)
+    if distributed.is_main():
+        write_pairs(path, pairs)
+        store.remove()
+        log.info("wrote %d pairs to %s", len(pairs), path)
+    distributed.barrier()
+    return path
+
+
+def sample_streams(cfg: DictConfig, tokenizer, store: ChunkStore,
+                   seeds: dict[str, int]) -> tuple[dict[str, Generations], str]:
+    """Every stream's responses (``store.plans[stream]``, sampled with ``seeds[stream]``), on every rank,
+    and the backend that sampled them.
+
+    This rank decodes its chunks (``Plan.shard``) not in the ``.partial`` folder yet, writing each as it
+    finishes; the chunks are then gathered on every rank.
+    """
     if distributed.is_main():
         if cfg.sampling.overwrite:
             store.remove()
         store.open()
     distributed.barrier()
-    done = {name: store.load(name) for name in streams}
+    done = {name: store.load(name) for name in seeds}
 
     settings = decode_settings(cfg.sampling)
     backend = resolve_backend(cfg.sampling.get("backend", "transformers"), cfg.model)
-    decoder = None  # decode_chunk(plan, chunk, seed, progress), loaded when this rank has a chunk to decode
+    decoder = None  # a DecodeLoop or VLLMGenerator, loaded when this rank has a chunk to decode
     results: dict[str, Generations] = {}
     rank, world = distributed.rank(), distributed.world_size()
-    for name, (_, seed) in streams.items():
-        stream_plan = plans[name]
+    for name, seed in seeds.items():
+        stream_plan = store.plans[name]
         todo = [c for c in stream_plan.shard(rank, world) if c not in done[name]]  # this rank's chunks
         if done[name] and len(done[name]) < len(stream_plan.chunks):
             log.info("%s: resuming, %d of %d chunks already sampled (%s)", name, len(done[name]),
                      len(stream_plan.chunks), store.folder)
         if todo and decoder is None:
-            decoder = chunk_decoder(cfg, tokenizer, backend, settings)
-        desc = "sampling y+ ~ pi(.|x)" if name == "chosen" else "sampling y- ~ pi(.|x')"
-        decoded: dict[int, list[Generation]] = {}
-        with tqdm(total=sum(len(stream_plan.chunks[c]) for c in todo), desc=desc, unit="response",
-                  disable=not distributed.is_main()) as progress:
-            for chunk in todo:
-                decoded[chunk] = decoder(stream_plan, chunk, seed, progress)
-                store.save(name, chunk, decoded[chunk])
+            decoder = chunk_decoder(cfg, tokenizer, backend)
+        decoded = _decode_chunks(decoder, store, name, todo, settings, seed)
         merged = {**done[name], **distributed.gather_dict(decoded)}  # every rank's chunks, on every rank
         results[name] = assemble(stream_plan, merged, generation_record(settings, seed, stream_plan))
         log_summary(name, results[name])
+    return results, backend
 
+
+def _decode_chunks(decoder: DecodeLoop | VLLMGenerator | None, store: ChunkStore, stream: str, todo: list[int],
+                   settings: DecodeSettings, seed: int) -> dict[int, list[Generation]]:
+    """Decode chunks ``todo`` of ``stream``, writing each to the store as it finishes; chunk -> its responses."""
+    plan = store.plans[stream]
+    desc = "sampling y+ ~ pi(.|x)" if stream == "chosen" else "sampling y- ~ pi(.|x')"
+    decoded: dict[int, list[Generation]] = {}
+    with tqdm(total=sum(len(plan.chunks[c]) for c in todo), desc=desc, unit="response",
+              disable=not distributed.is_main()) as progress:
+        for chunk in todo:
+            decoded[chunk] = decoder.generate_chunk(plan, chunk, settings, seed, progress)
+            store.save(stream, chunk, decoded[chunk])
+    return decoded
+
+
+def build_pairs(cfg: DictConfig, plan: NegativePlan, prompts: list[Messages], negative_prompts: list[Messages],
+                results: dict[str, Generations], backend: str) -> list[PreferencePair]:
+    """Pair i: prompt i, its response y+ and the response y- sampled for its negative prompt (reused from the
+    chosen stream where no ``rejected`` stream was sampled), with the metadata every pairs row carries."""
     chosen = results["chosen"]
-    rejected = [chosen[j] for j in plan.source_index] if reuse else list(results["rejected"])
+    rejected = [chosen[j] for j in plan.source_index] if "rejected" not in results else list(results["rejected"])
     metadata = {
         "strategy": cfg.negatives.strategy,
         "task": cfg.task.name,
@@ -262,24 +246,18 @@ def sample_pairs(cfg: DictConfig) -> Path:
             pair.metadata["extra_negatives"] = [
                 {"negative_prompt": prompts[j], "negative_uid": plan.examples[j].uid, "rejected": chosen[j].text,
                  "rejected_finish_reason": chosen[j].finish_reason} for j in sources]
-    if distributed.is_main():
-        write_pairs(path, pairs)
-        store.remove()
-        log.info("wrote %d pairs to %s", len(pairs), path)
-    distributed.barrier()
-    return path
+    return pairs
 
 
-def chunk_decoder(cfg: DictConfig, tokenizer, backend: str, settings) -> Any:
-    """``decode(plan, chunk, seed, progress) -> list[Generation]`` for ``backend`` (``resolve_backend``)."""
+def chunk_decoder(cfg: DictConfig, tokenizer, backend: str) -> DecodeLoop | VLLMGenerator:
+    """What decodes this run's chunks for ``backend`` (``resolve_backend``): both have
+    ``generate_chunk(plan, chunk, settings, seed, progress) -> list[Generation]``."""
     device = resolve_device(cfg.device)
     if backend == "vllm":
-        generator = VLLMGenerator.load(cfg.model, tokenizer, str(resolve_dtype(cfg.model.dtype, device)).removeprefix(
+        return VLLMGenerator.load(cfg.model, tokenizer, str(resolve_dtype(cfg.model.dtype, device)).removeprefix(
             "torch."), cfg.seed, cache_dir=cfg.paths.cache_dir)
-        return lambda plan, chunk, seed, progress: generator.generate_chunk(plan, chunk, settings, seed, progress)
     model = load_model(cfg.model, device=device, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
-    return lambda plan, chunk, seed, progress: generate_chunk(model, tokenizer, plan, chunk, settings, seed,
-                                                               progress=progress)
+    return DecodeLoop(model, tokenizer)
 
 
 def log_summary(stream: str, generations: Generations) -> None:
@@ -288,3 +266,12 @@ def log_summary(stream: str, generations: Generations) -> None:
     log.info("%s: %d responses, %d new tokens; %d (%.1f%%) cut at max_new_tokens=%d (finish_reason 'length'); "
              "%d prompts cut to data.max_prompt_length", stream, s["responses"], s["new_tokens"], s["truncated"],
              100 * s["truncated_fraction"], generations.settings["max_new_tokens"], s["prompts_truncated"])
+
+
+def sampling_problems(sampling: Mapping[str, Any]) -> list[str]:
+    """``sampling.chunk_size``, ``sampling.max_batch_tokens`` and ``sampling.backend`` (the decoding settings
+    themselves: ``mipo.model.generation.decode_problems``)."""
+    backend = sampling.get("backend", "transformers")
+    return failed([(is_int(sampling[key]) and sampling[key] > 0, f"sampling.{key}={sampling[key]}: expected an int > 0")
+                   for key in ("chunk_size", "max_batch_tokens")]
+                  + [(backend in BACKENDS, f"sampling.backend={backend}: expected one of {', '.join(BACKENDS)}")])

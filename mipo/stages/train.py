@@ -1,13 +1,20 @@
-"""The training stage: DPO of the policy on MIPO pairs against cached reference log-probs.
+"""The training stage: DPO (or a baseline) of the policy on MIPO pairs, in two parts: ``setup`` then ``train``.
 
-Read top to bottom: ``train`` loads the pairs, encodes them once (``encode_training_rows``: the
-rows the reference was scored on, and whatever else the loss needs), gets log pi_ref from the cache
-or one pass in the policy's precision (DPO only: the other losses are reference-free), loads the
-policy, then runs the loop: for each optimizer step, micro-batches through ``TrainingForward``
-(``mipo.training.forward``: one prompt-shared forward of y+ and y- (and of whatever else ``loss.loss_type``
-needs: K negatives, x'), the loss), backward, clip, AdamW
-step, learning-rate schedule; finally it saves the policy (its fp32 master weights when the
-optimizer kept them) in Hugging Face format.
+``train(cfg, output_dir, pairs_file)`` reads top to bottom:
+
+1. ``setup`` prepares everything before the first step and gathers it in a ``TrainingRun``: the
+   pairs, encoded once (``encode_training_rows``: the rows the reference was scored on, and
+   whatever else the loss needs), log pi_ref from the cache or one pass in the policy's precision
+   (DPO only: the other losses are reference-free), the number of steps and their batches
+   (``batch_order``), the newest checkpoint to resume from, the policy, its ``TrainingForward``
+   (behind ``trainer.strategy``), AdamW and the learning-rate schedule, the metrics logger.
+2. the loop: for each optimizer step ``optimizer_step`` (``mipo/training/step.py``: the
+   micro-batches, each one prompt-shared forward of y+ and y- (and of whatever else
+   ``loss.loss_type`` needs: K negatives, x') and the loss of its objective
+   (``mipo/training/objectives.py``), backward, clipping, the AdamW and scheduler steps), then the
+   metrics line and the checkpoint when they are due.
+3. ``finish``: ``train.json`` and the policy (its fp32 master weights when the optimizer kept them)
+   in Hugging Face format.
 
 Two things guard a long run. A step whose loss or gradient is not finite stops the run with
 the step and the pairs of its batch (``NonFiniteError``), or with ``trainer.skip_nonfinite``
@@ -23,9 +30,9 @@ rank 0 writes the logs, ``train.json`` and the consolidated model.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -33,22 +40,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from mipo.data.pairs import PreferencePair, read_pairs, truncation_summary
-from mipo.losses import loss_family
+from mipo.data.pairs import PairsFile, PreferencePair, read_pairs, truncation_summary
 from mipo.model.loading import (
     enable_activation_checkpointing,
     load_model,
     load_tokenizer,
-    model_identity,
     resolve_device,
 )
-from mipo.model.precision import train_dtype, training_precision
+from mipo.model.logprobs import ScoringSettings
+from mipo.model.precision import ForwardPrecision, training_precision
 from mipo.runtime import distributed
-from mipo.runtime.errors import InputError
-from mipo.runtime.files import sha256_file, write_json
+from mipo.runtime.files import write_json
 from mipo.runtime.tracking import MetricsLogger
-from mipo.stages.reference import reference_logps
-from mipo.stages.sample import pairs_path
+from mipo.stages.keys import train_key
+from mipo.stages.reference import ReferencePass
 from mipo.training import parallel
 from mipo.training.checkpoint import (
     check_same_inputs,
@@ -60,56 +65,91 @@ from mipo.training.checkpoint import (
     save_checkpoint,
 )
 from mipo.training.forward import TrainingForward, encode_training_rows
+from mipo.training.objectives import objective
 from mipo.training.optim import build_optimizer, build_scheduler, final_weights
+from mipo.training.step import (
+    LoopState,
+    NonFiniteError,
+    StepData,
+    StepModel,
+    StepSettings,
+    optimizer_step,
+)
+
+__all__ = ["RESUME_MAY_CHANGE", "NonFiniteError", "TrainingRun", "batch_order", "build_step_model", "count_steps",
+           "finish", "flush_denormal", "resume_point", "setup", "train"]
 
 log = logging.getLogger(__name__)
 
-# trainer keys that do not change the trained weights: left out of what a run is keyed by
-NOT_INPUTS = ("log_every", "checkpoint_every", "keep_checkpoints", "resume")
 # may change when a run resumes: it only decides what happens at a non-finite step
 RESUME_MAY_CHANGE = ("skip_nonfinite",)
 
 
-class NonFiniteError(InputError, FloatingPointError):
-    """A step's loss or gradient is not finite; the message names the step and the pairs of its batch."""
+@dataclass
+class TrainingRun:
+    """Everything ``train``'s loop needs, built by ``setup``."""
+
+    cfg: DictConfig
+    output_dir: Path
+    strategy: str  # trainer.strategy, resolved (parallel.resolve_strategy)
+    inputs: dict[str, Any]  # keys.train_key: what the run is keyed by, saved in every checkpoint
+    total_steps: int
+    first_step: int  # 1, or the step after the checkpoint resumed from
+    tokenizer: Any
+    model: StepModel  # policy, forward, optimizer, scheduler
+    data: StepData  # pairs, encoded rows, reference log-probs
+    settings: StepSettings
+    state: LoopState  # batch order, metrics so far, skipped steps
+    logger: Any  # MetricsLogger on rank 0, distributed.NoLogger on the others
 
 
-def train_inputs(cfg: DictConfig, pairs_file: Path) -> dict[str, Any]:
-    """Everything a trained policy depends on (logging and checkpointing settings excluded)."""
-    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
-    for key in NOT_INPUTS:
-        trainer.pop(key, None)
-    inputs = {
-        "pairs_sha256": sha256_file(pairs_file),
-        "model": model_identity(cfg.model),
-        "train_dtype": train_dtype(cfg),
-        "loss": OmegaConf.to_container(cfg.loss, resolve=True),
-        "trainer": trainer,
-        "max_length": cfg.data.max_length,
-        "max_prompt_length": cfg.data.max_prompt_length,
-        "seed": cfg.seed,
-        "format": 1,
-    }
-    num_negatives = cfg.negatives.get("num_negatives", 1)
-    if num_negatives > 1:
-        inputs["num_negatives"] = num_negatives
-    else:  # K = 1 keeps the key it always had: loss.multi_negative changes nothing then
-        inputs["loss"].pop("multi_negative", None)
-    return inputs
-
-
-def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] | None = None,
+def train(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs: list[PreferencePair] | None = None,
           resume: bool | None = None) -> dict[str, Any]:
-    """Train the policy of ``cfg`` on its pairs; writes ``model/``, ``metrics.jsonl`` and ``train.json``.
+    """Train the policy of ``cfg`` on ``pairs_file``'s pairs; writes ``model/``, ``metrics.jsonl`` and ``train.json``.
 
     Args:
-        pairs: the contents of the pairs file when the caller has read them already.
+        pairs_file: the pairs JSONL file and its sha256 (hashed once by the caller: the run's key and the
+            reference cache's hold it).
+        pairs: the contents of ``pairs_file`` when the caller has read them already.
         resume: continue from the newest checkpoint in ``output_dir`` if there is one
             (default ``trainer.resume``); otherwise the run starts at step 0 and removes the
             checkpoints and metrics an earlier run left in ``output_dir``.
+
+    Returns:
+        The summary written to ``train.json`` (``finish``).
     """
-    output_dir = Path(output_dir)
-    tcfg = cfg.trainer
+    run = setup(cfg, output_dir, pairs_file, pairs=pairs, resume=resume)
+    tcfg, state = cfg.trainer, run.state
+    with tqdm(total=run.total_steps, initial=run.first_step - 1, desc="training", unit="step",
+              disable=not distributed.is_main()) as progress, flush_denormal(bool(tcfg.get("flush_denormal", True))):
+        for step in range(run.first_step, run.total_steps + 1):
+            # micro-batches, backward, clipping, AdamW and scheduler steps; {} for a step skipped as non-finite
+            record = optimizer_step(step, run.model, run.data, run.settings, state)
+            if step % tcfg.log_every == 0 or step == run.total_steps or not record:
+                run.logger.log({**{f"train/{k}": v for k, v in record.items()},
+                                "train/skipped_nonfinite": len(state.skipped)}, step=step)
+            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
+                save_checkpoint(run.output_dir, step, run.model.policy, run.model.optimizer, run.model.scheduler,
+                                keep=tcfg.keep_checkpoints,
+                                loop_state={"inputs": run.inputs, "order": state.order, "history": state.history,
+                                            "skipped_steps": state.skipped, "logger": run.logger.position()})
+            progress.update(1)
+            if record:
+                progress.set_postfix(loss=f"{record['loss']:.4f}",
+                                     acc=f"{record.get('reward_accuracy', float('nan')):.2f}")
+    return finish(run)
+
+
+# --------------------------------------------------------------------------------------------
+# Before the first step
+# --------------------------------------------------------------------------------------------
+
+def setup(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs: list[PreferencePair] | None = None,
+          resume: bool | None = None) -> TrainingRun:
+    """Everything before the first step (``train``'s arguments), in the order that fixes the random
+    draws and the collectives of every rank: seed, pairs and reference, resume point, policy and
+    optimizer, logger, and last the checkpoint's states (RNG included) when resuming."""
+    output_dir, tcfg = Path(output_dir), cfg.trainer
     resume = tcfg.resume if resume is None else resume
     distributed.init()  # under torchrun: every rank takes 1/world of each global batch (mipo/training/parallel.py)
     world, rank = distributed.world_size(), distributed.rank()
@@ -119,46 +159,81 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     torch.manual_seed(cfg.seed)
 
     # ---- data and reference log-probs -------------------------------------------------------
-    path = pairs_path(cfg)
     if pairs is None:
-        pairs = read_pairs(path)
+        pairs = read_pairs(pairs_file.path)
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     rows = encode_training_rows(tokenizer, pairs, cfg.loss.loss_type, cfg.data.max_length, cfg.data.max_prompt_length,
                                 num_negatives=cfg.negatives.get("num_negatives", 1))
     precision = training_precision(cfg, device)  # the policy's forward; the reference is computed in it too
     reference = None  # reference-free losses (SFT, SimPO, SAMI, InfoNCE) skip the reference pass and its cache
-    if loss_family(cfg.loss.loss_type).needs_reference:
-        reference = reference_logps(
-            cfg.model, tokenizer, path, cfg.paths.cache_dir, cfg.data.max_length, cfg.data.max_prompt_length,
-            device=device, batch_size=cfg.eval.score_batch_size, kernel=cfg.kernel, pairs=pairs,
-            encoded=(rows.chosen, rows.rejected, *rows.extra_rejected), precision=precision,
-            fused_lm_head=cfg.fused_lm_head,
-        )
-    steps_per_epoch = len(pairs) // tcfg.batch_size
+    if objective(cfg.loss.loss_type).family.needs_reference:
+        reference_pass = ReferencePass(cfg.model, tokenizer, ScoringSettings.of(cfg, fused_lm_head=cfg.fused_lm_head),
+                                       precision, device, Path(cfg.paths.cache_dir))
+        reference = reference_pass.logps(pairs_file, (rows.chosen, rows.rejected, *rows.extra_rejected))
+    total_steps = count_steps(len(pairs), tcfg, pairs_file.path)
+
+    # ---- where to start: the newest checkpoint of this run, or step 0 ------------------------
+    inputs = train_key(cfg, pairs_file)
+    checkpoint, saved = resume_point(output_dir, inputs, total_steps, world, resume)
+    if saved:
+        state = LoopState(saved["order"], saved["history"], saved["skipped_steps"])
+    else:
+        order = list(batch_order(len(pairs), tcfg.batch_size, tcfg.epochs, seed=cfg.seed))[:total_steps]
+        state = LoopState(order, history=[], skipped=[])
+
+    # ---- policy, forward, optimizer, logger -------------------------------------------------------
+    model = build_step_model(cfg, len(tokenizer), device, precision, strategy, total_steps)
+    logger = (MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True),
+                            resume=saved["logger"] if saved else None)
+              if distributed.is_main() else distributed.NoLogger())
+    log.info("training on %d pairs: %d steps of %d pairs (%d x %d accumulation x %d ranks, %s), lr %.2g, loss %s (%s)",
+             len(pairs), total_steps, tcfg.batch_size, tcfg.micro_batch_size, accumulation_steps, world, strategy,
+             tcfg.lr, cfg.loss.loss_type, OmegaConf.to_container(cfg.loss, resolve=True))
+    if saved:  # last before the loop: it sets the RNG states
+        restore_checkpoint(checkpoint, saved, model.policy, model.optimizer, model.scheduler)
+    data = StepData(pairs, pairs_file.path, rows, reference, tokenizer.pad_token_id, device)
+    settings = StepSettings(cfg.loss, tcfg.micro_batch_size, accumulation_steps, tcfg.max_grad_norm,
+                            tcfg.skip_nonfinite, world, rank)
+    first_step = saved["step"] + 1 if saved else 1
+    return TrainingRun(cfg, output_dir, strategy, inputs, total_steps, first_step, tokenizer, model, data, settings,
+                       state, logger)
+
+
+def count_steps(num_pairs: int, tcfg: DictConfig, pairs_file: Path) -> int:
+    """Optimizer steps of the run: full batches per epoch x ``trainer.epochs``, at most ``trainer.max_steps``."""
+    steps_per_epoch = num_pairs // tcfg.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(pairs)} pairs in {path} are fewer than one batch (trainer.batch_size={tcfg.batch_size})")
+        raise ValueError(f"{num_pairs} pairs in {pairs_file} are fewer than one batch "
+                         f"(trainer.batch_size={tcfg.batch_size})")
     total_steps = steps_per_epoch * tcfg.epochs
     if tcfg.max_steps is not None:
         total_steps = min(total_steps, tcfg.max_steps)
+    return total_steps
 
-    # ---- where to start: the newest checkpoint of this run, or step 0 ------------------------
-    inputs = train_inputs(cfg, path)
+
+def resume_point(output_dir: Path, inputs: dict[str, Any], total_steps: int, world: int,
+                 resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
+    """The newest checkpoint of this run and its saved state, checked against ``inputs`` and the world size;
+    ``(None, None)`` for a run from step 0, whose earlier checkpoints are removed (rank 0)."""
     checkpoint = latest_checkpoint(output_dir) if resume else None
-    state = read_state(checkpoint) if checkpoint else None
-    if state:
-        check_same_inputs(checkpoint, _resume_view(state["inputs"]), _resume_view(inputs))
-        check_world_size(checkpoint, state, world)
-        log.info("resuming from %s (step %d of %d)", checkpoint, state["step"], total_steps)
+    saved = read_state(checkpoint) if checkpoint else None
+    if saved:
+        check_same_inputs(checkpoint, _resume_view(saved["inputs"]), _resume_view(inputs))
+        check_world_size(checkpoint, saved, world)
+        log.info("resuming from %s (step %d of %d)", checkpoint, saved["step"], total_steps)
     elif distributed.is_main():
         clear_checkpoints(output_dir)
     distributed.barrier()
-    order = state["order"] if state else list(batch_order(len(pairs), tcfg.batch_size, tcfg.epochs, seed=cfg.seed))[:total_steps]
-    history: list[dict[str, float]] = state["history"] if state else []
-    skipped: list[int] = state["skipped_steps"] if state else []
+    return checkpoint, saved
 
-    # ---- policy and optimizer -----------------------------------------------------------------
+
+def build_step_model(cfg: DictConfig, vocab_size: int, device: torch.device, precision: ForwardPrecision,
+                     strategy: str, total_steps: int) -> StepModel:
+    """The policy in its training precision, its forward behind ``strategy`` (``parallel.wrap``), then
+    AdamW and the learning-rate schedule (built after the wrap: FSDP2 replaces the parameters)."""
+    tcfg = cfg.trainer
     policy = load_model(cfg.model, device=device, dtype=precision.weights, cache_dir=cfg.paths.cache_dir,
-                        vocab_size=len(tokenizer))
+                        vocab_size=vocab_size)
     if tcfg.gradient_checkpointing:
         enable_activation_checkpointing(policy)
     policy.train()
@@ -166,91 +241,38 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs: list[PreferencePair] |
     forward = parallel.wrap(policy, forward, strategy, device, mixed_precision=precision.autocast,
                             cpu_offload=bool(tcfg.get("cpu_offload", False)))  # build the optimizer after this
     optimizer = build_optimizer(policy, tcfg)
-    scheduler = build_scheduler(optimizer, tcfg, total_steps)
+    return StepModel(policy, forward, optimizer, build_scheduler(optimizer, tcfg, total_steps))
 
-    logger = (MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True),
-                            resume=state["logger"] if state else None)
-              if distributed.is_main() else distributed.NoLogger())
-    log.info("training on %d pairs: %d steps of %d pairs (%d x %d accumulation x %d ranks, %s), lr %.2g, loss %s (%s)",
-             len(pairs), total_steps, tcfg.batch_size, tcfg.micro_batch_size, accumulation_steps, world, strategy,
-             tcfg.lr, cfg.loss.loss_type, OmegaConf.to_container(cfg.loss, resolve=True))
-    if state:  # last before the loop: it sets the RNG states
-        restore_checkpoint(checkpoint, state, policy, optimizer, scheduler)
 
-    # ---- the loop -------------------------------------------------------------------------------
-    first_step = state["step"] + 1 if state else 1
-    progress = tqdm(total=total_steps, initial=first_step - 1, desc="training", unit="step",
-                    disable=not distributed.is_main())
-    with flush_denormal(bool(tcfg.get("flush_denormal", True))):
-        for step in range(first_step, total_steps + 1):
-            batch_index = order[step - 1]
-            metrics: dict[str, float] = {}
-            local_index = parallel.local_batch(batch_index, world, rank)  # this rank's share of the global batch
-            for start in range(0, len(local_index), tcfg.micro_batch_size):
-                index = local_index[start : start + tcfg.micro_batch_size]
-                forward.sync_gradients(last=start + tcfg.micro_batch_size >= len(local_index))
-                micro_batch = forward.collate_rows(rows, index, reference, tokenizer.pad_token_id,
-                                                   cfg.loss.loss_type).to(device)
-                loss, micro_metrics = forward(policy, micro_batch, cfg.loss)
-                (loss / accumulation_steps).backward()
-                for name, value in micro_metrics.items():
-                    metrics[name] = metrics.get(name, 0.0) + float(value) / accumulation_steps
-            metrics = distributed.mean_over_ranks(metrics)  # the global batch's means, as one process computes them
-            metrics["grad_norm"] = parallel.grad_norm_value(torch.nn.utils.clip_grad_norm_(policy.parameters(),
-                                                                                           tcfg.max_grad_norm))
-            metrics["lr"] = scheduler.get_last_lr()[0]
+# --------------------------------------------------------------------------------------------
+# After the last step
+# --------------------------------------------------------------------------------------------
 
-            if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
-                optimizer.step()
-                scheduler.step()
-                history.append(metrics)
-                record = metrics
-            else:
-                message = (f"step {step}: the loss ({metrics['loss']}) or the gradient norm "
-                           f"({metrics['grad_norm']}) is not finite for the batch of pairs "
-                           f"{[pairs[i].label for i in batch_index]} of {path}")
-                if not tcfg.skip_nonfinite:
-                    progress.close()
-                    raise NonFiniteError(f"{message}; nothing was trained on it. trainer.skip_nonfinite=true skips "
-                                         "such steps (no update, counted in metrics.jsonl and train.json)")
-                skipped.append(step)
-                log.warning("%s: skipped (no optimizer or scheduler step), %d so far", message, len(skipped))
-                record = {}
-            optimizer.zero_grad(set_to_none=True)
-
-            if step % tcfg.log_every == 0 or step == total_steps or not record:
-                logger.log({**{f"train/{k}": v for k, v in record.items()}, "train/skipped_nonfinite": len(skipped)},
-                           step=step)
-            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
-                save_checkpoint(output_dir, step, policy, optimizer, scheduler, keep=tcfg.keep_checkpoints,
-                                loop_state={"inputs": inputs, "order": order, "history": history,
-                                            "skipped_steps": skipped, "logger": logger.position()})
-            progress.update(1)
-            if record:
-                progress.set_postfix(loss=f"{record['loss']:.4f}",
-                                     acc=f"{record.get('reward_accuracy', float('nan')):.2f}")
-    progress.close()
-
+def finish(run: TrainingRun) -> dict[str, Any]:
+    """The run's summary (``train.json``, and the logger's), then the consolidated policy in ``model/``."""
+    data, history = run.data, run.state.history
     last = history[-5:]
     summary = {
-        "steps": total_steps, "optimizer_steps": len(history), "skipped_nonfinite": len(skipped),
-        "skipped_steps": skipped, "pairs": len(pairs), "pairs_path": str(path),
-        "reference_cache": str(reference.path) if reference is not None else None,
-        "reference_cache_hit": reference.cache_hit if reference is not None else None, **truncation_summary(pairs),
+        "steps": run.total_steps, "optimizer_steps": len(history), "skipped_nonfinite": len(run.state.skipped),
+        "skipped_steps": run.state.skipped, "pairs": len(data.pairs), "pairs_path": str(data.pairs_file),
+        "reference_cache": str(data.reference.path) if data.reference is not None else None,
+        "reference_cache_hit": data.reference.cache_hit if data.reference is not None else None,
+        **truncation_summary(data.pairs),
         **{f"final_{k}": sum(m[k] for m in last) / len(last) if last and k in last[0] else None
            for k in ("loss", "reward_margin", "reward_accuracy", "pmi_margin", "pmi_accuracy")},
-        "length_chosen": float(rows.pair_lengths[:, 0].float().mean()),  # response tokens trained on, all pairs
-        "length_rejected": float(rows.pair_lengths[:, 1].float().mean()),
+        "length_chosen": float(data.rows.pair_lengths[:, 0].float().mean()),  # response tokens trained on, all pairs
+        "length_rejected": float(data.rows.pair_lengths[:, 1].float().mean()),
     }
-    logger.summary(summary)
-    logger.close()
-    if tcfg.save_model:
-        model_dir = output_dir / "model"
+    run.logger.summary(summary)
+    run.logger.close()
+    if run.cfg.trainer.save_model:
+        model_dir = run.output_dir / "model"
         # one consolidated Hugging Face folder, written by rank 0 (FSDP: the shards gathered first)
-        parallel.save_consolidated(final_weights(policy, optimizer), tokenizer, model_dir, strategy)
+        parallel.save_consolidated(final_weights(run.model.policy, run.model.optimizer), run.tokenizer, model_dir,
+                                   run.strategy)
         summary["model_dir"] = str(model_dir)
     if distributed.is_main():
-        write_json(output_dir / "train.json", summary)
+        write_json(run.output_dir / "train.json", summary)
     distributed.barrier()
     return summary
 

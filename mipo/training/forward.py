@@ -5,17 +5,23 @@ them out in one of two ways:
 
 * prompt-shared (``trainer.share_prompt``, the default): one packed row per micro-batch in
   which every prompt, and the prefix the prompts share, runs once and each continuation attends
-  to it (``mipo.model.prompt_tree``); only positions that predict a response token reach the output layer.
+  to it (``mipo.model.prompt_tree``; a pair's rows are grouped by prompt with its
+  ``group_by_prompt``); only positions that predict a response token reach the output layer.
 * unshared: K * b right-padded rows (x, y_k), as the DPO reference implementation's
   ``concatenated_forward``; kept for comparison and for models whose attention cannot follow
   the prompt tree.
 
 Both give the same (b, K) log-probs and the same gradients (tests/test_forward.py).
-``continuation_batch_logps`` returns them; ``dpo_forward`` turns them into the loss of ``loss.loss_type``:
-DPO (K = 2; K + 1 with ``negatives.num_negatives`` = K), SFT (y+ only), SimPO, and SAMI/InfoNCE,
-whose pairs put x' in the same tree: (x, [y+, y-]) and (x', [y+, y-]) as two groups, so their
-four log-probs per pair come from one forward with the shared prefix run once.
-``TrainingForward`` resolves the config once and is what ``mipo.stages.train.train`` calls.
+``encode_training_rows`` encodes what each loss trains on, once per run; ``TrainingRows.for_loss``
+gives its rows in the column order of the loss's objective: y+ (SFT), y+ and K y- (DPO with
+``negatives.num_negatives`` = K, SimPO), or (x, [y+, y-]) and (x', [y+, y-]) as two groups of one
+tree (SAMI, InfoNCE), so that all four log-probs of a pair come from one forward.
+
+``micro_batch_loss`` is the loss of a micro-batch in three steps: one forward for the (b, K)
+log-probs (``continuation_batch_logps``), the objective of ``loss.loss_type``
+(``mipo.training.objectives.OBJECTIVES``: the per-pair losses), the metrics every objective shares.
+``TrainingForward`` resolves the config once and is what the training step
+(``mipo.training.step.optimizer_step``) calls per micro-batch, through ``mipo.training.parallel``.
 """
 
 from __future__ import annotations
@@ -29,18 +35,23 @@ import torch
 
 from mipo.data.encoding import Batch, EncodedRow, encode_pairs, encode_rows, pad_batch
 from mipo.data.pairs import PreferencePair
-from mipo.losses import (
-    dpo_loss,
-    dpo_plackett_luce_loss,
-    infonce_loss,
-    loss_family,
-    sami_loss,
-    sft_loss,
-    simpo_loss,
-)
+from mipo.losses import loss_family
 from mipo.model import segment_attention
 from mipo.model.logprobs import continuation_logps, sequence_logps
-from mipo.model.prompt_tree import PackedGroups, PromptGroup, pack_groups
+from mipo.model.prompt_tree import (
+    PackedGroups,
+    PromptGroup,
+    group_by_prompt,
+    pack_groups,
+)
+from mipo.runtime.errors import failed
+from mipo.training.objectives import (
+    BOTH_CONTEXTS,
+    CHOSEN,
+    ObjectiveInputs,
+    objective,
+    training_metrics,
+)
 
 SHARE_PROMPT = ("auto", True, False)
 # attention of the prompt-shared forward -> the model's attention implementation it runs under
@@ -88,29 +99,27 @@ class ContinuationBatch:
                                  move(self.order), move(self.pair_lengths))
 
 
-def group_by_prompt(selected: Sequence[Sequence[EncodedRow]]) -> tuple[list[PromptGroup], list[int] | None]:
-    """Pair i's continuations grouped by prompt: one group per distinct prompt of pair i, in first-seen order.
+def pair_groups(selected: Sequence[Sequence[EncodedRow]]) -> tuple[list[PromptGroup], list[int] | None]:
+    """Pair i's continuations grouped by prompt (``mipo.model.prompt_tree.group_by_prompt`` of its K rows).
 
     Args:
         selected: K lists of b rows; column i holds pair i's K (prompt, response) rows, whose prompts
             may differ (SAMI and InfoNCE score y+ and y- under x and under x').
 
     Returns:
-        ``(groups, order)``: the groups for ``pack_groups``, and for each (i, k), row-major, the index
-        of its continuation in the packed order (``None`` when that is the identity, as for DPO).
+        ``(groups, order)``: the groups for ``pack_groups``, pair by pair (one group per distinct prompt
+        of pair i, in first-seen order), and for each (i, k), row-major, the index of its continuation
+        in the packed order (``None`` when that is the identity, as for DPO).
     """
     num_continuations, b = len(selected), len(selected[0])
     groups, order = [], [0] * (b * num_continuations)
     packed = 0
     for i in range(b):
-        by_prompt: dict[tuple[int, ...], list[int]] = {}
-        for k in range(num_continuations):
-            by_prompt.setdefault(selected[k][i].prompt_ids, []).append(k)
-        for prompt, ks in by_prompt.items():
-            groups.append(PromptGroup(prompt, tuple(selected[k][i].response_ids for k in ks)))
-            for k in ks:
-                order[i * num_continuations + k] = packed
-                packed += 1
+        pair_rows_groups, ks = group_by_prompt([selected[k][i] for k in range(num_continuations)])
+        groups.extend(pair_rows_groups)
+        for k in ks:  # packed order: continuation k of pair i is the next one
+            order[i * num_continuations + k] = packed
+            packed += 1
     return groups, None if order == list(range(len(order))) else order
 
 
@@ -129,7 +138,7 @@ def collate_groups(rows_per_continuation: Sequence[Sequence[EncodedRow]], index:
     selected = [[rows[i] for i in index] for rows in rows_per_continuation]  # K lists of b rows
     order = None
     if share_prompt:
-        groups, order_list = group_by_prompt(selected)
+        groups, order_list = pair_groups(selected)
         inputs = pack_groups(groups)
         order = None if order_list is None else torch.tensor(order_list)
     else:
@@ -137,13 +146,6 @@ def collate_groups(rows_per_continuation: Sequence[Sequence[EncodedRow]], index:
     lengths = torch.tensor([[len(rows[i].response_ids) for rows in selected] for i in range(len(index))])  # (b, K)
     return ContinuationBatch(inputs, None if reference_logps is None else reference_logps[list(index)], lengths, order,
                              None if pair_lengths is None else pair_lengths[list(index)])
-
-
-def collate_pairs(chosen_rows: Sequence[EncodedRow], rejected_rows: Sequence[EncodedRow], index: Sequence[int],
-                  reference: ReferenceLogps, pad_token_id: int, share_prompt: bool = True) -> ContinuationBatch:
-    """DPO's micro-batch: the pairs ``index`` as prompts with two continuations (y+, y-)."""
-    reference_logps = torch.stack([reference.chosen, reference.rejected], dim=1)  # (N, 2)
-    return collate_groups([chosen_rows, rejected_rows], index, reference_logps, pad_token_id, share_prompt)
 
 
 def continuation_batch_logps(policy: torch.nn.Module, inputs: Batch | PackedGroups, num_prompts: int,
@@ -188,11 +190,12 @@ class TrainingRows:
         return torch.tensor([[len(c.response_ids), len(r.response_ids)] for c, r in zip(self.chosen, self.rejected)])
 
     def for_loss(self, loss_type: str) -> list[list[EncodedRow]]:
-        """The row lists, in the column order the loss reads its (b, K) log-probs in."""
-        family = loss_family(loss_type)
-        if not family.uses_rejected:  # SFT
+        """The row lists, in the column order the loss's objective reads its (b, K) log-probs in
+        (``mipo.training.objectives.Objective.columns``)."""
+        columns = objective(loss_type).columns
+        if columns == CHOSEN:  # SFT
             return [self.chosen]
-        if family.needs_negative_prompt:
+        if columns == BOTH_CONTEXTS:
             if self.chosen_xneg is None or self.rejected_xneg is None:
                 raise ValueError(f"loss.loss_type={loss_type} needs the rows under x' (encode_training_rows with it)")
             return [self.chosen, self.rejected, self.chosen_xneg, self.rejected_xneg]  # pos_x, neg_x, pos_x', neg_x'
@@ -228,7 +231,7 @@ def encode_training_rows(tokenizer, pairs: Sequence[PreferencePair], loss_type: 
 # The loss of a micro-batch
 # --------------------------------------------------------------------------------------------
 
-def dpo_forward(
+def micro_batch_loss(
     policy: torch.nn.Module,
     batch: ContinuationBatch,
     loss_cfg: Mapping[str, Any],
@@ -238,84 +241,26 @@ def dpo_forward(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of ``loss_cfg`` on a micro-batch and its metrics, from one policy forward.
 
-    Every log-prob the loss needs (y+ and y- under x; K - 1 more y- under x; y+ and y- under x'
-    for SAMI and InfoNCE) comes from one forward (prompt-shared or concatenated rows, whichever
-    ``batch`` was collated as). DPO compares them with the cached reference log-probs (K = 1:
-    ``dpo_loss``; K > 1: the mean over the K pairs, or ``dpo_plackett_luce_loss``); the other
-    losses use the policy's alone.
+    Three steps: every log-prob the loss needs (y+ and y- under x; K - 1 more y- under x; y+ and
+    y- under x' for SAMI and InfoNCE) comes from one forward (prompt-shared or concatenated rows,
+    whichever ``batch`` was collated as), as (b, K) log pi(y_k | context_k); the objective of
+    ``loss.loss_type`` (``mipo.training.objectives.OBJECTIVES``) turns them, with the cached reference
+    log-probs where it needs them, into per-pair losses; ``training_metrics`` logs the same names
+    for every objective.
 
     Returns:
         ``(loss, metrics)``: the mean loss over the b pairs (a scalar with a graph) and detached
-        scalar metrics (loss, policy log-probs, response lengths; implicit rewards, their margin
-        and accuracy for DPO and SimPO (with K negatives: the mean rejected reward, and y+ above
-        all K); the pointwise-MI margin log pi(y|x) - log pi(y|x') of y+
-        over y- for SAMI and InfoNCE).
+        scalar metrics (``training_metrics``).
     """
     b = batch.num_pairs
     device = batch.lengths.device if batch.lengths is not None else batch.reference_logps.device
     with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        logps = continuation_batch_logps(policy, batch.inputs, b, kernel=kernel, fused_lm_head=fused_lm_head,
-                                         order=batch.order)  # (b, K)
-    loss_type = loss_cfg["loss_type"]
-    family = loss_family(loss_type)
-    metrics: dict[str, torch.Tensor] = {}
-    chosen_rewards = rejected_rewards = None
-    if family.name == "dpo":
-        policy_chosen_logps, policy_rejected_logps = logps[:, 0], logps[:, 1:]  # (b,), (b, K)
-        reference_chosen_logps, reference_rejected_logps = batch.reference_logps[:, 0], batch.reference_logps[:, 1:]
-        if logps.shape[1] == 2:  # one negative: DPO as the paper
-            losses, chosen_rewards, rejected_rewards = dpo_loss(
-                policy_chosen_logps, policy_rejected_logps[:, 0], reference_chosen_logps, reference_rejected_logps[:, 0],
-                beta=loss_cfg["beta"], label_smoothing=loss_cfg["label_smoothing"], loss_type=loss_type,
-            )  # each (b,)
-        elif loss_cfg.get("multi_negative", "mean") == "plackett_luce":
-            losses, chosen_rewards, rejected_rewards = dpo_plackett_luce_loss(
-                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                beta=loss_cfg["beta"])  # (b,), (b,), (b, K)
-        else:  # mean of the K pairwise DPO losses
-            num_negatives = policy_rejected_logps.shape[1]
-            pair_losses, chosen_k, rejected_rewards = dpo_loss(
-                policy_chosen_logps[:, None].expand(-1, num_negatives), policy_rejected_logps,
-                reference_chosen_logps[:, None].expand(-1, num_negatives), reference_rejected_logps,
-                beta=loss_cfg["beta"], label_smoothing=loss_cfg["label_smoothing"], loss_type=loss_type,
-            )  # each (b, K)
-            losses, chosen_rewards = pair_losses.mean(dim=1), chosen_k[:, 0]
-        metrics["logps_rejected"] = policy_rejected_logps.detach().mean()
-    elif family.name == "sft":
-        policy_chosen_logps = logps[:, 0]  # (b,)
-        losses = sft_loss(policy_chosen_logps, batch.lengths[:, 0], loss_cfg["sft_reduction"])
-    elif family.name == "simpo":
-        policy_chosen_logps = logps[:, 0]
-        losses, chosen_rewards, rejected_rewards = simpo_loss(
-            policy_chosen_logps, logps[:, 1], batch.lengths[:, 0], batch.lengths[:, 1], beta=loss_cfg["beta"],
-            gamma=loss_cfg["gamma"], length_normalize=loss_cfg["length_normalize"])
-        metrics["logps_rejected"] = logps[:, 1].detach().mean()
-    else:  # sami, infonce: columns log pi(y+|x), log pi(y-|x), log pi(y+|x'), log pi(y-|x')
-        logp_pos_x, logp_neg_x, logp_pos_xneg, logp_neg_xneg = logps.unbind(1)
-        policy_chosen_logps = logp_pos_x
-        if loss_type == "sami":
-            losses = sami_loss(logp_pos_x, logp_neg_x, logp_pos_xneg, logp_neg_xneg,
-                               label_smoothing=loss_cfg.get("label_smoothing", 0.0))
-        else:
-            losses = infonce_loss(logp_pos_x, logp_neg_x, logp_pos_xneg, logp_neg_xneg,
-                                  temperature=loss_cfg["temperature"])
-        pmi_chosen = (logp_pos_x - logp_pos_xneg).detach()  # (b,) log pi(y+|x) - log pi(y+|x')
-        pmi_rejected = (logp_neg_x - logp_neg_xneg).detach()  # (b,)
-        metrics.update(logps_rejected=logp_neg_x.detach().mean(), pmi_margin=(pmi_chosen - pmi_rejected).mean(),
-                       pmi_accuracy=(pmi_chosen > pmi_rejected).float().mean())
-    loss = losses.mean()
-    metrics = {"loss": loss.detach(), **metrics}
-    if chosen_rewards is not None:
-        rejected_mean = rejected_rewards if rejected_rewards.dim() == 1 else rejected_rewards.mean(dim=1)  # (b,)
-        best_rejected = rejected_rewards if rejected_rewards.dim() == 1 else rejected_rewards.max(dim=1).values
-        metrics.update(reward_chosen=chosen_rewards.mean(), reward_rejected=rejected_mean.mean(),
-                       reward_margin=(chosen_rewards - rejected_mean).mean(),
-                       reward_accuracy=(chosen_rewards > best_rejected).float().mean())
-    metrics["logps_chosen"] = policy_chosen_logps.detach().mean()
-    if batch.pair_lengths is not None:
-        metrics["length_chosen"] = batch.pair_lengths[:, 0].float().mean()
-        metrics["length_rejected"] = batch.pair_lengths[:, 1].float().mean()
-    return loss, metrics
+        policy_logps = continuation_batch_logps(policy, batch.inputs, b, kernel=kernel, fused_lm_head=fused_lm_head,
+                                                order=batch.order)  # (b, K)
+    result = objective(loss_cfg["loss_type"])(ObjectiveInputs(policy_logps, batch.reference_logps, batch.lengths),
+                                              loss_cfg)
+    loss = result.losses.mean()
+    return loss, training_metrics(loss, result, batch.pair_lengths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -368,20 +313,24 @@ class TrainingForward:
                 policy.set_attn_implementation(attention)
         return cls(share, kernel=cfg["kernel"], fused_lm_head=bool(cfg["fused_lm_head"]), autocast_dtype=autocast_dtype)
 
-    def collate(self, chosen_rows: Sequence[EncodedRow], rejected_rows: Sequence[EncodedRow], index: Sequence[int],
-                reference: ReferenceLogps, pad_token_id: int) -> ContinuationBatch:
-        """DPO's micro-batch of (x, y+), (x, y-) rows."""
-        return collate_pairs(chosen_rows, rejected_rows, index, reference, pad_token_id, share_prompt=self.share_prompt)
-
     def collate_rows(self, rows: TrainingRows, index: Sequence[int], reference: ReferenceLogps | None,
                      pad_token_id: int, loss_type: str) -> ContinuationBatch:
         """The micro-batch ``loss_type`` trains on: its rows (``TrainingRows.for_loss``), with the reference
         log-probs when it needs them, and every pair's y+/y- lengths for the metrics."""
-        reference_logps = reference.stacked() if loss_family(loss_type).needs_reference else None  # (N, 1 + K)
+        reference_logps = reference.stacked() if objective(loss_type).family.needs_reference else None  # (N, 1 + K)
         return collate_groups(rows.for_loss(loss_type), index, reference_logps, pad_token_id,
                               share_prompt=self.share_prompt, pair_lengths=rows.pair_lengths)
 
     def __call__(self, policy: torch.nn.Module, batch: ContinuationBatch,
                  loss_cfg: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        return dpo_forward(policy, batch, loss_cfg, kernel=self.kernel, fused_lm_head=self.fused_lm_head,
-                           autocast_dtype=self.autocast_dtype)
+        return micro_batch_loss(policy, batch, loss_cfg, kernel=self.kernel, fused_lm_head=self.fused_lm_head,
+                                autocast_dtype=self.autocast_dtype)
+
+
+def forward_problems(trainer: Mapping[str, Any]) -> list[str]:
+    """``trainer.share_prompt`` and ``trainer.shared_attention``: the layout of the training forward."""
+    share, attention = trainer["share_prompt"], trainer["shared_attention"]
+    choices = ("auto", *SHARED_ATTENTION)
+    return failed([(share in SHARE_PROMPT,
+                    f"trainer.share_prompt={share}: expected auto, true (one prompt-shared forward) or false"),
+                   (attention in choices, f"trainer.shared_attention={attention}: expected one of {', '.join(choices)}")])

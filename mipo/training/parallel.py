@@ -101,7 +101,7 @@ def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class ParallelForward:
-    """``TrainingForward`` behind ``strategy``: the same ``collate`` and ``(policy, batch, loss_cfg)`` call.
+    """``TrainingForward`` behind ``strategy``: the same ``collate_rows`` and ``(policy, batch, loss_cfg)`` call.
 
     Build it with ``wrap``; the trainer calls ``sync_gradients(last)`` before each micro-batch so
     that gradients are reduced only on the last micro-batch of a step.
@@ -110,7 +110,7 @@ class ParallelForward:
     def __init__(self, training_forward: Any, policy: torch.nn.Module, module: torch.nn.Module, strategy: str):
         self.inner, self.policy, self.module, self.strategy = training_forward, policy, module, strategy
 
-    def __getattr__(self, name: str) -> Any:  # collate, share_prompt, ... of the TrainingForward
+    def __getattr__(self, name: str) -> Any:  # collate_rows, share_prompt, ... of the TrainingForward
         return getattr(self.__dict__["inner"], name)
 
     def __call__(self, policy: torch.nn.Module, batch: Any,
