@@ -70,9 +70,9 @@ lock:
 	@echo "wrote requirements.lock; git diff requirements.lock shows what moved"
 
 # torchrun on CPU (gloo, 2 ranks, tiny model): DDP and FSDP2 weights, reference cache and pairs file equal to
-# one process (tests/test_distributed.py, also part of test-slow).
+# one process (tests/training/test_distributed.py, also part of test-slow).
 dist-cpu: $(STAMP)
-	$(PY) -m pytest -q -m "slow or not slow" tests/test_distributed.py
+	$(PY) -m pytest -q -m "slow or not slow" tests/training/test_distributed.py
 
 # Multi-GPU training for the paper's settings (README "Multi-GPU training"): one node, all its GPUs, FSDP2.
 # make train-fsdp MODEL=llama-3-8b-instruct EXPERIMENT=paper_arc_easy NPROC=4  (the paper's batch of 4 pairs: <= 4 ranks)

@@ -21,7 +21,7 @@ so y_12 sees c, the tail of x_1 and its own past, never y_11 or the other group.
 sees exactly the keys, values and rotary positions it would see in its unshared row (c, x_g, y_gk):
 the forward is the unshared one, with each shared segment computed once. In the backward, autograd
 sums in a shared segment's activations the gradients that the unshared path sends to each of its
-copies, so the loss and every parameter gradient equal the unshared path's (tests/test_forward.py).
+copies, so the loss and every parameter gradient equal the unshared path's (tests/training/test_forward.py).
 
 Encoded rows become groups through ``group_by_prompt``, the one grouping of rows by prompt (the
 training forward groups each pair's rows with it, the scorer a whole batch); the shared prefix c is

@@ -25,7 +25,7 @@ distribution (not the same strings: the numerics and the random streams differ):
   transformers backend decodes them.
 
 Not run in this repository: vllm is not installed here (no GPU). The mapping above is tested
-with a stand-in for the engine (``tests/test_distributed.py``).
+with a stand-in for the engine (``tests/training/test_distributed.py``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ the newest one. ``trainer.keep_checkpoints=K`` keeps the newest K.
 
 Model and optimizer go through ``torch.distributed.checkpoint`` (DCP) with its
 ``get_state_dict``/``set_state_dict`` helpers: in one process without a process group, DCP
-writes one file and reads it back bit for bit (``tests/test_checkpoint.py``); under FSDP the
+writes one file and reads it back bit for bit (``tests/training/test_checkpoint.py``); under FSDP the
 same calls write and read each rank's shards, so the format does not change when training
 goes multi-GPU. The small loop state is JSON, readable by eye.
 

@@ -11,7 +11,7 @@ them out in one of two ways:
   ``concatenated_forward``; kept for comparison and for models whose attention cannot follow
   the prompt tree.
 
-Both give the same (b, K) log-probs and the same gradients (tests/test_forward.py).
+Both give the same (b, K) log-probs and the same gradients (tests/training/test_forward.py).
 ``encode_training_rows`` encodes what each loss trains on, once per run; ``TrainingRows.for_loss``
 gives its rows in the column order of the loss's objective: y+ (SFT), y+ and K y- (DPO with
 ``negatives.num_negatives`` = K, SimPO), or (x, [y+, y-]) and (x', [y+, y-]) as two groups of one

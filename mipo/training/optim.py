@@ -94,7 +94,7 @@ class MasterWeightAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, except that the fp32 state stays fp32 on the
         master device: the base class casts every floating state tensor to its parameter's dtype,
-        which would round the masters to bf16 on resume (``tests/test_checkpoint.py``)."""
+        which would round the masters to bf16 on resume (``tests/training/test_checkpoint.py``)."""
         fp32 = {index: {key: value for key, value in state.items() if key in self.FP32_STATE}
                 for index, state in state_dict["state"].items()}
         # the saved groups name parameters by index, or by name under torch.distributed.checkpoint

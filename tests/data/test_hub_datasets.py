@@ -27,7 +27,7 @@ from mipo.data.tasks import (
 from mipo.negatives import plan_negatives
 from mipo.runtime.files import read_jsonl
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 PRISM = "HannahRoseKirk/prism-alignment"
 COMMUNITY = "facebook/community-alignment-dataset"

@@ -4,7 +4,7 @@ On CPU the kernels run in the Triton interpreter (tests/conftest.py), and "auto"
 considers them for CPU tensors; these tests let it (``auto_considers_cpu``) so that
 ``triton_logprob.triton_verified`` and the fallback to "torch" can be exercised here, with the
 Triton forward / backward patched to return wrong numbers or to raise. On a GPU the same check
-runs for real (tests/test_kernels_gpu.py).
+runs for real (tests/kernels/test_kernels_gpu.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from mipo.kernels import logprob as lp
 from mipo.kernels import triton_logprob as tk
 from mipo.kernels.logprob import default_impl, linear_logprob
-from tests.test_kernels import make_inputs, make_linear_inputs, run
+from tests.kernels.test_kernels import make_inputs, make_linear_inputs, run
 
 
 @pytest.fixture

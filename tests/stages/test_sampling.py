@@ -16,7 +16,7 @@ from hydra import compose, initialize_config_dir
 from mipo.stages.keys import pairs_key, pairs_path
 from mipo.stages.sample import ChunkStore, PartialSamplesError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def overrides(cache: Path) -> list[str]:

@@ -42,7 +42,7 @@ from mipo.reporting.sweep import (
     swept_keys,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # (beta, negatives, seed): (base acc, trained acc, base MI, trained MI, final loss, final reward accuracy)

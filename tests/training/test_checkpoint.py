@@ -129,7 +129,7 @@ KILLED_WHILE_WRITING = textwrap.dedent("""
     import torch
     import mipo.training.checkpoint as ckpt
     from mipo.training.optim import build_optimizer, build_scheduler
-    from tests.test_checkpoint import SMALL_TRAINER
+    from tests.training.test_checkpoint import SMALL_TRAINER
 
     run_dir = sys.argv[1]
     torch.manual_seed(0)

@@ -7,8 +7,8 @@ with the variable set to 0, which keeps the kernels compiled:
 
     make test-gpu          # TRITON_INTERPRET=0 python -m pytest -q -m gpu
 
-(``-m gpu`` deselects the CPU tests of tests/test_kernels.py, which need the interpreter.)
-The reference and the tolerances are those of tests/test_kernels.py.
+(``-m gpu`` deselects the CPU tests of tests/kernels/test_kernels.py, which need the interpreter.)
+The reference and the tolerances are those of tests/kernels/test_kernels.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 
 from mipo.kernels import logprob as lp
 from mipo.kernels.logprob import default_impl, linear_logprob, logprob_gather
-from tests.test_kernels import (
+from tests.kernels.test_kernels import (
     FWD_TOL,
     GRAD_TOL,
     IGNORE,

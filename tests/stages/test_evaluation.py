@@ -15,7 +15,7 @@ from mipo.metrics.accuracy import choose_option, loglik_correct
 from mipo.model.loading import load_model, load_tokenizer
 from mipo.stages import keys
 
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+CONF = str(Path(__file__).resolve().parents[2] / "conf")
 
 
 def tiny_cfg(tmp_path: Path, *overrides: str):

@@ -12,7 +12,7 @@ import mipo.metrics.judge as judge
 import mipo.stages.evaluate as evaluation
 from mipo.data.tasks import Example
 from mipo.model.generation import Generation, Generations
-from tests.test_evaluation import tiny_cfg
+from tests.stages.test_evaluation import tiny_cfg
 
 SETTINGS = judge.JudgeSettings(prompt="Preference: {preference}\nQuery: {query}\nResponse: {response}\nScore 1-5:")
 
@@ -124,7 +124,7 @@ def test_judge_is_off_for_tasks_without_contexts(tmp_path):
 def test_judge_end_to_end_parsed_and_unparsed_with_deltas(tmp_path, monkeypatch):
     # the tiny judge really runs; every other judgment's output is replaced by a parseable one, so both
     # branches (scored, unparsed) go through evaluation, eval.json and the paired deltas
-    from tests.test_evaluation import _perturbed_model
+    from tests.stages.test_evaluation import _perturbed_model
     real_generate = judge.generate
     calls = []
 

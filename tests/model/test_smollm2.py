@@ -16,7 +16,7 @@ from mipo.model.loading import load_model, load_tokenizer
 from tests.helpers import score_responses
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_reference_in_the_policy_precision_on_smollm2(tmp_path: Path, model_cfg)
     differ by tenths of a nat; computed in the policy's precision the gap is at most 1/5 of that."""
     from mipo.data.pairs import PreferencePair, write_pairs
     from mipo.stages.reference import FP32
-    from tests.test_reference import BF16_AUTOCAST, step0_gap
+    from tests.stages.test_reference import BF16_AUTOCAST, step0_gap
 
     questions = ["What is the boiling point of water at sea level?", "Name three primary colours.",
                  "Why is the sky blue? Answer in two sentences.", "What is 12 times 7?"]
