@@ -6,7 +6,9 @@
 Methods, per (N, V):
 
   gather  (input: logits (N, V) that require grad)
-    naive             logits.float().log_softmax(-1).gather(...)   (the usual code)
+    log_softmax       logits.float().log_softmax(-1).gather(...)   (the usual code; biased on CPU, see
+                      mipo.kernels.torch_logprob: mipo used it until the bias was found)
+    naive             logprob_gather(impl="naive"): z[y] - logsumexp(z) in fp32, unchunked
     torch-chunked     logprob_gather(impl="torch"), row-chunked pure PyTorch
     triton            logprob_gather(impl="triton")                 (CUDA only)
     liger-ce          -LigerCrossEntropyLoss(reduction="none")      (CUDA, if liger_kernel imports;
@@ -178,8 +180,16 @@ def naive_gather(logits, targets):
     return logprob_gather(logits, targets, IGNORE_INDEX, impl="naive")
 
 
+def log_softmax_gather(logits, targets):
+    """The usual code, and mipo's CPU path before: a (N, V) fp32 log_softmax, then the gather."""
+    ignored = targets == IGNORE_INDEX
+    logp = logits.float().log_softmax(-1).gather(-1, torch.where(ignored, 0, targets).unsqueeze(-1)).squeeze(-1)
+    return logp.masked_fill(ignored, 0.0)
+
+
 def gather_methods(setup: Setup) -> dict[str, Callable]:
     methods = {
+        "log_softmax": log_softmax_gather,
         "naive": naive_gather,
         "torch-chunked": lambda x, t: logprob_gather(x, t, IGNORE_INDEX, impl="torch", chunk_size=setup.chunk_size),
     }
