@@ -35,6 +35,7 @@ from typing import Callable
 import torch
 from omegaconf import OmegaConf
 
+from mipo.data.chat import stop_token_ids
 from mipo.data.encoding import encode_prompt
 from mipo.data.tasks import get_task, load_splits
 from mipo.model.generation import DecodeSettings, PlanSettings, generate
@@ -61,7 +62,7 @@ def hf_generate(model, tokenizer, prompt_ids: list[list[int]], batch_size: int, 
                                              tokenizer.pad_token_id)
         output = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                                 do_sample=True, temperature=temperature, top_p=top_p,
-                                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                pad_token_id=tokenizer.pad_token_id, eos_token_id=list(stop_token_ids(tokenizer)))
         total += sum(useful_tokens(row[input_ids.shape[1]:], tokenizer.eos_token_id) for row in output)
     return total
 

@@ -55,7 +55,7 @@ def _setup(settings: Settings):
         torch.set_num_threads(settings.threads)
     from bench.workloads import pairs_file, workload_config
     from mipo.data.pairs import read_pairs
-    from mipo.model.loading import load_model, load_tokenizer
+    from mipo.model.loading import load_model, run_tokenizer
 
     cfg = workload_config(settings.workload, *settings.overrides, f"loss.beta={settings.beta}",
                           f"trainer.lr={settings.lr}", "trainer.warmup_ratio=0",
@@ -63,7 +63,7 @@ def _setup(settings: Settings):
                           f"trainer.micro_batch_size={settings.pairs_per_step}",
                           f"trainer.gradient_checkpointing={settings.gradient_checkpointing}")
     pairs = read_pairs(pairs_file(settings.workload, cfg))
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    tokenizer = run_tokenizer(cfg)
 
     def model():
         return load_model(cfg.model, device="cpu", dtype=torch.float32, cache_dir=cfg.paths.cache_dir,

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from mipo.data.pairs import PreferencePair, write_pairs
 from mipo.data.tasks import task_splits
 from mipo.data.tasks.gsm8k import GSM8K_COT_EXEMPLARS
-from mipo.model.loading import load_tokenizer
+from mipo.model.loading import run_tokenizer
 from mipo.negatives import derangement
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -57,7 +57,7 @@ def gsm8k_pairs(cfg: DictConfig, path: Path, seed: int = 0) -> Path:
 
     task = build_task(cfg)
     examples, _ = task_splits(cfg, task)
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    tokenizer = run_tokenizer(cfg)
     rng = random.Random(seed)
     responses = [synthetic_response(tokenizer, ex.answer, rng.randint(200, 300), rng.randrange(1000)) for ex in examples]
     other = derangement([ex.uid for ex in examples], rng)

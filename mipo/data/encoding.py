@@ -9,6 +9,22 @@ is a bias in every reward. Every row therefore goes through ``encode_rows``:
     response string --tokenizer------> response ids [+ end-of-turn if it finished]  (``encode_response``)
     (prompt ids, response ids) --truncation--> ``EncodedRow``         (``encode_pair``)
 
+What a finished response ends with is ``data.response_suffix`` (``RESPONSE_SUFFIXES``), attached to the
+tokenizer by ``mipo.model.loading.load_tokenizer`` (``set_response_suffix``):
+
+    end_of_turn (default)  y + [the template's end-of-turn token]  (``mipo.data.chat.turn_end``)
+    template               y + everything the chat template writes after the assistant's content
+
+With ChatML (SmolLM2, Qwen) ``end_of_turn`` is y + ``<|im_end|>`` and ``template`` is y + ``<|im_end|>`` + ``\\n``.
+``end_of_turn`` is what the paper's released code trains on: OpenRLHF's reward dataset
+(``openrlhf/datasets/reward_dataset.py``, ``RewardDataset.__getitem__``) renders prompt + response
+with the template, strips the trailing newline (``(prompt + chosen).rstrip("\\n")``) and appends
+``" " + eos_token`` unless the text already ends with the eos (SmolLM2's does: y + ``<|im_end|>``).
+``template`` is what TRL trains on: its ``apply_chat_template`` (``trl/data_utils.py``) renders the
+prompt and the prompt + response and keeps all the latter writes after the former, so a TRL
+baseline and mipo score the same ids (``tests/data/test_encoding.py`` checks it).
+A response cut at ``max_new_tokens`` gets neither.
+
 An ``EncodedRow`` keeps the prompt ids and the response ids apart, so a consumer that runs a
 prompt once for several responses (``mipo.model.logprobs``) never has to recover where the prompt
 ends, and the loss mask is the response by construction.
@@ -21,13 +37,16 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import torch
 
-from mipo.data.chat import Messages, prompt_key, render_prompt
+from mipo.data.chat import Messages, prompt_key, render_prompt, turn_end
 from mipo.runtime.errors import failed, is_int
 
 if TYPE_CHECKING:  # pairs.py imports Messages from here
     from mipo.data.pairs import PreferencePair
 
 IGNORE_INDEX = -100
+RESPONSE_SUFFIXES = ("end_of_turn", "template")  # ``data.response_suffix``: what a finished response ends with
+DEFAULT_RESPONSE_SUFFIX = "end_of_turn"
+RESPONSE_SUFFIX_ATTRIBUTE = "mipo_response_suffix"
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,14 +58,33 @@ def encode_prompt(tokenizer, messages: Messages) -> list[int]:
     return tokenizer(render_prompt(tokenizer, messages), add_special_tokens=False)["input_ids"]
 
 
-def encode_response(tokenizer, response: str, finished: bool = True) -> list[int]:
-    """Token ids of a response, followed by the end-of-turn token only if the model ``finished`` it.
+def set_response_suffix(tokenizer, response_suffix: str = DEFAULT_RESPONSE_SUFFIX) -> None:
+    """Attach ``data.response_suffix`` to the tokenizer: every ``encode_response`` with it follows it."""
+    if response_suffix not in RESPONSE_SUFFIXES:
+        raise ValueError(f"data.response_suffix={response_suffix!r}: expected one of {', '.join(RESPONSE_SUFFIXES)}")
+    setattr(tokenizer, RESPONSE_SUFFIX_ATTRIBUTE, response_suffix)
 
-    A response cut at ``max_new_tokens`` did not end: scoring or training it with an end-of-turn
-    token would credit the model with stopping where it did not.
+
+def response_suffix(tokenizer) -> str:
+    """The tokenizer's ``data.response_suffix`` (``set_response_suffix``; the default when none is attached)."""
+    return getattr(tokenizer, RESPONSE_SUFFIX_ATTRIBUTE, None) or DEFAULT_RESPONSE_SUFFIX
+
+
+def encode_response(tokenizer, response: str, finished: bool = True) -> list[int]:
+    """Token ids of a response, followed by the end of the turn only if the model ``finished`` it.
+
+    The end of the turn is the template's end-of-turn token (``mipo.data.chat.turn_end``; the
+    tokenizer's eos when the template has none), or with ``data.response_suffix=template`` all the
+    template writes after the content (``TurnEnd.suffix``, tokenised with the response: the ids
+    TRL trains on). A response cut at ``max_new_tokens`` did not end: scoring or training it with
+    an end-of-turn token would credit the model with stopping where it did not.
     """
-    ids = tokenizer(response, add_special_tokens=False)["input_ids"]
-    return ids + [tokenizer.eos_token_id] if finished else ids
+    if not finished:
+        return tokenizer(response, add_special_tokens=False)["input_ids"]
+    end = turn_end(tokenizer)
+    if response_suffix(tokenizer) == "template":
+        return tokenizer(response + end.suffix, add_special_tokens=False)["input_ids"]
+    return tokenizer(response, add_special_tokens=False)["input_ids"] + [end.token_id]
 
 
 @dataclass(frozen=True)
@@ -170,6 +208,15 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[tor
         input_ids[i, width - len(ids):] = torch.tensor(list(ids), dtype=torch.long)
         attention_mask[i, width - len(ids):] = 1
     return input_ids, attention_mask
+
+
+def response_suffix_problems(data: Mapping[str, Any]) -> list[str]:
+    """``data.response_suffix``: one of ``RESPONSE_SUFFIXES`` (absent: the default, ``end_of_turn``)."""
+    value = data.get("response_suffix", DEFAULT_RESPONSE_SUFFIX)
+    return failed([(isinstance(value, str) and value in RESPONSE_SUFFIXES,
+                    f"data.response_suffix={value}: expected one of {', '.join(RESPONSE_SUFFIXES)} "
+                    "(end_of_turn: y + the end-of-turn token, as the paper's code; template: y + all the chat "
+                    "template writes after it, as TRL)")])
 
 
 def length_problems(data: Mapping[str, Any]) -> list[str]:

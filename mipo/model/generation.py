@@ -21,8 +21,12 @@ The loop (``DecodeLoop``), per chunk of prompts (``Plan``), over the KV cache of
     prefix   the chunk's longest common prompt prefix, once (batch of 1), into the KV cache
     prefill  the next prompts' suffixes on top of a copy of the prefix, into free slots
     step     for every row in flight: pick its next token from its logits (``next_tokens``);
-             a row that emitted end-of-turn ("eos") or reached max_new_tokens ("length")
+             a row that emitted a stop id ("eos") or reached max_new_tokens ("length")
              leaves; the rest run one token through the model
+
+The stop ids (``mipo.data.chat.stop_token_ids``, read by ``mipo.model.loading.load_tokenizer``): the
+generation config's ``eos_token_id`` (int or list; all ``model.generate`` stops at), the eos and the
+template's end-of-turn token (Gemma: ``<end_of_turn>``, its eos is ``<eos>``). Nothing else of it is read.
 
 What a call is given: the distribution (``DecodeSettings``, checked by ``decode_problems``) and
 how the prompt list is cut into chunks and batches (``PlanSettings``); ``generate`` takes both.
@@ -46,7 +50,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from mipo.data.chat import Messages, prompt_key
+from mipo.data.chat import Messages, prompt_key, stop_token_ids
 from mipo.data.encoding import encode_prompt, truncate_prompt
 from mipo.model import kv_cache
 from mipo.runtime import distributed
@@ -278,8 +282,8 @@ class Generation:
     """One response and how it ended."""
 
     text: str  # decoded without special tokens, stripped
-    finish_reason: str  # "eos": the model ended its turn; "length": cut at max_new_tokens
-    num_tokens: int  # tokens of the response (the end-of-turn token not counted)
+    finish_reason: str  # "eos": the model ended its turn (a stop id); "length": cut at max_new_tokens
+    num_tokens: int  # tokens of the response (the stop id not counted)
     prompt_cut: int = 0  # prompt tokens ``truncate_prompt`` dropped
 
 
@@ -302,6 +306,7 @@ class _ChunkDecode:
     def __init__(self, model: torch.nn.Module, tokenizer, plan: Plan, chunk: int, settings: DecodeSettings,
                  seed: int, share_prefix: bool):
         self.model, self.tokenizer, self.plan, self.settings, self.seed = model, tokenizer, plan, settings, seed
+        self.stops = frozenset(stop_token_ids(tokenizer))  # a row ends its turn at any of these
         self.index = plan.chunks[chunk]
         self.prompts = [plan.prompts[i].ids for i in self.index]
         self.slots = min(plan.batch_size, len(self.index))
@@ -342,7 +347,7 @@ class _ChunkDecode:
         chosen = next_tokens(self.logits, settings, uniforms).tolist()  # (rows,)
         ended = []
         for slot, (row, token) in enumerate(zip(self.rows, chosen)):
-            if token == self.tokenizer.eos_token_id:
+            if token in self.stops:
                 ended.append((slot, "eos"))
                 continue
             row.tokens.append(token)

@@ -39,13 +39,25 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
     PreTrainedTokenizerBase,
 )
 
 from mipo.data.chat import (
+    STOP_IDS_ATTRIBUTE,
     TEMPLATE_KWARGS_ATTRIBUTE,
+    TURN_END_ATTRIBUTE,
     chat_template_kwargs,
+    find_turn_end,
     render_prompt,
+    stop_token_ids,
+    turn_end,
+    unique_ids,
+)
+from mipo.data.encoding import (
+    DEFAULT_RESPONSE_SUFFIX,
+    response_suffix,
+    set_response_suffix,
 )
 from mipo.runtime.files import installed_package_dir
 
@@ -152,6 +164,10 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     The vocabulary, the special tokens, the chat template, its ``chat_template_kwargs``, and a
     probe prompt as the template renders it now: a template that prints today's date (no fixed
     ``date_string``) changes the probe, hence the identity and every cache keyed by it, each day.
+    Then what a response is scored and sampled with, where it is not the tokenizer's eos alone:
+    the end-of-turn token, the stop ids and ``data.response_suffix`` (left out where they are the
+    eos and the default, so that the caches of a model whose template ends a turn with its eos, such
+    as SmolLM2's or the byte tokenizer's, keep their keys).
     """
     digest = hashlib.sha256()
     digest.update(json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode())
@@ -163,6 +179,15 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     except Exception:  # templates that refuse a system message
         probe = render_prompt(tokenizer, PROBE_PROMPT[1:])
     digest.update(probe.encode())
+    eos, ending = tokenizer.eos_token_id, {}
+    if turn_end(tokenizer).token_id != eos:
+        ending["end_of_turn"] = turn_end(tokenizer).token_id
+    if stop_token_ids(tokenizer) != (eos,):
+        ending["stop_token_ids"] = sorted(stop_token_ids(tokenizer))
+    if response_suffix(tokenizer) != DEFAULT_RESPONSE_SUFFIX:
+        ending["response_suffix"] = response_suffix(tokenizer)
+    if ending:
+        digest.update(json.dumps(ending, sort_keys=True).encode())
     return digest.hexdigest()[:16]
 
 
@@ -204,8 +229,15 @@ def byte_tokenizer() -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model config, with a pad token and left padding (for generation)."""
+def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None = None,
+                   response_suffix: str = DEFAULT_RESPONSE_SUFFIX) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model config, with a pad token and left padding (for generation).
+
+    Attached to it, for every later use: ``model.chat_template_kwargs`` (``mipo.data.chat.render_prompt``),
+    the template's end of an assistant turn (``mipo.data.chat.turn_end``), the ids sampling stops at
+    (``attach_turn_end``) and ``data.response_suffix`` (``mipo.data.encoding.encode_response``).
+    """
+    source, kwargs = None, {}
     if _get(model_cfg, "tokenizer") == "byte":
         tok = byte_tokenizer()
     else:
@@ -219,7 +251,64 @@ def load_tokenizer(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | 
             "MIPO formats prompts as chat messages: use an instruction-tuned model or set one")
     tok.padding_side = "left"
     setattr(tok, TEMPLATE_KWARGS_ATTRIBUTE, _to_dict(_get(model_cfg, "chat_template_kwargs", {})))
+    set_response_suffix(tok, response_suffix)
+    generation_eos = generation_eos_ids(model_cfg, source, kwargs)
+    attach_turn_end(tok, generation_eos, str(_get(model_cfg, "name_or_path", _get(model_cfg, "name", "model"))))
     return tok
+
+
+def run_tokenizer(cfg: Mapping[str, Any]) -> PreTrainedTokenizerBase:
+    """The tokenizer a run scores and trains with: ``model``'s, cached under ``paths.cache_dir``, encoding
+    responses as ``data.response_suffix`` says (training, the reference pass, MI scoring, evaluation)."""
+    return load_tokenizer(cfg["model"], cfg["paths"]["cache_dir"],
+                          response_suffix=cfg["data"].get("response_suffix", DEFAULT_RESPONSE_SUFFIX))
+
+
+def _eos_ids(value: Any) -> tuple[int, ...] | None:
+    """A config's ``eos_token_id`` (an int, a list of ints or None) as a tuple, None when unset."""
+    if value is None:
+        return None
+    return unique_ids([value] if isinstance(value, int) else list(value))
+
+
+def generation_eos_ids(model_cfg: Mapping[str, Any], source: str | None,
+                       kwargs: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """The ``eos_token_id`` of the model's generation config (what ``model.generate`` stops at), or None.
+
+    A checkpoint: its ``generation_config.json``, else its ``config.json`` (as transformers derives a
+    generation config from it). A random model: ``model.config.eos_token_id`` only when the config sets
+    one (the architecture's default, e.g. Llama's 2, is no token of the byte tokenizer).
+    """
+    if _get(model_cfg, "random_init", False):
+        return _eos_ids(_to_dict(_get(model_cfg, "config", {})).get("eos_token_id"))
+    if source is None:
+        return None
+    for reader in (GenerationConfig.from_pretrained, AutoConfig.from_pretrained):
+        try:
+            return _eos_ids(getattr(reader(source, **kwargs), "eos_token_id", None))
+        except Exception as error:  # no such file in the checkpoint (or a GGUF file): try the next, else none
+            log.debug("no eos_token_id from %s(%s): %s", reader.__qualname__, source, error)
+    return None
+
+
+def attach_turn_end(tokenizer: PreTrainedTokenizerBase, generation_eos: tuple[int, ...] | None, name: str) -> None:
+    """Attach the end of an assistant turn (``find_turn_end``) and the ids sampling stops at to ``tokenizer``.
+
+    The stop ids are the turn end, the tokenizer's eos and the generation config's ``eos_token_id``
+    (``generation_eos``): every id ``model.generate`` stops at, and the one the template ends a turn with.
+    A template whose end-of-turn token is not among the generation config's eos ids is logged once
+    (a warning): the checkpoint and its template disagree on how a turn ends.
+    """
+    end = find_turn_end(tokenizer)
+    setattr(tokenizer, TURN_END_ATTRIBUTE, end)
+    setattr(tokenizer, STOP_IDS_ATTRIBUTE,
+            unique_ids([end.token_id, tokenizer.eos_token_id, *(generation_eos or ())]))
+    if end.from_template and generation_eos is not None and end.token_id not in generation_eos:
+        named = ", ".join(f"{tokenizer.convert_ids_to_tokens(i)!r} ({i})" for i in generation_eos)
+        log.warning("%s: the chat template ends an assistant turn with %r (%d) but the generation config's "
+                    "eos_token_id is %s; sampling stops at both, and a finished response is trained with %r",
+                    name, tokenizer.convert_ids_to_tokens(end.token_id), end.token_id, named,
+                    tokenizer.convert_ids_to_tokens(end.token_id))
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ distribution (not the same strings: the numerics and the random streams differ):
   Qwen2.5's repetition_penalty 1.05) shapes nothing, as in ``mipo.model.generation``.
 * **The seeds**: prompt i of a plan samples with ``row_seed(seed, i)`` (a per-request seed),
   so a prompt's response does not depend on its batch, its chunk or the number of ranks.
-* **The end**: a response ends at the tokenizer's end-of-turn token (``finish_reason`` "eos")
-  or at max_new_tokens ("length"); its text is decoded from the token ids as the
-  transformers backend decodes them.
+* **The end**: a response ends at a stop id (``finish_reason`` "eos"; the same ids as the
+  decode loop, ``mipo.data.chat.stop_token_ids``: the template's end-of-turn token, the eos and
+  the generation config's ``eos_token_id``, sent as ``stop_token_ids``) or at max_new_tokens
+  ("length"); its text is decoded from the token ids as the transformers backend decodes them.
 
 Not run in this repository: vllm is not installed here (no GPU). The mapping above is tested
 with a stand-in for the engine (``tests/training/test_distributed.py``).
@@ -35,7 +36,7 @@ import logging
 from dataclasses import replace
 from typing import Any, Callable, Mapping, Sequence
 
-from mipo.data.chat import Messages
+from mipo.data.chat import Messages, stop_token_ids
 from mipo.model.generation import (
     DecodeSettings,
     Generation,
@@ -81,8 +82,10 @@ def resolve_backend(setting: str, model_cfg: Mapping[str, Any] | None = None, an
     return "vllm"
 
 
-def sampling_params(settings: DecodeSettings, seed: int, eos_token_id: int, params_class: Callable[..., Any]) -> Any:
-    """vLLM ``SamplingParams`` for one prompt: ``settings`` field for field, the prompt's own ``seed``."""
+def sampling_params(settings: DecodeSettings, seed: int, stop_ids: int | Sequence[int],
+                    params_class: Callable[..., Any]) -> Any:
+    """vLLM ``SamplingParams`` for one prompt: ``settings`` field for field, the prompt's own ``seed``, and
+    ``stop_ids`` (one id or several: ``mipo.data.chat.stop_token_ids``) as ``stop_token_ids``."""
     return params_class(
         n=1,
         temperature=settings.temperature,
@@ -94,7 +97,7 @@ def sampling_params(settings: DecodeSettings, seed: int, eos_token_id: int, para
         presence_penalty=0.0,
         frequency_penalty=0.0,
         seed=seed,
-        stop_token_ids=[eos_token_id],
+        stop_token_ids=[stop_ids] if isinstance(stop_ids, int) else list(stop_ids),
         ignore_eos=False,
         skip_special_tokens=True,
         detokenize=False,  # the text is decoded by the tokenizer, as in mipo.model.generation
@@ -131,8 +134,8 @@ class VLLMGenerator:
         """The prompts (token ids, as rendered by the plan) and per-prompt ``SamplingParams`` of chunk ``chunk``."""
         index = plan.chunks[chunk]
         prompts = [{"prompt_token_ids": list(plan.prompts[i].ids)} for i in index]
-        params = [sampling_params(settings, row_seed(seed, i), self.tokenizer.eos_token_id, self.params_class)
-                  for i in index]
+        stops = stop_token_ids(self.tokenizer)
+        params = [sampling_params(settings, row_seed(seed, i), stops, self.params_class) for i in index]
         return prompts, params
 
     def generate_chunk(self, plan: Plan, chunk: int, settings: DecodeSettings, seed: int = 0,
@@ -147,14 +150,14 @@ class VLLMGenerator:
         return generations
 
     def to_generation(self, output: Any, prompt_cut: int) -> Generation:
-        """One vLLM ``RequestOutput`` as a ``Generation`` (the end-of-turn token is not part of the response)."""
+        """One vLLM ``RequestOutput`` as a ``Generation`` (the stop id is not part of the response)."""
         completion = output.outputs[0]
         reason = FINISH_REASONS.get(completion.finish_reason)
         if reason is None:
             raise ValueError(f"vllm finished a request with finish_reason={completion.finish_reason!r}; expected "
                              f"one of {sorted(FINISH_REASONS)}")
         tokens: Sequence[int] = list(completion.token_ids)
-        if tokens and tokens[-1] == self.tokenizer.eos_token_id:
+        if reason == "eos" and tokens and tokens[-1] in stop_token_ids(self.tokenizer):
             tokens = tokens[:-1]
         return Generation(_decode_text(self.tokenizer, tokens), reason, len(tokens), prompt_cut)
 

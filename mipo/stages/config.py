@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from mipo.data.encoding import length_problems
+from mipo.data.encoding import length_problems, response_suffix_problems
 from mipo.data.tasks import build_task
 from mipo.data.tasks.splits import split_size_problems
 from mipo.losses import loss_config_problems
@@ -49,7 +49,7 @@ def config_problems(cfg: DictConfig) -> list[str]:
     loss = [f"loss: {problem}" for problem in loss_config_problems(OmegaConf.to_container(cfg.loss, resolve=True))]
     task, task_problem = _task(cfg)
     return [
-        *length_problems(cfg.data), *split_size_problems(cfg.data),  # data
+        *length_problems(cfg.data), *response_suffix_problems(cfg.data), *split_size_problems(cfg.data),  # data
         *batch_problems(trainer, world), *optimizer_problems(trainer), *checkpoint_problems(trainer),  # trainer
         *step_problems(trainer), *forward_problems(trainer), *_run_problems(cfg),
         *loss, *rounds_problems(cfg),  # the method

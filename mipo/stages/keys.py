@@ -25,6 +25,7 @@ from typing import Any, Mapping
 
 from omegaconf import DictConfig, OmegaConf
 
+from mipo.data.encoding import DEFAULT_RESPONSE_SUFFIX
 from mipo.data.pairs import PairsFile
 from mipo.model.generation import SEEDING
 from mipo.model.loading import (
@@ -37,7 +38,7 @@ from mipo.model.precision import ForwardPrecision, train_dtype
 from mipo.model.vllm_backend import resolve_backend
 from mipo.runtime.files import stable_hash
 
-PAIRS_FORMAT = 4  # 4: the backend and K always in the key (3: rendering and inference numerics)
+PAIRS_FORMAT = 4  # 4: the backend and K in the key, decoding stops at every end-of-turn id (3: rendering, numerics)
 REFERENCE_FORMAT = 3  # 3: K always in the key (2: the numerics)
 TRAIN_FORMAT = 2  # 2: K and loss.multi_negative always in the key
 EVAL_FORMAT = 3  # 3: strict/flexible/loglik accuracy, per-token pmi, lengths, judge, diversity, per-prompt values
@@ -125,10 +126,16 @@ def reference_path(cache_dir: str | Path, key: Mapping[str, Any]) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 def train_key(cfg: DictConfig, pairs_file: PairsFile) -> dict[str, Any]:
-    """Everything a trained policy depends on (logging and checkpointing settings excluded)."""
+    """Everything a trained policy depends on (logging and checkpointing settings excluded).
+
+    ``data.response_suffix`` (the tokens a response is trained with) only where it is not the default, so the
+    runs trained before it existed keep their keys; the reference and evaluation keys have it through
+    ``tokenizer_identity``.
+    """
     trainer = _plain(cfg.trainer)
     for key in NOT_TRAIN_INPUTS:
         trainer.pop(key, None)
+    suffix = cfg.data.get("response_suffix") or DEFAULT_RESPONSE_SUFFIX
     return {
         "pairs_sha256": pairs_file.sha256,
         "model": model_identity(cfg.model),
@@ -139,6 +146,7 @@ def train_key(cfg: DictConfig, pairs_file: PairsFile) -> dict[str, Any]:
         "max_prompt_length": cfg.data.max_prompt_length,
         "num_negatives": cfg.negatives.get("num_negatives", 1),
         "seed": cfg.seed,
+        **({"response_suffix": suffix} if suffix != DEFAULT_RESPONSE_SUFFIX else {}),
         "format": TRAIN_FORMAT,
     }
 

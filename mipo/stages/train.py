@@ -44,8 +44,8 @@ from mipo.data.pairs import PairsFile, PreferencePair, read_pairs, truncation_su
 from mipo.model.loading import (
     enable_activation_checkpointing,
     load_model,
-    load_tokenizer,
     resolve_device,
+    run_tokenizer,
 )
 from mipo.model.logprobs import ScoringSettings
 from mipo.model.precision import ForwardPrecision, training_precision
@@ -161,7 +161,7 @@ def setup(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
     # ---- data and reference log-probs -------------------------------------------------------
     if pairs is None:
         pairs = read_pairs(pairs_file.path)
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    tokenizer = run_tokenizer(cfg)
     rows = encode_training_rows(tokenizer, pairs, cfg.loss.loss_type, cfg.data.max_length, cfg.data.max_prompt_length,
                                 num_negatives=cfg.negatives.get("num_negatives", 1))
     precision = training_precision(cfg, device)  # the policy's forward; the reference is computed in it too
