@@ -3,13 +3,15 @@
 ``format_table`` turns ``eval.json``'s results (``mipo.stages.evaluate.evaluate``) into Markdown:
 one row per model (each metric with its standard error), the paired ``trained − base`` row
 (mean difference, 95% bootstrap interval, p-value), then the notes (unparsed answers, diversity,
-the judge). ``TABLE_COLUMNS`` lists the metric columns, in order.
+the judge). ``TABLE_COLUMNS`` lists the metric columns, in order; ``IDENTITY_COLUMNS`` the column group
+of the paper's identity (the trained model's implicit reward against pmi; MIPO, arXiv 2603.19294: DPO's
+optimal implicit reward on MIPO pairs is the pointwise MI up to a per-prompt constant).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 
 def _percent(value: float, stderr: float | None) -> str:
@@ -47,30 +49,49 @@ TABLE_COLUMNS = (
 )
 
 
+# The identity's column group, filled for the trained model from ``eval.json``'s ``identity``
+# (``mipo.metrics.identity``): (header, field, stderr field, percent?)
+IDENTITY_COLUMNS = (
+    ("r~pmi Spearman (within prompt)", "spearman_within_prompt", "spearman_within_prompt_stderr", False),
+    ("r~pmi slope (demeaned)", "slope_demeaned", "slope_demeaned_stderr", False),
+    ("held-out pair accuracy", "heldout_pair_accuracy", "heldout_pair_accuracy_stderr", True),
+)
+
+
+def _cells(values: dict[str, Any], columns: Sequence[tuple[str, str, str | None, bool]]) -> list[str]:
+    """One row's cells: each metric ± its standard error, ``—`` where it is missing or undefined."""
+    cells = []
+    for _, metric, stderr, percent in columns:
+        if values.get(metric) is None:
+            cells.append("—")
+            continue
+        se = values.get(stderr) if stderr else None
+        digits = 1 if metric == "mean_response_tokens" else 3
+        cells.append(_percent(values[metric], se) if percent else _number(values[metric], se, digits))
+    return cells
+
+
 def format_table(results: dict[str, Any]) -> str:
     """A Markdown table: one row per model (each metric ± its standard error), then ``trained − base``
     (mean difference over the same prompts, 95% bootstrap interval and p-value), then the
-    responses' diversity, the unparsed counts and the judge's label where they apply."""
+    responses' diversity, the unparsed counts and the judge's label where they apply. Where the
+    evaluation measured the identity, its column group (``IDENTITY_COLUMNS``) is filled for the
+    trained model, and a note says what it measures."""
     models = results["models"]
     columns = [c for c in TABLE_COLUMNS if any(c[1] in m for m in models.values())]
+    identity = results.get("identity")
+    identity_columns = IDENTITY_COLUMNS if identity else ()
     lines = [f"{results['task']}: {results['num_eval']} held-out prompts, {results['mi']} under the base model "
              f"(K={results['mi_k']})", ""]
-    lines.append("| model | " + " | ".join(header for header, *_ in columns) + " |")
-    lines.append("|---|" + "---|" * len(columns))
+    lines.append("| model | " + " | ".join(header for header, *_ in (*columns, *identity_columns)) + " |")
+    lines.append("|---|" + "---|" * (len(columns) + len(identity_columns)))
     for name, r in models.items():
-        cells = []
-        for _, metric, stderr, percent in columns:
-            if metric not in r:
-                cells.append("—")
-                continue
-            se = r.get(stderr) if stderr else None
-            digits = 1 if metric == "mean_response_tokens" else 3
-            cells.append(_percent(r[metric], se) if percent else _number(r[metric], se, digits))
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        own_identity = _cells(identity, identity_columns) if name == "trained" else ["—"] * len(identity_columns)
+        lines.append(f"| {name} | " + " | ".join(_cells(r, columns) + own_identity) + " |")
     deltas = results.get("deltas")
     if deltas:
         cells = [_delta_cell(deltas.get(metric), percent, 1 if metric == "mean_response_tokens" else 3)
-                 for _, metric, _, percent in columns]
+                 for _, metric, _, percent in columns] + ["—"] * len(identity_columns)
         lines.append("| trained − base | " + " | ".join(cells) + " |")
         comparison = results.get("comparison", {})
         lines += ["", f"trained − base: mean over the same prompts, [95% bootstrap interval over prompts, "
@@ -93,4 +114,17 @@ def format_table(results: dict[str, Any]) -> str:
         lines += [""] + notes
     if "judge" in results:
         lines += ["", f"judge: {results['judge']['label']}"]
+    if identity:
+        lines += ["", identity_note(identity)]
     return "\n".join(lines)
+
+
+def identity_note(identity: dict[str, Any]) -> str:
+    """What the identity's columns measure, and on how many candidates and prompts."""
+    return (f"identity (trained model): r = β log πθ(y|x)/πref(y|x) (β={identity['beta']}) "
+            f"against {identity['pmi']} "
+            f"on the base model's responses, {identity['candidates']} (x, y) candidates under {identity['prompts']} "
+            f"prompts; Spearman over {identity['spearman_prompts']} prompts with ≥ 3 candidates "
+            f"({identity['spearman_undefined']} undefined, skipped); slope through the origin after removing each "
+            f"prompt's mean; pair accuracy over {identity['pair_comparisons']} (x, y_x, y_other) comparisons "
+            f"(ties count 1/2). DPO's optimum on MIPO pairs: slope 1, Spearman 1; chance accuracy 0.5")

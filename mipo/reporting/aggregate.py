@@ -18,6 +18,7 @@ from mipo.reporting.plots import (
     figure_name,
     plot,
     plot_deltas,
+    plot_identity_sweep,
     plot_lines,
     resolve_group,
 )
@@ -123,11 +124,15 @@ def choose_y(rows: Sequence[SummaryRow], requested: str | None) -> str:
 def draw_figures(rows: Sequence[SummaryRow], x: str, y: str, group: list[str] | None,
                  out_dir: Path, title: str) -> list[Path]:
     """The ``y`` figure and, when they are other metrics that exist, the MI and per-token MI figures;
-    when ``x`` is categorical (a comparison of methods), also the paired deltas against the base model
-    (``deltas_vs_<x>.png``, ``mipo.reporting.plots.plot_deltas``)."""
+    when the runs measured the paper's identity, its slope, correlation and held-out pair accuracy
+    (``identity_vs_<x>.png``, ``mipo.reporting.plots.plot_identity_sweep``); when ``x`` is categorical
+    (a comparison of methods), also the paired deltas against the base model (``deltas_vs_<x>.png``,
+    ``mipo.reporting.plots.plot_deltas``)."""
     ys = [y] + [m for m in (MI_METRIC, MI_PER_TOKEN_METRIC) if m != y and m in metric_columns(rows)]
     written = [plot(rows, x=x, y=metric, group=group, path=out_dir / figure_name(metric, x), title=title)
                for metric in ys]
+    identity = plot_identity_sweep(rows, x, out_dir / figure_name("identity", x), group=group, title=title)
+    written += [identity] if identity is not None else []
     if not all(is_number(row.values[x]) for row in rows if row.values[x] is not None):
         deltas = plot_deltas(rows, x, out_dir / figure_name("deltas", x), group=group, title=title)
         written += [deltas] if deltas is not None else []

@@ -2,14 +2,20 @@
 
     rows = summarize(collect_runs("multirun/2026-11-21/10-00-00"))
     plot(rows, x="loss.beta", y="trained/accuracy", path=figure_name("trained/accuracy", "loss.beta"))
+
+And the paper's identity (MIPO, arXiv 2603.19294: DPO's optimal implicit reward on MIPO pairs is the
+pointwise MI up to a per-prompt constant): ``plot_identity`` draws one run's r against pmi
+(``identity.png``), ``plot_identity_sweep`` the slope, correlation and held-out pair accuracy against a
+swept key.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
+from mipo.metrics.identity import demean_within_prompts
 from mipo.reporting.summary import SummaryRow, key_columns, metric_columns
 from mipo.reporting.sweep import AggregateError, hashable, is_number, sort_key
 
@@ -109,6 +115,107 @@ def plot_deltas(rows: Sequence[SummaryRow], x: str, path: str | Path, group: str
     heading = f"paired deltas vs {x}"
     figure.suptitle(f"{title}: {heading}" if title else heading, fontsize="medium")
     figure.supxlabel(error_bar_note(rows, available[0]), x=0.99, ha="right", fontsize="x-small", color="0.4")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+# The identity's measures in a sweep, with what the identity predicts at DPO's optimum and what the
+# untrained policy (pi_theta = pi_ref, so r = 0: step 0) gives: (metric, title, theory, untrained).
+IDENTITY_PANELS = (
+    ("identity/slope_demeaned", "slope of r on pmi (within prompt)", 1.0, 0.0),
+    ("identity/spearman_within_prompt", "Spearman r ~ pmi (within prompt)", 1.0, None),
+    ("identity/heldout_pair_accuracy", "held-out pair accuracy", None, 0.5),
+)
+
+
+def plot_identity(identity: Mapping[str, Any], path: str | Path, title: str | None = None) -> Path:
+    """One run's identity (``eval.json``'s ``identity``): r = beta log pi_theta/pi_ref against pmi(x; y)
+    over the held-out candidates, coloured by whether y answers x.
+
+    Left: the values as measured (each prompt has its own offset c(x)). Right: both with each prompt's
+    mean removed, the fitted slope through the origin (``slope_demeaned``) and the identity line,
+    slope 1, which DPO's optimum on MIPO pairs reaches (MIPO, arXiv 2603.19294, Sec. 3).
+    """
+    from matplotlib.figure import Figure
+
+    per = identity["per_candidate"]
+    answers = [bool(a) for a in per["answers"]]  # (M,)
+    centred = {"pmi": demean_within_prompts(per["pmi"], per["prompt"]),
+               "reward": demean_within_prompts(per["reward"], per["prompt"])}  # (M,) each
+    figure = Figure(figsize=(10.4, 4.4), layout="constrained")
+    for p, (values, label) in enumerate(((per, ""), (centred, " − prompt mean"))):
+        axes = figure.add_subplot(1, 2, p + 1)
+        for answered, colour, name in ((False, "tab:gray", "y answers another prompt"),
+                                       (True, "tab:red", "y answers x")):
+            keep = [m for m, a in enumerate(answers) if a == answered]
+            axes.scatter([values["pmi"][m] for m in keep], [values["reward"][m] for m in keep], s=12, alpha=0.6,
+                         color=colour, label=name)
+        axes.set_xlabel(f"pmi(x; y){label} (nats, base model)")
+        axes.set_ylabel(f"r(x, y) = β log πθ/πref{label}")
+        axes.grid(True, alpha=0.3)
+    low, high = (float(min(centred["pmi"], default=0.0)), float(max(centred["pmi"], default=0.0)))
+    axes.plot([low, high], [low, high], color="0.3", linestyle="--", linewidth=1, label="identity (slope 1)")
+    if identity.get("slope_demeaned") is not None:
+        slope = identity["slope_demeaned"]
+        axes.plot([low, high], [slope * low, slope * high], color="tab:blue", linewidth=1.5,
+                  label=f"fit: slope {slope:.3f}")
+    axes.legend(fontsize="small")
+    figure.suptitle(f"{title + ': ' if title else ''}implicit reward vs pmi, β={identity.get('beta')}",
+                    fontsize="medium")
+    figure.supxlabel(identity_summary(identity), x=0.99, ha="right", fontsize="x-small", color="0.4")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    return path
+
+
+def identity_summary(identity: Mapping[str, Any]) -> str:
+    """``slope 0.812 ± 0.051 · Spearman 0.604 ± 0.040 (72 prompts) · pair accuracy 0.781 ± 0.030``."""
+    def value(name: str) -> str:
+        mean, stderr = identity.get(name), identity.get(f"{name}_stderr")
+        if mean is None:
+            return "undefined"
+        return f"{mean:.3f}" if stderr is None else f"{mean:.3f} ± {stderr:.3f}"
+
+    return (f"slope {value('slope_demeaned')} · Spearman {value('spearman_within_prompt')} "
+            f"({identity.get('spearman_prompts', 0)} prompts, {identity.get('spearman_undefined', 0)} undefined) · "
+            f"held-out pair accuracy {value('heldout_pair_accuracy')} · {identity.get('candidates', 0)} candidates")
+
+
+def plot_identity_sweep(rows: Sequence[SummaryRow], x: str, path: str | Path,
+                        group: str | Sequence[str] | None = None, title: str | None = None) -> Path | None:
+    """The identity's three measures against ``x`` (e.g. ``trainer.max_steps`` or ``loss.beta``), one panel
+    each (``IDENTITY_PANELS``), error bars over seeds; dotted: what the identity predicts at DPO's
+    optimum (slope and correlation 1), dashed: the untrained policy (r = 0: slope 0, pair accuracy
+    0.5, chance). Returns ``None`` when the sweep has none of them."""
+    from matplotlib.figure import Figure
+
+    group_keys = resolve_group(key_columns(rows), x, group)
+    panels = [panel for panel in IDENTITY_PANELS if any(r.mean(panel[0]) is not None for r in rows)]
+    if not panels:
+        return None
+    figure = Figure(figsize=(4.2 * len(panels), 3.8), layout="constrained")
+    for p, (metric, heading, theory, untrained) in enumerate(panels):
+        axes = figure.add_subplot(1, len(panels), p + 1)
+        for label, points in plot_lines(rows, x, metric, group_keys).items():
+            axes.errorbar([v for v, _, _ in points], [m for _, m, _ in points], yerr=[e for _, _, e in points],
+                          marker="o", capsize=3, label=label or None)
+        if theory is not None:
+            axes.axhline(theory, color="tab:green", linestyle=":", linewidth=1.2, label="identity at DPO's optimum")
+        if untrained is not None:
+            axes.axhline(untrained, color="0.4", linestyle="--", linewidth=1,
+                         label="untrained (r = 0)" + (": chance" if metric.endswith("accuracy") else ""))
+        if use_log_scale(row.values[x] for row in rows if row.values[x] is not None):
+            axes.set_xscale("log")
+        axes.set_xlabel(x)
+        axes.set_title(heading, fontsize="medium")
+        axes.grid(True, alpha=0.3)
+        axes.legend(fontsize="x-small")
+    heading = f"implicit reward vs pmi against {x}"
+    figure.suptitle(f"{title}: {heading}" if title else heading, fontsize="medium")
+    figure.supxlabel(error_bar_note(rows, panels[0][0]), x=0.99, ha="right", fontsize="x-small", color="0.4")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)

@@ -37,6 +37,7 @@ DEFAULT_METRICS = (
     "trained/mi_per_token_mean", "base/mi_per_token_mean", "delta/mi_per_token_mean",
     "trained/mean_response_tokens", "base/mean_response_tokens",
     "trained/judge_win_rate", "base/judge_win_rate", "delta/judge_win_rate",
+    "identity/slope_demeaned", "identity/spearman_within_prompt", "identity/heldout_pair_accuracy",
     "train/final_loss", "train/final_reward_accuracy", "train/final_pmi_margin",
 )
 ALIASES = {"/accuracy": "/accuracy_strict"}

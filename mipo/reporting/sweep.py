@@ -180,7 +180,8 @@ def train_metrics(train: dict[str, Any]) -> dict[str, float]:
 
 
 def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
-    """``eval.json`` numbers as ``<model>/<name>`` (``trained/accuracy_strict``), ``eval/<name>`` and ``delta/<name>``.
+    """``eval.json`` numbers as ``<model>/<name>`` (``trained/accuracy_strict``), ``eval/<name>``, ``delta/<name>``
+    and ``identity/<name>``.
 
     ``delta/<name>`` is the paired comparison ``deltas.<name>`` (trained minus base over the same
     prompts): its mean, with ``delta/<name>_stderr`` (the paired standard error, used as the
@@ -188,12 +189,20 @@ def eval_metrics(evaluation: dict[str, Any]) -> dict[str, float]:
     ``_ci95_hi``. ``delta/accuracy`` aliases ``delta/accuracy_strict``, as ``accuracy`` aliases
     ``accuracy_strict``. An eval.json without ``deltas`` (older evaluation code) gets trained
     minus base of ``DELTA_METRICS``, without a standard error.
+
+    ``identity/<name>`` holds the numbers of the paper's identity, measured on the trained model
+    (``identity/slope_demeaned``, ``identity/spearman_within_prompt``, ``identity/heldout_pair_accuracy``,
+    each with its ``_stderr``, and the counts; ``mipo.metrics.identity``); a measure that was undefined
+    (null) is left out.
     """
     metrics = {f"eval/{k}": v for k, v in evaluation.items() if is_number(v)}
     models = evaluation.get("models") or {}
     for model, values in models.items():
         if isinstance(values, dict):
             metrics.update({f"{model}/{k}": v for k, v in values.items() if is_number(v)})
+    identity = evaluation.get("identity")
+    if isinstance(identity, dict):
+        metrics.update({f"identity/{k}": v for k, v in identity.items() if is_number(v)})
     deltas = evaluation.get("deltas")
     if isinstance(deltas, dict) and deltas:
         if "accuracy_strict" in deltas and "accuracy" not in deltas:

@@ -22,6 +22,13 @@ alternatives, so ``deltas.<metric>`` is trained minus base per prompt: mean, pai
 error, a seeded 95% bootstrap interval over prompts and a p-value (McNemar's exact test for
 accuracies, a sign-flip permutation test for pmi and lengths; ``mipo/metrics/stats.py``).
 
+Then **the paper's identity** (``eval.identity``, a trained model whose loss has a reference): the
+implicit reward r(x, y) = beta log pi_theta(y|x)/pi_ref(y|x) against pmi(x; y) on the base model's
+held-out responses, each prompt with its own response and the responses whose MI rows drew it as
+an alternative (``mipo/metrics/identity.py``; MIPO, arXiv 2603.19294: DPO's optimal implicit reward on
+MIPO pairs is the pointwise MI up to a per-prompt constant). The reference scores are the MI
+estimator's; only the trained policy's log-probs of those rows are new. ``identity.png`` plots them.
+
 Each model's results are cached in ``<cache>/eval/<key>.json``, keyed by the evaluated
 model, the reference model, the evaluation prompts and settings: a sweep evaluates the base
 model once. The comparisons are recomputed from the cached per-prompt values. The printed
@@ -41,8 +48,14 @@ from omegaconf import DictConfig
 from mipo.data.chat import Messages
 from mipo.data.encoding import encode_rows
 from mipo.data.tasks import Example, Task, build_task, task_splits
+from mipo.losses import loss_family
 from mipo.metrics.accuracy import accuracy, loglik_correct
 from mipo.metrics.diversity import diversity_metrics
+from mipo.metrics.identity import (
+    identity_candidates,
+    identity_metrics,
+    score_candidates,
+)
 from mipo.metrics.judge import (
     JudgeScores,
     JudgeSettings,
@@ -52,7 +65,7 @@ from mipo.metrics.judge import (
 )
 from mipo.metrics.stats import mean_stderr, paired_comparison
 from mipo.metrics.table import format_table
-from mipo.mi import Marginal, estimate_pmi, pmi_per_token
+from mipo.mi import Marginal, MIEstimate, estimate_pmi, pmi_per_token
 from mipo.model.generation import DecodeSettings, Generations, PlanSettings, generate
 from mipo.model.loading import (
     load_model,
@@ -61,8 +74,11 @@ from mipo.model.loading import (
     model_source_problem,
     resolve_device,
     resolve_dtype,
+    run_tokenizer,
 )
 from mipo.model.logprobs import Scorer, ScoringSettings
+from mipo.reporting.plots import plot_identity
+from mipo.runtime import distributed
 from mipo.runtime.errors import failed, is_int
 from mipo.runtime.files import write_json
 from mipo.stages.keys import eval_key, eval_path
@@ -111,6 +127,15 @@ def uses_judge(cfg: DictConfig, task: Task, examples: Sequence[Example]) -> bool
     return bool(judge.enabled)
 
 
+def uses_identity(cfg: DictConfig, evaluates_trained: bool) -> bool:
+    """``eval.identity`` (default true): measured where a trained model is evaluated and its loss has a
+    reference (``mipo.losses.loss_family(loss.loss_type).needs_reference``): the implicit reward
+    r = beta log pi_theta/pi_ref needs pi_ref, and the identity is about DPO's."""
+    if not (cfg.eval.get("identity", True) and evaluates_trained):
+        return False
+    return loss_family(cfg.loss.loss_type).needs_reference
+
+
 def eval_config_problems(cfg: DictConfig) -> list[str]:
     """Problems with the ``eval.*`` and ``judge.*`` values this module adds (``mipo.stages.config`` lists them)."""
     ev, problems = cfg.eval, []
@@ -125,8 +150,9 @@ def eval_config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"eval.bootstrap_resamples={resamples}: expected an int >= 1 (10000 as the default)")
     if ev.get("loglik", "auto") not in ("auto", True, False):
         problems.append(f"eval.loglik={ev.get('loglik')}: expected auto, true or false")
-    if not isinstance(ev.get("diversity", True), bool):
-        problems.append(f"eval.diversity={ev.get('diversity')}: expected true or false")
+    for flag in ("diversity", "identity"):
+        if not isinstance(ev.get(flag, True), bool):
+            problems.append(f"eval.{flag}={ev.get(flag)}: expected true or false")
     judge = cfg.get("judge")
     if judge is not None:
         if judge.get("enabled") not in ("auto", True, False):
@@ -171,7 +197,9 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
     ``eval.json`` holds ``models.<base|trained>`` (each metric with ``<name>_stderr``; see
     ``model_metrics``), ``deltas.<metric>`` (trained minus base over the same prompts: ``{"mean",
     "stderr", "ci95", "p_value", "n", "test"}``, see ``paired_deltas``), the decoding settings, the
-    precision, the judge (where it ran) and ``per_prompt`` values of every metric.
+    precision, the judge (where it ran), ``identity`` (``uses_identity``: the implicit reward against
+    pmi, ``mipo.metrics.identity.identity_metrics``; with ``identity.png`` beside it) and ``per_prompt``
+    values of every metric.
 
     Args:
         model_path: a trained model folder (Hugging Face format).
@@ -186,36 +214,25 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
     identities = {"base": model_identity(cfg.model)}
     if model_path is not None:
         identities["trained"] = f"trained:{trained_id}" if trained_id else model_identity({"name_or_path": str(model_path)})
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    tokenizer = run_tokenizer(cfg)
     inputs = {name: eval_key(cfg, identity, tokenizer, judged) for name, identity in identities.items()}
     cache_files = {name: eval_path(cfg, inputs[name]) for name in identities}
     records = {name: json.loads(path.read_text()) for name, path in cache_files.items() if path.exists()}
     for name in records:
         log.info("evaluation of the %s model: cached, skipping (%s)", name, cache_files[name])
 
-    pending = [name for name in identities if name not in records]
+    measure_identity = uses_identity(cfg, model_path is not None)  # the paper's identity, not the models' identities
+    pending = _pending(records, list(identities), measure_identity)
     if pending:
         records.update(_evaluate_models(cfg, task, tokenizer, eval_examples, pending, model_path, judged))
-        for name in pending:
-            write_json(cache_files[name], {"inputs": inputs[name], **records[name]})
+    if measure_identity and "identity" not in records["trained"]:
+        records["trained"]["identity"] = _identity_scores(cfg, tokenizer, task, eval_examples, records["base"],
+                                                          model_path)
+        pending = list(dict.fromkeys([*pending, "trained"]))
+    for name in pending:
+        write_json(cache_files[name], {"inputs": inputs[name], **records[name]})
 
-    results: dict[str, Any] = {
-        "task": cfg.task.name, "num_eval": len(eval_examples), "mi_k": cfg.eval.mi_k,
-        "mi": records["base"]["mi"],  # from the alternatives the estimator was given, not from one example
-        "precision": records["base"]["precision"],
-        "decoding": records["base"]["decoding"],
-        "models": {name: records[name]["metrics"] for name in identities},
-    }
-    if "trained" in records:
-        resamples = int(cfg.eval.get("bootstrap_resamples", 10_000))
-        results["deltas"] = paired_deltas(records["base"]["per_prompt"], records["trained"]["per_prompt"],
-                                          resamples=resamples, seed=cfg.seed)
-        results["comparison"] = {"bootstrap_resamples": resamples, "seed": cfg.seed, "ci": 0.95,
-                                 "unit": "prompt (trained minus base on the same prompts)"}
-    if judged:
-        results["judge"] = records["base"]["judge"]
-    results["mi_values"] = {name: records[name]["mi_values"] for name in identities}
-    results["per_prompt"] = {name: records[name]["per_prompt"] for name in identities}
+    results = _results(cfg, len(eval_examples), records, list(identities), judged, measure_identity)
     output_dir.mkdir(parents=True, exist_ok=True)
     write_json(output_dir / "eval.json", results)
     with open(output_dir / "responses.jsonl", "w") as f:
@@ -223,7 +240,63 @@ def evaluate(cfg: DictConfig, output_dir: str | Path, model_path: str | Path | N
             row = {"uid": e.uid, "answer": e.answer, **{name: records[name]["responses"][i] for name in identities}}
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     (output_dir / "eval_table.md").write_text(format_table(results) + "\n")
+    if measure_identity and distributed.is_main():
+        plot_identity(results["identity"], output_dir / "identity.png",
+                      title=f"{cfg.task.name} · {cfg.model.get('name')}")
     return results
+
+
+def _pending(records: dict[str, dict[str, Any]], names: list[str], measure_identity: bool) -> list[str]:
+    """The models to evaluate: those not cached, and a base model cached without its MI scores
+    (``mi_estimate``, by code older than the identity) when the identity still needs them."""
+    pending = [name for name in names if name not in records]
+    stale_base = "mi_estimate" not in records.get("base", {}) and "identity" not in records.get("trained", {})
+    if measure_identity and stale_base and "base" not in pending:
+        log.info("the cached base evaluation has no MI scores for the identity: evaluating the base model again")
+        pending.insert(0, "base")
+    return pending
+
+
+def _results(cfg: DictConfig, num_eval: int, records: dict[str, dict[str, Any]], names: list[str], judged: bool,
+             measure_identity: bool) -> dict[str, Any]:
+    """``eval.json``: the models' metrics, the paired deltas, the judge, the identity, the per-prompt values."""
+    results: dict[str, Any] = {
+        "task": cfg.task.name, "num_eval": num_eval, "mi_k": cfg.eval.mi_k,
+        "mi": records["base"]["mi"],  # from the alternatives the estimator was given, not from one example
+        "precision": records["base"]["precision"],
+        "decoding": records["base"]["decoding"],
+        "models": {name: records[name]["metrics"] for name in names},
+    }
+    if "trained" in records:
+        resamples = int(cfg.eval.get("bootstrap_resamples", 10_000))
+        results["deltas"] = paired_deltas(records["base"]["per_prompt"], records["trained"]["per_prompt"],
+                                          resamples=resamples, seed=cfg.seed)
+        results["comparison"] = {"bootstrap_resamples": resamples, "seed": cfg.seed, "ci": 0.95,
+                                 "unit": "prompt (trained minus base on the same prompts)"}
+    if measure_identity:
+        results["identity"] = {"reward": "beta * (log pi_theta(y|x) - log pi_ref(y|x))", "pmi": records["base"]["mi"],
+                               "loss_type": cfg.loss.loss_type, "responses": "base model's", "precision": "float32",
+                               **identity_metrics(records["trained"]["identity"], float(cfg.loss.beta))}
+    if judged:
+        results["judge"] = records["base"]["judge"]
+    results["mi_values"] = {name: records[name]["mi_values"] for name in names}
+    results["per_prompt"] = {name: records[name]["per_prompt"] for name in names}
+    return results
+
+
+def _identity_scores(cfg: DictConfig, tokenizer, task: Task, examples: list[Example], base: dict[str, Any],
+                     model_path: str | Path) -> dict[str, list]:
+    """The identity's candidates (``mipo.metrics.identity.identity_candidates``) with the reference scores
+    the base model's MI estimate holds, and the trained policy's log-probs of them: the policy in fp32
+    (as the MI reference), scored with the evaluation's ``ScoringSettings``, rows in the estimator's order."""
+    prompts = [task.messages(e) for e in examples]
+    candidates = identity_candidates(prompts, MIEstimate(**base["mi_estimate"]), context_alternatives(task, examples))
+    finished = [not cut for cut in base["per_prompt"]["truncated"]]
+    policy = load_model({"name_or_path": str(model_path), "attn_implementation": cfg.model.attn_implementation},
+                        device=resolve_device(cfg.device), dtype=torch.float32)
+    logp_policy = score_candidates(Scorer(policy, tokenizer, ScoringSettings.of(cfg)), candidates, base["responses"],
+                                   finished, desc="eval: identity, the trained policy's log-probs")
+    return {**candidates.record(), "logp_policy": logp_policy}
 
 
 def response_token_counts(tokenizer, prompts: Sequence[Messages], responses: Sequence[str], finished: Sequence[bool],
@@ -319,13 +392,15 @@ def _evaluate_models(cfg: DictConfig, task: Task, tokenizer, examples: list[Exam
     records = {}
     for name, generated in generations.items():
         outs = generated.texts
-        per_prompt: dict[str, list] = {**_pmi_and_length_values(cfg, scorer, prompts, alternatives, name, generated),
-                                       **_answer_values(task, examples, outs), **loglik_values.get(name, {})}
+        mi_values, estimate = _pmi_and_length_values(cfg, scorer, prompts, alternatives, name, generated)
+        per_prompt: dict[str, list] = {**mi_values, **_answer_values(task, examples, outs),
+                                       **loglik_values.get(name, {})}
         metrics = model_metrics(per_prompt)
         if cfg.eval.get("diversity", True) and len(outs) > 1:
             metrics.update({k: v for k, v in diversity_metrics(outs).items() if v is not None})
         records[name] = {"metrics": metrics, "responses": outs, "per_prompt": per_prompt, "mi_values": per_prompt["mi"],
-                         "mi": mi_kind, "precision": precision, "decoding": generated.settings}
+                         "mi": mi_kind, "precision": precision, "decoding": generated.settings,
+                         "mi_estimate": estimate.to_dict()}  # the scores the identity reuses
     del reference, base, scorer
     if judged:
         _judge(cfg, examples, records, device)
@@ -342,9 +417,9 @@ def _responses(cfg: DictConfig, model: torch.nn.Module, tokenizer, prompts: list
 
 def _pmi_and_length_values(cfg: DictConfig, scorer: Scorer, prompts: list[Messages],
                            alternatives: list[list[Messages]] | None, name: str,
-                           generated: Generations) -> dict[str, list]:
+                           generated: Generations) -> tuple[dict[str, list], MIEstimate]:
     """One model's per-prompt pmi under the reference ``scorer`` (summed and per scored token), response
-    lengths and cut responses."""
+    lengths and cut responses; and the MI estimate itself (its log-probs, which the identity reuses)."""
     outs = generated.texts
     finished = [reason == "eos" for reason in generated.finish_reasons]
     marginal = Marginal(k=cfg.eval.mi_k, seed=cfg.seed, include_positive=cfg.eval.mi_include_positive)
@@ -356,7 +431,7 @@ def _pmi_and_length_values(cfg: DictConfig, scorer: Scorer, prompts: list[Messag
         "mi": estimate.values, "mi_per_token": pmi_per_token(estimate.values, scored_tokens),
         "scored_tokens": scored_tokens, "response_tokens": [g.num_tokens for g in generated],
         "truncated": [int(not done) for done in finished], "response_chars": [len(text) for text in outs],
-    }
+    }, estimate
 
 
 def _answer_values(task: Task, examples: list[Example], outs: list[str]) -> dict[str, list]:

@@ -58,7 +58,7 @@ from mipo.training.checkpoint import clear_checkpoints
 
 log = logging.getLogger(__name__)
 TRAIN_OUTPUTS = ("train.json", "metrics.jsonl")
-EVAL_OUTPUTS = ("eval.json", "responses.jsonl", "eval_table.md")
+EVAL_OUTPUTS = ("eval.json", "responses.jsonl", "eval_table.md", "identity.png")
 
 
 def train_stage(cfg: DictConfig, pairs_file: PairsFile, pairs: list[PreferencePair] | None = None) -> Path:

@@ -20,8 +20,11 @@ from mipo.reporting.aggregate import aggregate
 from mipo.reporting.plots import (
     base_reference,
     figure_name,
+    identity_summary,
     plot,
     plot_deltas,
+    plot_identity,
+    plot_identity_sweep,
     plot_lines,
     use_log_scale,
 )
@@ -472,3 +475,80 @@ def test_categorical_x_adds_the_paired_deltas_figure(tmp_path: Path):
     numeric = aggregate(tmp_path / "betas", out_dir=tmp_path / "out2", x="loss.beta")
     assert numeric.written and not any(p.name.startswith("deltas") for p in numeric.written)
 
+
+
+# --------------------------------------------------------------------------------------------------
+# The paper's identity: slope, correlation and held-out pair accuracy against the swept key
+# --------------------------------------------------------------------------------------------------
+
+# (max_steps, seed): (slope, Spearman, held-out pair accuracy), each job with its own standard errors
+IDENTITY = {(4, 0): (0.10, 0.20, 0.55), (4, 1): (0.20, 0.30, 0.65), (16, 0): (0.50, None, 0.70),
+            (16, 1): (0.70, 0.60, 0.80)}
+
+
+def write_identity_job(sweep: Path, num: int, steps: int, seed: int, measures: tuple) -> Path:
+    """A job of the checkpoint sweep (``make identity-cpu``): eval.json with an ``identity`` section."""
+    job = sweep / f"{num}_seed={seed},trainer.max_steps={steps}"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(f"- trainer.max_steps={steps}\n- seed={seed}\n")
+    (job / ".hydra" / "config.yaml").write_text("task:\n  name: arc_challenge\n")
+    slope, spearman, accuracy = measures
+    identity = {"beta": 0.1, "candidates": 320, "prompts": 80, "pmi": "pmi(x; y)", "theory": {"slope_demeaned": 1.0},
+                "slope_demeaned": slope, "slope_demeaned_stderr": 0.05,
+                "spearman_within_prompt": spearman, "spearman_within_prompt_stderr": None if spearman is None else 0.04,
+                "spearman_undefined": 80 if spearman is None else 0,
+                "heldout_pair_accuracy": accuracy, "heldout_pair_accuracy_stderr": 0.03,
+                "per_candidate": {"prompt": [0], "response": [0], "answers": [True], "pmi": [0.1], "reward": [0.0]}}
+    (job / "eval.json").write_text(json.dumps({
+        "task": "arc_challenge", "num_eval": 80, "mi_k": 3, "mi": "pmi(x; y)", "identity": identity,
+        "models": {"base": {"mi_mean": 0.3, "mi_stderr": 0.05}, "trained": {"mi_mean": 0.4, "mi_stderr": 0.05}}}))
+    return job
+
+
+def test_identity_measures_are_read_averaged_and_plotted(tmp_path: Path):
+    for num, ((steps, seed), measures) in enumerate(IDENTITY.items()):
+        write_identity_job(tmp_path / "sweep", num, steps, seed, measures)
+    runs = collect_runs(tmp_path / "sweep")
+    assert runs[0].results["identity/slope_demeaned"] == Result(0.10, 0.05)  # with the job's own stderr
+    assert runs[0].results["identity/heldout_pair_accuracy"] == Result(0.55, 0.03)
+    assert "identity/spearman_within_prompt" not in runs[2].metrics  # undefined (null): left out, not a 0
+    assert runs[2].metrics["identity/spearman_undefined"] == 80
+    assert not any(name.startswith("identity/per_candidate") or name == "identity/theory" for name in runs[0].metrics)
+    rows = summarize(runs)
+    four, sixteen = rows
+    assert (four.values, sixteen.values) == ({"trainer.max_steps": 4}, {"trainer.max_steps": 16})
+    slope = sixteen.stats["identity/slope_demeaned"]  # two seeds: mean, std (ddof=1) / sqrt(2)
+    assert (slope.mean, slope.stderr, slope.n) == (pytest.approx(0.6), pytest.approx(0.1), 2)
+    spearman = sixteen.stats["identity/spearman_within_prompt"]  # one seed has it: that seed's own stderr
+    assert (spearman.mean, spearman.stderr, spearman.n) == (0.6, 0.04, 1)
+    columns = default_columns(rows)
+    assert columns[:4] == ["trainer.max_steps", "trained/mi_mean", "base/mi_mean", "delta/mi_mean"]
+    identity_columns = {"identity/slope_demeaned", "identity/spearman_within_prompt", "identity/heldout_pair_accuracy"}
+    assert identity_columns <= set(columns)
+
+    report = aggregate(tmp_path / "sweep", out_dir=tmp_path / "out", x="trainer.max_steps")
+    figure = tmp_path / "out" / "identity_vs_trainer.max_steps.png"
+    assert figure in report.written and figure.read_bytes()[:8] == PNG_MAGIC
+    assert "identity/slope_demeaned" in (tmp_path / "out" / "summary.md").read_text()
+    lines = plot_lines(rows, "trainer.max_steps", "identity/heldout_pair_accuracy", [])
+    assert [(v, pytest.approx(m)) for v, m, _ in lines[""]] == [(4, 0.60), (16, 0.75)]
+
+
+def test_sweep_without_the_identity_draws_no_identity_figure(sweep: Path, tmp_path: Path):
+    report = aggregate(sweep, out_dir=tmp_path / "out")
+    assert not any(path.name.startswith("identity") for path in report.written)
+    assert plot_identity_sweep(summarize(collect_runs(sweep)), "loss.beta", tmp_path / "i.png") is None
+
+
+def test_plot_identity_of_one_run(tmp_path: Path):
+    identity = {"beta": 0.1, "candidates": 6, "slope_demeaned": 0.8, "slope_demeaned_stderr": 0.1,
+                "spearman_within_prompt": None, "spearman_prompts": 0, "spearman_undefined": 2,
+                "heldout_pair_accuracy": 0.75, "heldout_pair_accuracy_stderr": None,
+                "per_candidate": {"prompt": [0, 0, 0, 1, 1, 1], "response": [0, 1, 2, 1, 0, 2],
+                                  "answers": [True, False, False, True, False, False],
+                                  "pmi": [1.0, 2.0, 3.0, 0.0, 1.0, 2.0], "reward": [0.1, 0.3, 0.2, 3.0, 2.0, 1.0]}}
+    path = plot_identity(identity, tmp_path / "identity.png", title="arc_challenge")
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert identity_summary(identity) == ("slope 0.800 ± 0.100 · Spearman undefined (0 prompts, 2 undefined) · "
+                                          "held-out pair accuracy 0.750 · 6 candidates")
+    assert plot_identity({**identity, "slope_demeaned": None}, tmp_path / "none.png").exists()  # no fit line

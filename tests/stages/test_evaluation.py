@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 import mipo.stages.evaluate as evaluation
 from mipo.data.tasks import task_splits
 from mipo.metrics.accuracy import choose_option, loglik_correct
-from mipo.model.loading import load_model, load_tokenizer
+from mipo.model.loading import load_model, load_tokenizer, model_identity
 from mipo.stages import keys
 
 CONF = str(Path(__file__).resolve().parents[2] / "conf")
@@ -178,3 +178,94 @@ def test_bad_eval_and_judge_settings_are_config_problems(tmp_path, override, mes
     from mipo.stages.config import config_problems
     problems = config_problems(tiny_cfg(tmp_path, override))
     assert any(message in p for p in problems), problems
+
+
+# -- the paper's identity: the implicit reward against pmi (mipo/metrics/identity.py) --------------------
+
+
+def _cache_records(cfg) -> dict[str, Path]:
+    """The evaluation cache files by the model they hold ("base" or "trained")."""
+    files = list((Path(cfg.paths.cache_dir) / "eval").glob("*.json"))
+    return {"trained" if json.loads(f.read_text())["inputs"]["evaluated_model"] != model_identity(cfg.model)
+            else "base": f for f in files}
+
+
+def test_eval_json_has_the_identity_and_the_figure(tmp_path, monkeypatch):
+    cfg = tiny_cfg(tmp_path, "data.num_eval=6", "eval.bootstrap_resamples=200", "loss.beta=0.2")
+    trained = _perturbed_model(cfg, tmp_path / "trained")
+    results = evaluation.evaluate(cfg, tmp_path / "out", model_path=trained)
+    identity = json.loads((tmp_path / "out" / "eval.json").read_text())["identity"]
+    assert identity == json.loads(json.dumps(results["identity"]))
+    k = cfg.eval.mi_k
+    assert identity["candidates"] == 6 * (k + 1) and identity["prompts"] == 6 and identity["beta"] == 0.2
+    assert identity["pmi"] == "pmi(x; y)" and identity["loss_type"] == "sigmoid"
+    for name in ("spearman_within_prompt", "slope_demeaned", "heldout_pair_accuracy"):
+        assert name in identity and f"{name}_stderr" in identity
+    assert 0.0 <= identity["heldout_pair_accuracy"] <= 1.0 and identity["pair_comparisons"] == 6 * k
+    assert identity["theory"] == {"slope_demeaned": 1.0, "spearman_within_prompt": 1.0,
+                                  "heldout_pair_accuracy_chance": 0.5}
+    per = identity["per_candidate"]
+    assert len(per["reward"]) == len(per["pmi"]) == 6 * (k + 1) and sum(per["answers"]) == 6
+    # the pmi of each response under its own prompt is the MI the evaluation reports for the base model
+    own = {j: p for j, p, a in zip(per["response"], per["pmi"], per["answers"]) if a}
+    assert [own[j] for j in range(6)] == pytest.approx(results["per_prompt"]["base"]["mi"], abs=1e-9)
+    assert (tmp_path / "out" / "identity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (tmp_path / "out" / "eval_table.md").read_text()
+    assert "held-out pair accuracy" in table and "r~pmi slope (demeaned)" in table
+    assert "identity (trained model)" in table
+
+    # cached: read back, not scored again; a base model cached without its MI scores is evaluated again
+    monkeypatch.setattr(evaluation, "score_candidates", lambda *a, **k: pytest.fail("scored again"))
+    again = evaluation.evaluate(cfg, tmp_path / "again", model_path=trained)
+    assert again["identity"] == identity
+    monkeypatch.undo()
+    for name, path in _cache_records(cfg).items():
+        record = json.loads(path.read_text())
+        record.pop("mi_estimate" if name == "base" else "identity")
+        path.write_text(json.dumps(record))
+    stale = evaluation.evaluate(cfg, tmp_path / "stale", model_path=trained)
+    for field, values in per.items():
+        assert stale["identity"]["per_candidate"][field] == pytest.approx(values, abs=1e-5), field
+    assert stale["models"]["base"]["mi_mean"] == pytest.approx(results["models"]["base"]["mi_mean"], abs=1e-6)
+
+
+def test_identity_of_an_untrained_policy_is_r_zero(tmp_path):
+    # the policy is the base model: the candidates are scored in the MI estimator's batches, so r = 0 exactly
+    cfg = tiny_cfg(tmp_path, "data.num_eval=5", "eval.bootstrap_resamples=100")
+    tokenizer = load_tokenizer(cfg.model)
+    load_model(cfg.model, device="cpu", dtype=torch.float32, vocab_size=len(tokenizer)).save_pretrained(tmp_path / "m")
+    identity = evaluation.evaluate(cfg, tmp_path / "out", model_path=tmp_path / "m")["identity"]
+    assert set(identity["per_candidate"]["reward"]) == {0.0}
+    assert identity["slope_demeaned"] == 0.0 and identity["heldout_pair_accuracy"] == 0.5
+    assert identity["spearman_within_prompt"] is None and identity["spearman_prompts"] == 0  # constant r: undefined
+    assert identity["spearman_undefined"] + identity["spearman_too_few"] == identity["prompts"]
+
+
+@pytest.mark.parametrize(("overrides", "trained", "expected"), [
+    ((), True, True), (("loss=ipo",), True, True), (("loss=sft",), True, False), (("loss=sami",), True, False),
+    (("++eval.identity=false",), True, False), ((), False, False),
+])
+def test_identity_needs_a_trained_model_and_a_reference(tmp_path, overrides, trained, expected):
+    assert evaluation.uses_identity(tiny_cfg(tmp_path, *overrides), trained) is expected
+
+
+def test_identity_flag_is_checked(tmp_path):
+    from mipo.stages.config import config_problems
+    problems = config_problems(tiny_cfg(tmp_path, "++eval.identity=maybe"))
+    assert any("eval.identity=maybe: expected true or false" in p for p in problems), problems
+
+
+def test_identity_under_context_swapped_prompts(tmp_path):
+    # personalization: the alternatives keep the query and swap the user's context (pmi(c; y | q)), so the
+    # candidates sit under prompts that are no held-out row's, mostly one each
+    rows = [{"question": f"Question number {i}?", "answer": str(i), "memories": [f"I like {i}."]} for i in range(5)]
+    data = tmp_path / "users.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = tiny_cfg(tmp_path, "task=persistbench", "task.name=jsonl", f"data.source={data}",
+                   "+task.options.context_field=memories", "data.num_train=0", "data.num_eval=5",
+                   "eval.bootstrap_resamples=100")
+    identity = evaluation.evaluate(cfg, tmp_path / "out", model_path=_perturbed_model(cfg, tmp_path / "t"))["identity"]
+    assert identity["pmi"] == "conditional pmi(c; y | q)" and identity["candidates"] == 5 * (cfg.eval.mi_k + 1)
+    assert identity["prompts"] == identity["candidates"]  # every (context, query) prompt holds one response
+    assert identity["heldout_pair_accuracy"] is None and identity["spearman_too_few"] == identity["prompts"]
+    assert (tmp_path / "out" / "identity.png").exists()
