@@ -165,12 +165,6 @@ def encode_pairs(tokenizer, pairs: Sequence["PreferencePair"], max_length: int,
     return rows[: len(pairs)], rows[len(pairs):]
 
 
-def truncation_counts(rows: Sequence[EncodedRow]) -> dict[str, int]:
-    """How often the truncation rule fired: rows whose prompt, or response, lost tokens."""
-    return {"prompts_truncated": sum(row.prompt_cut > 0 for row in rows),
-            "responses_truncated": sum(row.response_cut > 0 for row in rows)}
-
-
 # --------------------------------------------------------------------------------------------
 # Padding
 # --------------------------------------------------------------------------------------------
