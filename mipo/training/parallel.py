@@ -7,7 +7,10 @@
   root: parameters, gradients and AdamW states sharded over the ranks (each rank holds 1/N of
   them). The sharded fp32 parameters are the master weights; on a GPU the forward runs in bf16
   (``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``: each layer's weights are
-  all-gathered and cast to bf16, gradients are reduce-scattered in fp32). ``trainer.cpu_offload``
+  all-gathered and cast to bf16, gradients are reduce-scattered in fp32). The micro-batch is not cast
+  (the root's ``cast_forward_inputs=False``): FSDP2's default casts every floating input of the root to
+  bf16, which rounded the fp32 reference log-probs the loss compares with (log pi_ref ~ -2700 is
+  bf16-spaced by 16 nats). ``trainer.cpu_offload``
   keeps the shards, their gradients and the optimizer step on the CPU (``CPUOffloadPolicy``).
 
 What is wrapped. The trainer's forward does not go through ``policy.forward``: it calls
@@ -161,12 +164,14 @@ def wrap(policy: torch.nn.Module, training_forward: Any, strategy: str, device: 
             log.warning("trainer.cpu_offload=true: the model is on the CPU already; ignored")
             cpu_offload = False
         mesh = init_device_mesh(device.type, (distributed.world_size(),))
-        options = dict(mesh=mesh,
-                       mp_policy=MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32),
-                       offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+        offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
         for layer in decoder_layers(policy):
-            fully_shard(layer, **options)
-        fully_shard(module, **options)
+            fully_shard(layer, mesh=mesh, offload_policy=offload,
+                        mp_policy=MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32))
+        # the root's inputs are the micro-batch: its fp32 reference log-probs must stay fp32
+        fully_shard(module, mesh=mesh, offload_policy=offload,
+                    mp_policy=MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32,
+                                                   cast_forward_inputs=False))
     elif cpu_offload:
         log.warning("trainer.cpu_offload=true has an effect with trainer.strategy=fsdp only; ignored")
     return ParallelForward(training_forward, policy, module, strategy)

@@ -89,7 +89,14 @@ MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("Ċ", "Ċ"), ("i", "s"), ("Ġ
 
 def family_tokenizer(name: str, template: str | None = None):
     """The tokenizer of family ``name`` (``template`` replaces its chat template)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+    )
     from transformers import PreTrainedTokenizerFast
 
     family = FAMILIES[name]
