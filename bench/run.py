@@ -37,7 +37,7 @@ from bench.train_step import Settings, compare
 from bench.workloads import pairs_file, workload_config
 from mipo.data.encoding import encode_pairs
 from mipo.data.pairs import read_pairs
-from mipo.model.loading import load_model, load_tokenizer
+from mipo.model.loading import load_model, load_tokenizer, run_tokenizer
 
 MATMUL_SIZE = 2048  # the fp32 product that measures the machine's matrix rate
 
@@ -63,7 +63,7 @@ class Work:
 
 
 def workload_work(cfg: Any, path: Path) -> Work:
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    tokenizer = run_tokenizer(cfg)
     chosen, rejected = encode_pairs(tokenizer, read_pairs(path), cfg.data.max_length, cfg.data.max_prompt_length)
     model = load_model(cfg.model, device="cpu", dtype=torch.float32, cache_dir=cfg.paths.cache_dir,
                        vocab_size=len(tokenizer))

@@ -34,6 +34,8 @@ from typing import Any, Mapping
 import torch
 import torch.nn.functional as F
 
+from mipo.runtime.errors import is_number
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")  # the DPO family (``dpo_loss``)
 MULTI_NEGATIVE = ("mean", "plackett_luce")  # ``loss.multi_negative``: K > 1 rejected responses per prompt
 SFT_REDUCTIONS = ("mean", "sum")  # ``loss.sft_reduction``
@@ -62,10 +64,6 @@ LOSS_FAMILIES: dict[str, LossFamily] = {
     "infonce": LossFamily("infonce", needs_reference=False, needs_negative_prompt=True, uses_rejected=True,
                           multi_negative=False),
 }
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def loss_family(loss_type: str) -> LossFamily:
@@ -316,18 +314,18 @@ def loss_config_problems(loss: Mapping[str, Any]) -> list[str]:
         if loss.get("sft_reduction") not in SFT_REDUCTIONS:
             problems.append(f"loss.sft_reduction={loss.get('sft_reduction')!r}: expected one of {SFT_REDUCTIONS}")
     elif loss_type == "simpo":
-        if not (_is_number(loss.get("beta")) and loss["beta"] > 0):
+        if not (is_number(loss.get("beta")) and loss["beta"] > 0):
             problems.append(f"loss.beta={loss.get('beta')}: SimPO's reward scale must be > 0")
-        if not (_is_number(loss.get("gamma")) and loss["gamma"] >= 0):
+        if not (is_number(loss.get("gamma")) and loss["gamma"] >= 0):
             problems.append(f"loss.gamma={loss.get('gamma')}: SimPO's margin must be a number >= 0")
         if not isinstance(loss.get("length_normalize"), bool):
             problems.append(f"loss.length_normalize={loss.get('length_normalize')}: expected true or false")
     elif loss_type == "sami":
         smoothing = loss.get("label_smoothing", 0.0)
-        if not (_is_number(smoothing) and 0.0 <= smoothing < 0.5):
+        if not (is_number(smoothing) and 0.0 <= smoothing < 0.5):
             problems.append(f"loss.label_smoothing={smoothing}: expected a number in [0, 0.5)")
     elif loss_type == "infonce":
-        if not (_is_number(loss.get("temperature")) and loss["temperature"] > 0):
+        if not (is_number(loss.get("temperature")) and loss["temperature"] > 0):
             problems.append(f"loss.temperature={loss.get('temperature')}: expected a number > 0 (the paper's code: 100)")
     return problems
 
@@ -337,9 +335,9 @@ def loss_settings_problems(beta: float, label_smoothing: float, loss_type: str) 
     problems = []
     if loss_type not in LOSS_TYPES:
         problems.append(f"unknown loss_type {loss_type!r}; expected one of {LOSS_TYPES}")
-    if not (_is_number(beta) and beta > 0):
+    if not (is_number(beta) and beta > 0):
         problems.append(f"beta must be > 0, got {beta}")
-    if not (_is_number(label_smoothing) and 0.0 <= label_smoothing < 0.5):
+    if not (is_number(label_smoothing) and 0.0 <= label_smoothing < 0.5):
         problems.append(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     elif label_smoothing and loss_type != "sigmoid":
         problems.append(f"label_smoothing applies to loss_type='sigmoid' only, got {loss_type!r}")

@@ -46,9 +46,7 @@ from transformers import (
 from mipo.data.chat import (
     STOP_IDS_ATTRIBUTE,
     TEMPLATE_KWARGS_ATTRIBUTE,
-    TURN_END_ATTRIBUTE,
     chat_template_kwargs,
-    find_turn_end,
     render_prompt,
     stop_token_ids,
     turn_end,
@@ -179,11 +177,11 @@ def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> str:
     except Exception:  # templates that refuse a system message
         probe = render_prompt(tokenizer, PROBE_PROMPT[1:])
     digest.update(probe.encode())
-    eos, ending = tokenizer.eos_token_id, {}
-    if turn_end(tokenizer).token_id != eos:
-        ending["end_of_turn"] = turn_end(tokenizer).token_id
-    if stop_token_ids(tokenizer) != (eos,):
-        ending["stop_token_ids"] = sorted(stop_token_ids(tokenizer))
+    eos, end, stops, ending = tokenizer.eos_token_id, turn_end(tokenizer).token_id, stop_token_ids(tokenizer), {}
+    if end != eos:
+        ending["end_of_turn"] = end
+    if stops != (eos,):
+        ending["stop_token_ids"] = sorted(stops)
     if response_suffix(tokenizer) != DEFAULT_RESPONSE_SUFFIX:
         ending["response_suffix"] = response_suffix(tokenizer)
     if ending:
@@ -292,15 +290,14 @@ def generation_eos_ids(model_cfg: Mapping[str, Any], source: str | None,
 
 
 def attach_turn_end(tokenizer: PreTrainedTokenizerBase, generation_eos: tuple[int, ...] | None, name: str) -> None:
-    """Attach the end of an assistant turn (``find_turn_end``) and the ids sampling stops at to ``tokenizer``.
+    """Attach the end of an assistant turn (``mipo.data.chat.turn_end``) and the ids sampling stops at to ``tokenizer``.
 
     The stop ids are the turn end, the tokenizer's eos and the generation config's ``eos_token_id``
     (``generation_eos``): every id ``model.generate`` stops at, and the one the template ends a turn with.
     A template whose end-of-turn token is not among the generation config's eos ids is logged once
     (a warning): the checkpoint and its template disagree on how a turn ends.
     """
-    end = find_turn_end(tokenizer)
-    setattr(tokenizer, TURN_END_ATTRIBUTE, end)
+    end = turn_end(tokenizer)  # found once and attached
     setattr(tokenizer, STOP_IDS_ATTRIBUTE,
             unique_ids([end.token_id, tokenizer.eos_token_id, *(generation_eos or ())]))
     if end.from_template and generation_eos is not None and end.token_id not in generation_eos:

@@ -36,9 +36,9 @@ from mipo.reporting.sweep import (
     AggregateError,
     Run,
     collect_runs,
-    is_number,
     sweep_title,
 )
+from mipo.runtime.errors import is_number
 
 MI_METRIC = "trained/mi_mean"
 MI_PER_TOKEN_METRIC = "trained/mi_per_token_mean"

@@ -17,7 +17,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from mipo.metrics.identity import demean_within_prompts
 from mipo.reporting.summary import SummaryRow, key_columns, metric_columns
-from mipo.reporting.sweep import AggregateError, hashable, is_number, sort_key
+from mipo.reporting.sweep import AggregateError, hashable, sort_key
+from mipo.runtime.errors import is_number
 
 
 def plot(rows: Sequence[SummaryRow], x: str = "loss.beta", y: str = "trained/accuracy",

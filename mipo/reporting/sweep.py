@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from mipo.runtime.errors import InputError
+from mipo.runtime.errors import InputError, is_number
 
 # Per-model metrics that get a ``delta/<name>`` as trained minus base when eval.json has no paired
 # ``deltas`` (written by the evaluation code before paired comparisons).
@@ -308,10 +308,6 @@ def _load_json(path: Path) -> tuple[dict[str, Any] | None, str | None]:
 
 
 # Small helpers for swept values, shared by the summary and the figures.
-
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
 
 def hashable(value: Any) -> Any:
     try:

@@ -146,7 +146,7 @@ def eval_config_problems(cfg: DictConfig) -> list[str]:
         problems.append(f"eval.mi_k={ev.mi_k} needs at least {ev.mi_k + 1} distinct evaluation prompts (each row's own "
                         f"and K others) but data.num_eval={cfg.data.num_eval}: lower eval.mi_k or raise data.num_eval")
     resamples = ev.get("bootstrap_resamples", 10_000)
-    if isinstance(resamples, bool) or not isinstance(resamples, int) or resamples < 1:
+    if not (is_int(resamples) and resamples >= 1):
         problems.append(f"eval.bootstrap_resamples={resamples}: expected an int >= 1 (10000 as the default)")
     if ev.get("loglik", "auto") not in ("auto", True, False):
         problems.append(f"eval.loglik={ev.get('loglik')}: expected auto, true or false")
@@ -159,10 +159,10 @@ def eval_config_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"judge.enabled={judge.get('enabled')}: expected auto, true or false")
         problems += prompt_problems(str(judge.get("prompt", "")))
         max_new = judge.get("max_new_tokens")
-        if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        if not (is_int(max_new) and max_new >= 1):
             problems.append(f"judge.max_new_tokens={max_new}: expected an int > 0")
         batch = judge.get("batch_size")
-        if batch != "auto" and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        if batch != "auto" and not (is_int(batch) and batch >= 1):
             problems.append(f"judge.batch_size={batch}: expected auto or an int > 0")
         may_run = judge.get("enabled") is True or (judge.get("enabled") == "auto" and _task_has_contexts(cfg))
         source_problem = model_source_problem(judge.model) if may_run else None
