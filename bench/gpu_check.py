@@ -12,7 +12,7 @@ weights, tokenizer files or data reach the node.
 
 1. the compiled Triton log-prob kernels' tests (``make test-gpu``, in a pytest subprocess) and
    the on-device probe through which ``kernel=auto`` chooses them (``default_impl``);
-2. step-0 exactness in the trainer's numerics (fp32 weights, bf16 autocast): ``ReferencePass``
+2. step-0 exactness in the trainer's numerics (fp32 weights, bf16 autocast): each forward's own ``ReferencePass``
    against the policy's training forward, loss log 2 and rewards 0, for the prompt tree (sdpa
    per segment, flex attention), plain rows, and FSDP2 on one rank (with one backward through it);
 3. the prompt-tree forward equal to the plain rows: loss and every gradient, fp32 and bf16;
@@ -72,7 +72,6 @@ from bench.gpu_setup import (  # noqa: E402
 from bench.gpu_speed import check_kernel_bench, check_sampling, check_training_throughput  # noqa: E402
 from mipo.kernels.logprob import default_impl, logprob_gather  # noqa: E402
 from mipo.model.logprobs import Scorer, ScoringSettings  # noqa: E402
-from mipo.model.precision import ForwardPrecision  # noqa: E402
 from mipo.stages.reference import ReferencePass  # noqa: E402
 from mipo.training import parallel  # noqa: E402
 from mipo.training.forward import ReferenceLogps  # noqa: E402
@@ -175,9 +174,20 @@ def step0_worst(forward: Any, policy: torch.nn.Module, work: Workload, reference
     return worst_loss, worst_reward
 
 
-def step0_in_layout(ctx: Context, policy: torch.nn.Module, layout: str, work: Workload,
-                    reference: ReferenceLogps) -> tuple[float, float]:
-    return step0_worst(prepared(policy, layout, True, ctx.autocast), policy, work, reference, ctx)
+def own_reference(ctx: Context, shape: gpu_setup.Shape, work: Workload, forward: Any, tag: str) -> ReferenceLogps:
+    """log pi_ref as the trainer computes it: ``forward`` itself (a ``parallel.wrap``), no gradients, in the
+    micro-batches the check then trains (``ReferencePass``, cached under ``tag``)."""
+    reference_pass = ReferencePass(forward, shape.model_cfg(), ctx.tokenizer(shape), (MAX_LENGTH, MAX_PROMPT_LENGTH),
+                                   micro_batches(len(work.pairs), ctx.sizes.micro_batch), ctx.device,
+                                   ctx.workdir / "cache" / tag)
+    return reference_pass.logps(work.file, (work.rows.chosen, work.rows.rejected))
+
+
+def step0_in_layout(ctx: Context, shape: gpu_setup.Shape, policy: torch.nn.Module, layout: str,
+                    work: Workload) -> tuple[float, float]:
+    forward = parallel.wrap(policy, prepared(policy, layout, True, ctx.autocast), "single", ctx.device)
+    reference = own_reference(ctx, shape, work, forward, layout)
+    return step0_worst(forward, policy, work, reference, ctx)
 
 
 def record_step0(r: Result, label: str, worst: tuple[float, float]) -> bool:
@@ -200,15 +210,17 @@ def grad_norm(forward: Any, policy: torch.nn.Module, work: Workload, reference: 
     return norm
 
 
-def step0_fsdp(ctx: Context, shape: gpu_setup.Shape, work: Workload, reference: ReferenceLogps, r: Result) -> bool:
-    """FSDP2 on one rank (bf16 mixed precision, fp32 reduction), on a copy of the policy: step 0, then one backward,
-    whose gradient norm must be one process's (fp32 weights, bf16 autocast)."""
+def step0_fsdp(ctx: Context, shape: gpu_setup.Shape, work: Workload, r: Result) -> bool:
+    """FSDP2 on one rank (bf16 mixed precision, fp32 reduction), on a copy of the policy: its own reference pass
+    and step 0, then one backward, whose gradient norm must be one process's (fp32 weights, bf16 autocast)."""
     policy = ctx.policy(shape)
-    one_process = grad_norm(prepared(policy, SEGMENTS, True, ctx.autocast), policy, work, reference, ctx)
+    single = parallel.wrap(policy, prepared(policy, SEGMENTS, True, ctx.autocast), "single", ctx.device)
+    one_process = grad_norm(single, policy, work, own_reference(ctx, shape, work, single, SEGMENTS), ctx)
     with gpu_setup.one_rank_group(ctx.device) as backend:
         sharded = copy.deepcopy(policy)
         forward = parallel.wrap(sharded, prepared(sharded, SEGMENTS, True, ctx.autocast), "fsdp", ctx.device,
                                 mixed_precision=ctx.autocast)
+        reference = own_reference(ctx, shape, work, forward, "fsdp")
         ok = record_step0(r, f"{shape.name}, {SEGMENTS}, FSDP2 on one rank ({backend})",
                           step0_worst(forward, sharded, work, reference, ctx))
         norm = grad_norm(forward, sharded, work, reference, ctx)
@@ -225,27 +237,25 @@ def step0_fsdp(ctx: Context, shape: gpu_setup.Shape, work: Workload, reference: 
 
 
 def step0_of_shape(ctx: Context, shape: gpu_setup.Shape, r: Result, first: bool) -> bool:
-    """The reference pass (``ReferencePass``, its own model) against the policy's step-0 forward in every layout
-    (``ctx.layouts``), and under FSDP2 for the ``first`` shape."""
+    """Each layout's reference pass (the trainer's: its own forward, ``ReferencePass``) against that forward's
+    step 0 (``ctx.layouts``), and under FSDP2 for the ``first`` shape."""
     work = ctx.workload(shape, "exact", ctx.sizes.exact_pairs)
-    tokenizer = ctx.tokenizer(shape)
+    policy = ctx.policy(shape)
     scoring = ScoringSettings(MAX_LENGTH, MAX_PROMPT_LENGTH, batch_size=2 * ctx.sizes.micro_batch, kernel="auto",
                               fused_lm_head=True)
-    precision = ForwardPrecision(torch.float32, ctx.autocast)  # the trainer's on a GPU (training_precision)
-    reference = ReferencePass(shape.model_cfg(), tokenizer, scoring, precision, ctx.device,
-                              ctx.workdir / "cache").logps(work.file, (work.rows.chosen, work.rows.rejected))
-    policy = ctx.policy(shape)
-    fp32 = Scorer(policy, tokenizer, scoring).score_rows(work.rows.chosen + work.rows.rejected, desc=None)
-    scale = float((torch.cat([reference.chosen, reference.rejected]) - fp32).abs().max())
-    r.figures[f"{shape.name}: max \\|log π_ref in bf16 − in fp32\\| (nats): what a precision mismatch gives"] = \
-        fmt(scale)
+    fp32 = Scorer(policy, ctx.tokenizer(shape), scoring).score_rows(work.rows.chosen + work.rows.rejected, desc=None)
     ok = True
     for layout in ctx.layouts():
         label = f"{shape.name}, {layout}, one process"
-        worst = r.attempt(label, partial(step0_in_layout, ctx, policy, layout, work, reference))
+        worst = r.attempt(label, partial(step0_in_layout, ctx, shape, policy, layout, work))
         ok &= worst is not None and record_step0(r, label, worst)
+    bf16 = own_reference(ctx, shape, work, parallel.wrap(policy, prepared(policy, SEGMENTS, True, ctx.autocast),
+                                                         "single", ctx.device), SEGMENTS)
+    scale = float((torch.cat([bf16.chosen, bf16.rejected]) - fp32).abs().max())
+    r.figures[f"{shape.name}: max \\|log π_ref in bf16 − in fp32\\| (nats): what a precision mismatch gives"] = \
+        fmt(scale)
     if first:
-        ok &= bool(r.attempt(f"{shape.name}, FSDP2 on one rank", partial(step0_fsdp, ctx, shape, work, reference, r)))
+        ok &= bool(r.attempt(f"{shape.name}, FSDP2 on one rank", partial(step0_fsdp, ctx, shape, work, r)))
     return ok
 
 

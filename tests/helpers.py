@@ -105,6 +105,18 @@ def collate_pairs(chosen_rows: Sequence[EncodedRow], rejected_rows: Sequence[Enc
     return collate_groups([chosen_rows, rejected_rows], index, reference_logps, pad_token_id, share_prompt)
 
 
+def single_forward(model: torch.nn.Module, share_prompt: Any = "auto", autocast: torch.dtype | None = None,
+                   kernel: str = "torch", fused_lm_head: bool = True):
+    """The trainer's forward of ``model`` in one process (``parallel.wrap`` with ``single``), as the reference
+    pass and the training step call it."""
+    from mipo.training import parallel
+    from mipo.training.forward import TrainingForward
+
+    settings = {"trainer": {"share_prompt": share_prompt, "shared_attention": "auto"}, "kernel": kernel,
+                "fused_lm_head": fused_lm_head}
+    return parallel.wrap(model, TrainingForward.prepare(settings, model, autocast), "single", torch.device("cpu"))
+
+
 # --------------------------------------------------------------------------------------------
 # The entry points and their config
 # --------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@
     sample     <cache>/pairs/<task>-<neg>-<key>.jsonl   ``pairs_key``: model, rendering, decode numerics, task, data
                                                         split, negatives, decode settings, seed, backend
     reference  <cache>/reference/<key>.pt               ``reference_key``: model, tokenizer, pairs content, lengths,
-                                                        the forward's precision, attention, kernel and output layer, K
+                                                        the training forward as it resolved (layout, attention,
+                                                        kernel, output layer, precision, FSDP gathering), K
     train      <cache>/runs/<key>/                      ``train_key``: pairs content, model, dtype, loss, trainer,
                                                         lengths, seed, K
     evaluate   <cache>/eval/<key>.json (per model)      ``eval_key``: the evaluated and reference models, tokenizer,
@@ -27,21 +28,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from mipo.data.encoding import DEFAULT_RESPONSE_SUFFIX
 from mipo.data.pairs import PairsFile
+from mipo.kernels.logprob import default_impl
 from mipo.model.generation import SEEDING
 from mipo.model.loading import (
     model_identity,
+    resolve_attn_implementation,
     resolve_device,
     resolve_dtype,
     tokenizer_identity,
 )
-from mipo.model.precision import ForwardPrecision, train_dtype
+from mipo.model.precision import train_dtype
 from mipo.model.vllm_backend import resolve_backend
 from mipo.runtime.files import stable_hash
 
-PAIRS_FORMAT = 4  # 4: the backend and K in the key, decoding stops at every end-of-turn id (3: rendering, numerics)
-REFERENCE_FORMAT = 3  # 3: K always in the key (2: the numerics)
-TRAIN_FORMAT = 2  # 2: K and loss.multi_negative always in the key
-EVAL_FORMAT = 3  # 3: strict/flexible/loglik accuracy, per-token pmi, lengths, judge, diversity, per-prompt values
+PAIRS_FORMAT = 5  # 5: the attention implementation as it resolved (4: the backend and K, every end-of-turn id)
+REFERENCE_FORMAT = 4  # 4: computed by the training forward, keyed by its resolved identity (3: K in the key)
+TRAIN_FORMAT = 3  # 3: log pi_ref from the training forward itself (2: K and loss.multi_negative in the key)
+EVAL_FORMAT = 4  # 4: the resolved kernel and attention in the key (3: strict/flexible/loglik accuracy, per-token pmi, ...)
 
 DECODE_KEYS = ("temperature", "top_p", "top_k", "max_new_tokens")  # the distribution
 BATCH_KEYS = ("batch_size", "chunk_size", "max_batch_tokens")  # which rows share a forward: the last bits
@@ -66,12 +69,14 @@ def pairs_key(cfg: DictConfig) -> dict[str, Any]:
     sampled strings.
     """
     device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
     return {
         "model": model_identity(cfg.model),
         "rendering": {"tokenizer": cfg.model.get("tokenizer"),
                       "chat_template_kwargs": _plain(cfg.model.get("chat_template_kwargs") or {})},
-        "inference": {"dtype": str(resolve_dtype(cfg.model.dtype, device)).removeprefix("torch."),
-                      "device_type": device.type, "attn_implementation": cfg.model.get("attn_implementation")},
+        "inference": {"dtype": str(dtype).removeprefix("torch."), "device_type": device.type,
+                      "attn_implementation": resolve_attn_implementation(
+                          str(cfg.model.get("attn_implementation") or "auto"), device, dtype)},
         "task": _plain(cfg.task),
         "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval")},
         "negatives": {"num_negatives": 1, **_plain(cfg.negatives)},
@@ -96,22 +101,20 @@ def pairs_path(cfg: DictConfig) -> Path:
 # reference
 # ---------------------------------------------------------------------------------------------
 
-def reference_key(model_cfg: Mapping[str, Any], tokenizer, pairs_file: PairsFile, scoring: Mapping[str, Any],
-                  precision: ForwardPrecision, num_negatives: int) -> dict[str, Any]:
-    """What log pi_ref of a pairs file depends on: the reference weights and tokenizer, the pairs' content,
-    and the forward that scores them (``scoring``: ``max_length``, ``max_prompt_length``, ``device_type``,
-    ``kernel``, ``fused_lm_head``; ``precision``: weights and autocast)."""
+def reference_key(model_cfg: Mapping[str, Any], tokenizer, pairs_file: PairsFile, lengths: tuple[int, int],
+                  forward: Mapping[str, Any], num_negatives: int) -> dict[str, Any]:
+    """What log pi_ref of a pairs file depends on: the reference weights and tokenizer, the pairs' content, the
+    truncation ``lengths`` (``max_length``, ``max_prompt_length``), K, and the ``forward`` that scores them: the
+    training forward's identity with every setting resolved (``mipo.training.parallel.ParallelForward.identity``:
+    layout, attention implementation, kernel, output layer, autocast, how the parameters are gathered; plus the
+    weights' dtype, the device type and the adapters)."""
     return {
         "model": model_identity(model_cfg),
         "tokenizer": tokenizer_identity(tokenizer),
         "pairs_sha256": pairs_file.sha256,
-        "max_length": int(scoring["max_length"]),
-        "max_prompt_length": int(scoring["max_prompt_length"]),
-        "precision": precision.describe(),
-        "device_type": scoring["device_type"],
-        "attn_implementation": str(model_cfg.get("attn_implementation", "auto")),
-        "kernel": scoring["kernel"],
-        "fused_lm_head": bool(scoring["fused_lm_head"]),
+        "max_length": int(lengths[0]),
+        "max_prompt_length": int(lengths[1]),
+        "forward": dict(forward),
         "num_negatives": int(num_negatives),
         "format": REFERENCE_FORMAT,
     }
@@ -162,6 +165,7 @@ def train_dir(cfg: DictConfig, key: Mapping[str, Any]) -> Path:
 
 def eval_key(cfg: DictConfig, evaluated_model: str, tokenizer, judged: bool = False) -> dict[str, Any]:
     """Everything one model's evaluation results depend on (the judge only where it runs)."""
+    device = resolve_device(cfg.device)
     settings = _plain(cfg.eval)
     settings.pop("model_path", None)
     settings.pop("bootstrap_resamples", None)  # the comparisons are recomputed from the cached per-prompt values
@@ -172,7 +176,13 @@ def eval_key(cfg: DictConfig, evaluated_model: str, tokenizer, judged: bool = Fa
         "task": _plain(cfg.task),
         "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval", "max_length", "max_prompt_length")},
         "eval": settings,
-        "device_type": resolve_device(cfg.device).type,
+        "device_type": device.type,
+        # the forward's numerics as they resolve on this machine: the log-prob kernel (MI, log-likelihood accuracy)
+        # and the attention implementation the evaluated models run
+        "numerics": {"kernel": default_impl(device) if cfg.kernel == "auto" else str(cfg.kernel),
+                     "attn_implementation": resolve_attn_implementation(
+                         str(cfg.model.get("attn_implementation") or "auto"), device,
+                         resolve_dtype(str(cfg.eval.dtype), device))},
         "seed": cfg.seed,
         "format": EVAL_FORMAT,
     }

@@ -3,11 +3,11 @@
 ``train(cfg, output_dir, pairs_file)`` reads top to bottom:
 
 1. ``setup`` prepares everything before the first step and gathers it in a ``TrainingRun``: the
-   pairs, encoded once (``encode_training_rows``: the rows the reference was scored on, and
-   whatever else the loss needs), log pi_ref from the cache or one pass in the policy's precision
-   (DPO only: the other losses are reference-free), the number of steps and their batches
+   pairs, encoded once (``encode_training_rows``), the number of steps and their batches
    (``batch_order``), the newest checkpoint to resume from, the policy, its ``TrainingForward``
-   (behind ``trainer.strategy``), AdamW and the learning-rate schedule, the metrics logger.
+   (behind ``trainer.strategy``), AdamW and the learning-rate schedule; then log pi_ref, from the
+   cache or from that very forward before any update (``ReferencePass``; DPO only: the other losses
+   are reference-free), so that at step 0 every implicit reward is 0 by construction; the metrics logger.
 2. the loop: for each optimizer step ``optimizer_step`` (``mipo/training/step.py``: the
    micro-batches, each one prompt-shared forward of y+ and y- (and of whatever else
    ``loss.loss_type`` needs: K negatives, x') and the loss of its objective
@@ -47,13 +47,12 @@ from mipo.model.loading import (
     resolve_device,
     run_tokenizer,
 )
-from mipo.model.logprobs import ScoringSettings
 from mipo.model.precision import ForwardPrecision, training_precision
 from mipo.runtime import distributed
 from mipo.runtime.files import write_json
 from mipo.runtime.tracking import MetricsLogger
 from mipo.stages.keys import train_key
-from mipo.stages.reference import ReferencePass
+from mipo.stages.reference import ReferencePass, training_micro_batches
 from mipo.training import parallel
 from mipo.training.checkpoint import (
     check_same_inputs,
@@ -147,8 +146,9 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
 def setup(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs: list[PreferencePair] | None = None,
           resume: bool | None = None) -> TrainingRun:
     """Everything before the first step (``train``'s arguments), in the order that fixes the random
-    draws and the collectives of every rank: seed, pairs and reference, resume point, policy and
-    optimizer, logger, and last the checkpoint's states (RNG included) when resuming."""
+    draws and the collectives of every rank: seed, pairs, resume point, policy and optimizer, the
+    reference (the policy's forward before any update), logger, and last the checkpoint's states
+    (weights and RNG included) when resuming."""
     output_dir, tcfg = Path(output_dir), cfg.trainer
     resume = tcfg.resume if resume is None else resume
     distributed.init()  # under torchrun: every rank takes 1/world of each global batch (mipo/training/parallel.py)
@@ -158,18 +158,12 @@ def setup(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
 
-    # ---- data and reference log-probs -------------------------------------------------------
+    # ---- data -------------------------------------------------------------------------------
     if pairs is None:
         pairs = read_pairs(pairs_file.path)
     tokenizer = run_tokenizer(cfg)
     rows = encode_training_rows(tokenizer, pairs, cfg.loss.loss_type, cfg.data.max_length, cfg.data.max_prompt_length,
                                 num_negatives=cfg.negatives.get("num_negatives", 1))
-    precision = training_precision(cfg, device)  # the policy's forward; the reference is computed in it too
-    reference = None  # reference-free losses (SFT, SimPO, SAMI, InfoNCE) skip the reference pass and its cache
-    if objective(cfg.loss.loss_type).family.needs_reference:
-        reference_pass = ReferencePass(cfg.model, tokenizer, ScoringSettings.of(cfg, fused_lm_head=cfg.fused_lm_head),
-                                       precision, device, Path(cfg.paths.cache_dir))
-        reference = reference_pass.logps(pairs_file, (rows.chosen, rows.rejected, *rows.extra_rejected))
     total_steps = count_steps(len(pairs), tcfg, pairs_file.path)
 
     # ---- where to start: the newest checkpoint of this run, or step 0 ------------------------
@@ -181,8 +175,15 @@ def setup(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
         order = list(batch_order(len(pairs), tcfg.batch_size, tcfg.epochs, seed=cfg.seed))[:total_steps]
         state = LoopState(order, history=[], skipped=[])
 
-    # ---- policy, forward, optimizer, logger -------------------------------------------------------
+    # ---- policy, forward, optimizer; log pi_ref: that forward at step 0 ----------------------------
+    precision = training_precision(cfg, device)
     model = build_step_model(cfg, len(tokenizer), device, precision, strategy, total_steps)
+    reference = None  # reference-free losses (SFT, SimPO, SAMI, InfoNCE) skip the reference pass and its cache
+    if objective(cfg.loss.loss_type).family.needs_reference:  # before any update, and before a checkpoint is restored
+        micro_batches = training_micro_batches(state.order, len(pairs), tcfg.micro_batch_size)
+        reference_pass = ReferencePass(model.forward, cfg.model, tokenizer, (cfg.data.max_length,
+                                       cfg.data.max_prompt_length), micro_batches, device, Path(cfg.paths.cache_dir))
+        reference = reference_pass.logps(pairs_file, (rows.chosen, rows.rejected, *rows.extra_rejected))
     logger = (MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True),
                             resume=saved["logger"] if saved else None)
               if distributed.is_main() else distributed.NoLogger())

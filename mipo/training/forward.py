@@ -35,6 +35,7 @@ import torch
 
 from mipo.data.encoding import Batch, EncodedRow, encode_pairs, encode_rows, pad_batch
 from mipo.data.pairs import PreferencePair
+from mipo.kernels.logprob import default_impl
 from mipo.losses import loss_family
 from mipo.model import segment_attention
 from mipo.model.logprobs import continuation_logps, sequence_logps
@@ -252,15 +253,21 @@ def micro_batch_loss(
         ``(loss, metrics)``: the mean loss over the b pairs (a scalar with a graph) and detached
         scalar metrics (``training_metrics``).
     """
-    b = batch.num_pairs
-    device = batch.lengths.device if batch.lengths is not None else batch.reference_logps.device
-    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        policy_logps = continuation_batch_logps(policy, batch.inputs, b, kernel=kernel, fused_lm_head=fused_lm_head,
-                                                order=batch.order)  # (b, K)
+    policy_logps = batch_logps(policy, batch, kernel, fused_lm_head, autocast_dtype)  # (b, K)
     result = objective(loss_cfg["loss_type"])(ObjectiveInputs(policy_logps, batch.reference_logps, batch.lengths),
                                               loss_cfg)
     loss = result.losses.mean()
     return loss, training_metrics(loss, result, batch.pair_lengths)
+
+
+def batch_logps(policy: torch.nn.Module, batch: ContinuationBatch, kernel: str = "auto", fused_lm_head: bool = True,
+                autocast_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(b, K) log pi(y_k | context_k) of a collated micro-batch under the training forward's autocast: what the
+    loss reads, and (at step 0, without gradients) what the reference pass stores as log pi_ref."""
+    device = batch.lengths.device if batch.lengths is not None else batch.reference_logps.device
+    with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        return continuation_batch_logps(policy, batch.inputs, batch.num_pairs, kernel=kernel,
+                                        fused_lm_head=fused_lm_head, order=batch.order)
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,6 +327,21 @@ class TrainingForward:
         reference_logps = reference.stacked() if objective(loss_type).family.needs_reference else None  # (N, 1 + K)
         return collate_groups(rows.for_loss(loss_type), index, reference_logps, pad_token_id,
                               share_prompt=self.share_prompt, pair_lengths=rows.pair_lengths)
+
+    def identity(self, policy: torch.nn.Module, device: torch.device) -> dict[str, Any]:
+        """What this forward computes with, every setting resolved (no ``auto``): the layout, the attention
+        implementation the policy runs, the log-prob kernel, the output layer, the weights' and autocast dtypes."""
+        dtype = self.autocast_dtype or next(policy.parameters()).dtype
+        return {"weights": str(next(policy.parameters()).dtype).removeprefix("torch."),
+                "layout": "prompt_tree" if self.share_prompt else "rows",
+                "attention": str(policy.config._attn_implementation),
+                "kernel": default_impl(device, dtype) if self.kernel == "auto" else self.kernel,
+                "fused_lm_head": self.fused_lm_head,
+                "autocast": str(self.autocast_dtype).removeprefix("torch.") if self.autocast_dtype else None}
+
+    def logps(self, policy: torch.nn.Module, batch: ContinuationBatch) -> torch.Tensor:
+        """(b, K) log-probs of the micro-batch: the loss's forward without the loss (``batch_logps``)."""
+        return batch_logps(policy, batch, self.kernel, self.fused_lm_head, self.autocast_dtype)
 
     def __call__(self, policy: torch.nn.Module, batch: ContinuationBatch,
                  loss_cfg: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

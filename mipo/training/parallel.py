@@ -90,7 +90,10 @@ class PolicyForward(torch.nn.Module):
         self.policy = policy
         self.training_forward = training_forward
 
-    def forward(self, batch: Any, loss_cfg: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: Any, loss_cfg: Mapping[str, Any] | None) -> Any:
+        """The micro-step's ``(loss, metrics)``; with ``loss_cfg=None`` its (b, K) log-probs only (the reference pass)."""
+        if loss_cfg is None:
+            return self.training_forward.logps(self.policy, batch)
         return self.training_forward(self.policy, batch, loss_cfg)
 
 
@@ -110,8 +113,10 @@ class ParallelForward:
     that gradients are reduced only on the last micro-batch of a step.
     """
 
-    def __init__(self, training_forward: Any, policy: torch.nn.Module, module: torch.nn.Module, strategy: str):
+    def __init__(self, training_forward: Any, policy: torch.nn.Module, module: torch.nn.Module, strategy: str,
+                 mixed_precision: torch.dtype | None = None):
         self.inner, self.policy, self.module, self.strategy = training_forward, policy, module, strategy
+        self.mixed_precision = mixed_precision  # fsdp: the dtype the parameters are all-gathered in
 
     def __getattr__(self, name: str) -> Any:  # collate_rows, share_prompt, ... of the TrainingForward
         return getattr(self.__dict__["inner"], name)
@@ -119,6 +124,21 @@ class ParallelForward:
     def __call__(self, policy: torch.nn.Module, batch: Any,
                  loss_cfg: Mapping[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         return self.module(batch, loss_cfg)
+
+    def logps(self, batch: Any) -> torch.Tensor:
+        """(b, K) log-probs of a collated micro-batch through the wrapped forward, without gradients: the same
+        module, wrapping, mixed-precision policy, layout, attention and kernel as a training micro-step. Under
+        DDP and FSDP2 this is a collective call: every rank must make the same number of them."""
+        with torch.no_grad():
+            return self.module(batch, None)
+
+    def identity(self) -> dict[str, Any]:
+        """``TrainingForward.identity`` and what the wrapping adds to the numerics: FSDP2 all-gathers the
+        parameters in its mixed-precision dtype (embeddings, norms and the residual stream then run in it)."""
+        device = next(self.policy.parameters()).device
+        gathered = self.mixed_precision if self.strategy == "fsdp" else None
+        return {**self.inner.identity(self.policy, device),
+                "parameters": str(gathered).removeprefix("torch.") if gathered else "as stored"}
 
     def sync_gradients(self, last: bool) -> None:
         """Call before each micro-batch: its gradients are reduced over ranks only if it is the step's ``last``.
@@ -174,7 +194,7 @@ def wrap(policy: torch.nn.Module, training_forward: Any, strategy: str, device: 
                                                    cast_forward_inputs=False))
     elif cpu_offload:
         log.warning("trainer.cpu_offload=true has an effect with trainer.strategy=fsdp only; ignored")
-    return ParallelForward(training_forward, policy, module, strategy)
+    return ParallelForward(training_forward, policy, module, strategy, mixed_precision)
 
 
 def grad_norm_value(norm: torch.Tensor) -> float:

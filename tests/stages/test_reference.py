@@ -7,18 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-import mipo.stages.reference as reference
 from mipo.data.encoding import encode_pairs
 from mipo.data.pairs import PairsFile, PreferencePair, read_pairs, write_pairs
-from mipo.model.logprobs import ScoringSettings
-from mipo.model.precision import ForwardPrecision
-from mipo.stages.keys import reference_path
+from mipo.model.loading import load_model
 from mipo.stages.reference import ReferencePass
-from mipo.training.forward import TrainingForward, continuation_batch_logps
 from tests.helpers import (
     TINY_CONFIG,
-    collate_pairs,
     score_responses,
+    single_forward,
     tiny_config,
     tiny_model,
     tiny_tokenizer,
@@ -54,10 +50,20 @@ def pairs_path(tmp_path) -> Path:
 
 
 def _ref(pairs_path, cache_dir, tokenizer, model_cfg=TINY_CONFIG, max_length=MAX_LENGTH,
-         max_prompt_length=MAX_PROMPT_LENGTH):
-    scoring = ScoringSettings(max_length, max_prompt_length, batch_size=BATCH_SIZE, kernel="torch")
-    reference_pass = ReferencePass(model_cfg, tokenizer, scoring, reference.FP32, torch.device("cpu"), Path(cache_dir))
-    return reference_pass.logps(PairsFile.hashed(pairs_path))
+         max_prompt_length=MAX_PROMPT_LENGTH, autocast=None, forbid_forward=False):
+    """The reference pass as the trainer runs it: the policy (loaded from ``model_cfg``) behind its
+    single-process training forward, micro-batches of BATCH_SIZE pairs in file order."""
+    policy = load_model(model_cfg, device="cpu", vocab_size=len(tokenizer))
+    forward = single_forward(policy, autocast=autocast)
+    if forbid_forward:
+        def refuse(batch):
+            raise AssertionError("the forward must not run on a cache hit")
+        forward.logps = refuse
+    micro_batches = [list(range(i, min(i + BATCH_SIZE, len(PAIRS)))) for i in range(0, len(PAIRS), BATCH_SIZE)]
+    reference_pass = ReferencePass(forward, model_cfg, tokenizer, (max_length, max_prompt_length), micro_batches,
+                                   torch.device("cpu"), Path(cache_dir))
+    rows = encode_pairs(tokenizer, read_pairs(pairs_path), max_length, max_prompt_length)
+    return reference_pass.logps(PairsFile.hashed(pairs_path), rows)
 
 
 def _expected(tokenizer, cfg=TINY_CONFIG, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH):
@@ -76,14 +82,7 @@ def _no_temp_files(cache_dir: Path):
     assert not [p for p in cache_dir.rglob("*") if p.name.endswith(".tmp")]
 
 
-def _forbid_model_loading(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError("the reference model must not be loaded on a cache hit")
-
-    monkeypatch.setattr(reference, "load_model", refuse)
-
-
-def test_miss_then_hit_without_loading_the_model(tmp_path, pairs_path, tokenizer, monkeypatch):
+def test_miss_then_hit_without_running_the_forward(tmp_path, pairs_path, tokenizer):
     cache_dir = tmp_path / "cache"
     first = _ref(pairs_path, cache_dir, tokenizer)
     assert first.cache_hit is False
@@ -94,8 +93,7 @@ def test_miss_then_hit_without_loading_the_model(tmp_path, pairs_path, tokenizer
     assert first.chosen.dtype == first.rejected.dtype == torch.float32
     _no_temp_files(cache_dir)
 
-    _forbid_model_loading(monkeypatch)
-    second = _ref(pairs_path, cache_dir, tokenizer)
+    second = _ref(pairs_path, cache_dir, tokenizer, forbid_forward=True)
     assert second.cache_hit is True
     assert second.path == first.path
     torch.testing.assert_close(second.chosen, first.chosen, rtol=0, atol=0)
@@ -205,44 +203,12 @@ def test_tokenizer_change_gives_another_cache_path(tmp_path, pairs_path, tokeniz
     assert second.cache_hit is False and second.path != first.path
 
 
-# ---- step 0: the reference in the policy's numerics --------------------------------------------
+# ---- the forward is the key ------------------------------------------------------------------
 
-BF16_AUTOCAST = ForwardPrecision(torch.float32, torch.bfloat16)  # fp32 weights, bf16 forward (a GPU run's default)
-
-
-def step0_gap(model_cfg, policy, tokenizer, pairs_file, cache_dir, reference_precision) -> float:
-    """Mean |log pi(y|x) - log pi_ref(y|x)| at step 0 over all y+ and y-, the policy's forward
-    run as the trainer runs it (prompt-shared, fused output layer, bf16 autocast)."""
-    pairs = read_pairs(pairs_file)
-    chosen, rejected = encode_pairs(tokenizer, pairs, MAX_LENGTH * 4, MAX_PROMPT_LENGTH * 4)
-    scoring = ScoringSettings(MAX_LENGTH * 4, MAX_PROMPT_LENGTH * 4, batch_size=4, kernel="torch", fused_lm_head=True)
-    reference_pass = ReferencePass(model_cfg, tokenizer, scoring, reference_precision, torch.device("cpu"),
-                                   Path(cache_dir))
-    ref = reference_pass.logps(PairsFile.hashed(pairs_file), (chosen, rejected))
-    forward = TrainingForward.prepare({"trainer": {"share_prompt": "auto", "shared_attention": "auto"},
-                                       "kernel": "torch", "fused_lm_head": True}, policy, BF16_AUTOCAST.autocast)
-    gaps = []
-    with torch.no_grad():
-        for start in range(0, len(pairs), 2):
-            batch = collate_pairs(chosen, rejected, range(start, min(start + 2, len(pairs))), ref, tokenizer.pad_token_id,
-                                  share_prompt=forward.share_prompt)
-            with BF16_AUTOCAST.context("cpu"):
-                logps = continuation_batch_logps(policy, batch.inputs, len(batch.reference_logps), kernel="torch")
-            gaps.append((logps.float() - batch.reference_logps).abs().flatten())
-    return torch.cat(gaps).mean().item()
-
-
-def test_reference_in_the_policy_precision_makes_step_0_consistent(tmp_path, pairs_path, tokenizer):
-    """With bf16 autocast, an fp32 reference leaves the step-0 rewards as bf16 noise; the
-    reference computed in the policy's precision removes (at least 4/5 of) it."""
-    policy = tiny_model(tokenizer)
-    fp32 = step0_gap(TINY_CONFIG, policy, tokenizer, pairs_path, tmp_path / "a", reference.FP32)
-    same = step0_gap(TINY_CONFIG, policy, tokenizer, pairs_path, tmp_path / "b", BF16_AUTOCAST)
-    assert fp32 > 1e-3, fp32  # bf16 autocast does change the log-probs of this model
-    assert same <= fp32 / 5, (same, fp32)
-    # and the two are different caches: the precision is part of the key
-    assert len(list((tmp_path / "a" / "reference").glob("*.pt"))) == 1
-    passes = [ReferencePass(TINY_CONFIG, tokenizer, ScoringSettings(64, 40), p, torch.device("cpu"), tmp_path)
-              for p in (reference.FP32, BF16_AUTOCAST)]
-    keys = [reference_pass.key(PairsFile.hashed(pairs_path), 1) for reference_pass in passes]
-    assert reference_path(tmp_path, keys[0]) != reference_path(tmp_path, keys[1])
+def test_another_forward_is_another_cache(tmp_path, pairs_path, tokenizer):
+    """bf16 autocast and fp32 are two forwards: two files, and different numbers (step 0's exactness
+    in every layout and strategy: tests/training/test_exactness.py)."""
+    fp32 = _ref(pairs_path, tmp_path / "cache", tokenizer)
+    bf16 = _ref(pairs_path, tmp_path / "cache", tokenizer, autocast=torch.bfloat16)
+    assert bf16.cache_hit is False and bf16.path != fp32.path
+    assert (bf16.chosen - fp32.chosen).abs().max() > 1e-3  # bf16 autocast does change this model's log-probs

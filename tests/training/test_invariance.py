@@ -23,13 +23,14 @@ from mipo.model.logprobs import (
     prompt_tree_logps,
     sequence_logps,
 )
-from mipo.stages.reference import FP32, ReferencePass
+from mipo.stages.reference import ReferencePass
 from mipo.stages.train import train
 from mipo.training.forward import ReferenceLogps, micro_batch_loss
 from tests.helpers import (
     collate_pairs,
     compose_config,
     load_weights,
+    single_forward,
     tiny_model,
     tiny_tokenizer,
     write_pairs_file,
@@ -154,21 +155,22 @@ def test_prompt_tree_neighbours_do_not_change_logps(tokenizer, rows):
 def test_cached_reference_equals_fresh_logps_under_another_batch_size(tmp_path, tokenizer):
     pairs_file = write_pairs_file(tmp_path / "pairs.jsonl", 8)
     model_cfg = compose_config("model=tiny-llama").model
-    reference_pass = ReferencePass(model_cfg, tokenizer, ScoringSettings(256, 128, batch_size=8, kernel="torch"), FP32,
-                                   torch.device("cpu"), tmp_path / "cache")
-    cached = reference_pass.logps(PairsFile.hashed(pairs_file))
-    assert not cached.cache_hit
-    again = reference_pass.logps(PairsFile.hashed(pairs_file))
-    assert again.cache_hit and torch.equal(again.chosen, cached.chosen)
-
     model = tiny_model(tokenizer)
     chosen, rejected = encode_pairs(tokenizer, read_pairs(pairs_file), 256, 128)
+    micro_batches = [[0, 5], [3, 1], [7, 2], [4, 6]]  # as a shuffled first epoch would have them
+    reference_pass = ReferencePass(single_forward(tiny_model(tokenizer)), model_cfg, tokenizer, (256, 128), micro_batches,
+                                   torch.device("cpu"), tmp_path / "cache")
+    cached = reference_pass.logps(PairsFile.hashed(pairs_file), (chosen, rejected))
+    assert not cached.cache_hit
+    again = reference_pass.logps(PairsFile.hashed(pairs_file), (chosen, rejected))
+    assert again.cache_hit and torch.equal(again.chosen, cached.chosen)
+
     # another batch size, each row in full (no prompt sharing): the scorer's other path
     scorer = Scorer(model, tokenizer, ScoringSettings(max_length=256, max_prompt_length=128, batch_size=3, kernel="torch",
                                                       share_prompts=False))
     fresh = scorer.score_rows(chosen + rejected, desc=None)
     torch.testing.assert_close(fresh, torch.cat([again.chosen, again.rejected]), rtol=1e-6, atol=1e-4)
-    # and the training forward, micro-batches of 2 pairs: policy == reference at step 0
+    # and the training forward, micro-batches of 2 pairs in file order (not the reference's): policy == reference
     with torch.no_grad():
         for start in range(0, 8, 2):
             batch = collate_pairs(chosen, rejected, list(range(start, start + 2)), again, tokenizer.pad_token_id)
