@@ -12,7 +12,8 @@ scores a prompt tree (``mipo.model.prompt_tree``: each prompt, and the prefix pr
 all their continuations) and sends only the positions that predict a response token through the
 output layer (``output_layer_logps``). Training uses the tree (``mipo.training.forward``); so does
 ``Scorer`` (``prompt_tree_logps``, rows grouped by ``mipo.model.prompt_tree.group_by_prompt``) unless
-``share_prompts=False``.
+``share_prompts=False`` or the tree is not exact for the model (``mipo.model.architecture.prompt_tree_problem``:
+a sliding window, softcapped attention logits, ALiBi, ...), where it scores rows.
 
 ``Scorer`` holds a model, its tokenizer and the scoring settings; the reference cache and the
 MI estimator score through it, without gradients.
@@ -20,8 +21,11 @@ MI estimator score through it, without gradients.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from functools import cached_property
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -30,6 +34,7 @@ from mipo.data.chat import Messages
 from mipo.data.encoding import IGNORE_INDEX, Batch, EncodedRow, encode_rows, pad_batch
 from mipo.kernels.logprob import IMPLS, linear_logprob, logprob_gather
 from mipo.model import segment_attention
+from mipo.model.architecture import prompt_tree_problem
 from mipo.model.prompt_tree import (
     PackedGroups,
     block_mask,
@@ -40,6 +45,8 @@ from mipo.model.prompt_tree import (
 from mipo.model.segment_attention import use_segment_attention
 from mipo.runtime import distributed
 from mipo.runtime.errors import failed
+
+log = logging.getLogger(__name__)
 
 KERNELS = ("auto", *IMPLS)  # the config key `kernel` (mipo.kernels.logprob)
 
@@ -169,7 +176,8 @@ class ScoringSettings:
     One object that the reference pass (``mipo.stages.reference``), the MI estimator (through its
     ``Scorer``) and the evaluation's log-likelihood accuracy all take. ``share_prompts``: score rows
     that share a prompt as one prompt tree (``prompt_tree_logps``), else every row in full; both give
-    the same numbers up to float rounding. ``fused_lm_head``: the training forward's output-layer
+    the same numbers up to float rounding; only where the tree is exact for the model
+    (``mipo.model.architecture.prompt_tree_problem``), rows elsewhere. ``fused_lm_head``: the training forward's output-layer
     path, so the reference scores with the policy's numerics.
     """
 
@@ -181,7 +189,7 @@ class ScoringSettings:
     share_prompts: bool = True
 
     @classmethod
-    def of(cls, cfg: Mapping[str, Any], fused_lm_head: bool = False) -> "ScoringSettings":
+    def of(cls, cfg: Mapping[str, Any], fused_lm_head: bool = False) -> ScoringSettings:
         """The config's: ``data.max_length``/``max_prompt_length``, ``eval.score_batch_size``, ``kernel``."""
         return cls(cfg["data"]["max_length"], cfg["data"]["max_prompt_length"], cfg["eval"]["score_batch_size"],
                    cfg["kernel"], fused_lm_head)
@@ -201,7 +209,8 @@ class Scorer:
     distinct prompt of a batch, and the prefix the prompts of a batch share (a system prompt, a
     few-shot block), is run once (``prompt_tree_logps``): the MI estimator scores every prompt under
     K+1 responses and the reference cache every prompt under two, so this removes most prompt tokens
-    from the forward passes.
+    from the forward passes. Where the tree is not exact for the model (``prompt_tree_problem``: a sliding
+    window, softcapped attention logits, ALiBi, ...) every row runs in full, and one INFO line says why.
 
     Under torchrun (``shard_ranks``, on by default) every rank must call ``score_rows`` with the
     same rows: the batches are formed as in one process and dealt out round-robin (batch k to
@@ -213,6 +222,17 @@ class Scorer:
     tokenizer: object
     settings: ScoringSettings = ScoringSettings()
     shard_ranks: bool = True
+
+    @cached_property
+    def shares_prompts(self) -> bool:
+        """``settings.share_prompts`` where the prompt tree is exact for the model: decided (and logged when
+        refused) once per Scorer."""
+        if not self.settings.share_prompts:
+            return False
+        problem = prompt_tree_problem(self.model)
+        if problem is not None:
+            log.info("scoring every row in full, not as prompt trees, which are not exact for this model: %s", problem)
+        return problem is None
 
     def score(self, prompts: Sequence[Messages], responses: Sequence[str], desc: str | None = "scoring",
               finished: Sequence[bool] | None = None) -> torch.Tensor:
@@ -228,8 +248,8 @@ class Scorer:
     @torch.no_grad()
     def score_rows(self, rows: Sequence[EncodedRow], desc: str | None = "scoring") -> torch.Tensor:
         """The same for rows already encoded by ``mipo.data.encoding.encode_rows``."""
-        settings = self.settings
-        if settings.share_prompts:  # rows of one (truncated) prompt next to each other, longest prompts first
+        settings, share = self.settings, self.shares_prompts
+        if share:  # rows of one (truncated) prompt next to each other, longest prompts first
             order = sorted(range(len(rows)), key=lambda i: (-len(rows[i].prompt_ids), rows[i].prompt_ids))
         else:
             order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids), reverse=True)
@@ -244,7 +264,7 @@ class Scorer:
             for k in tqdm(mine, desc=desc, disable=desc is None or not distributed.is_main(), leave=False):
                 index = batches[k]
                 batch_rows = [rows[i] for i in index]
-                if settings.share_prompts:
+                if share:
                     logps = prompt_tree_logps(self.model, batch_rows, kernel=settings.kernel,
                                               fused_lm_head=settings.fused_lm_head)
                 else:

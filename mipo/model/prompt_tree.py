@@ -40,8 +40,8 @@ ancestors' keys and its own: only the useful blocks, with sdpa), a flex-attentio
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -126,7 +126,7 @@ class PackedGroups:
             self._masks[key] = torch.ones(length, context + length, dtype=torch.bool, device=device).tril(context)
         return self._masks[key]
 
-    def to(self, device: torch.device | str) -> "PackedGroups":
+    def to(self, device: torch.device | str) -> PackedGroups:
         moved = {name: getattr(self, name).to(device) for name in
                  ("input_ids", "position_ids", "segment_ids", "ancestry", "sources", "targets", "owners")}
         return PackedGroups(**moved, segments=self.segments, num_continuations=self.num_continuations)

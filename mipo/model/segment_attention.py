@@ -18,12 +18,16 @@ layer; the tree reaches it as the ``prompt_tree`` keyword of the model's forward
 transformers passes down to the attention function. The modules' forwards stay plain module
 calls (nothing is patched or hooked), so gradient checkpointing, which re-runs a layer's
 forward with the same keywords, and FSDP, which wraps modules, see an ordinary model.
+
+Exact for models whose every layer is full causal attention (``mipo.model.architecture.prompt_tree_problem``
+decides where the tree is used); a layer that passes a ``sliding_window``, ``softcap`` or ``s_aux`` (sinks) is
+refused rather than silently attended in full.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +36,11 @@ from transformers import AttentionInterface
 from mipo.model.prompt_tree import PackedGroups
 
 NAME = "mipo_segments"
+
+
+class MissingPromptTree(ValueError):
+    """``segment_attention`` ran without the ``prompt_tree`` keyword: called outside a tree forward, or by a model
+    whose decoder layers do not pass the forward's keywords on to attention (``mipo.model.architecture``)."""
 
 
 def segment_attention(
@@ -47,11 +56,13 @@ def segment_attention(
 ) -> tuple[torch.Tensor, None]:
     """The attention function transformers calls in each layer; returns (1, N, H, D) and no weights."""
     if prompt_tree is None:
-        raise ValueError(f"attention implementation {NAME!r} needs the prompt_tree= keyword (a packed micro-batch "
+        raise MissingPromptTree(f"attention implementation {NAME!r} needs the prompt_tree= keyword (a packed micro-batch "
                          "from mipo.model.prompt_tree.pack_groups); score rows through mipo.model.logprobs.continuation_logps, "
                          "or set the model's attention implementation back to sdpa")
-    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
-        raise ValueError(f"{NAME} does not implement attention softcapping or sinks; set trainer.shared_attention=dense")
+    unsupported = [name for name in ("sliding_window", "softcap", "s_aux") if kwargs.get(name) is not None]
+    if unsupported:  # the architecture gate (mipo.model.architecture.prompt_tree_problem) keeps such models on rows
+        raise ValueError(f"{NAME} does not implement {', '.join(unsupported)} (a window, softcapped logits or sinks): "
+                         "the prompt tree is not exact for this model; set trainer.share_prompt=false")
     gqa = query.shape[1] != key.shape[1]
     sizes = [len(segment) for segment in prompt_tree.segments]
     # split, not slice: the backward of a split is one concatenation, where each slice's would

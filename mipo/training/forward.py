@@ -26,6 +26,7 @@ log-probs (``continuation_batch_logps``), the objective of ``loss.loss_type``
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -38,6 +39,7 @@ from mipo.data.pairs import PreferencePair
 from mipo.kernels.logprob import default_impl
 from mipo.losses import loss_family
 from mipo.model import segment_attention
+from mipo.model.architecture import resolve_prompt_tree
 from mipo.model.logprobs import continuation_logps, sequence_logps
 from mipo.model.prompt_tree import (
     PackedGroups,
@@ -54,6 +56,7 @@ from mipo.training.objectives import (
     training_metrics,
 )
 
+log = logging.getLogger(__name__)
 SHARE_PROMPT = ("auto", True, False)
 # attention of the prompt-shared forward -> the model's attention implementation it runs under
 SHARED_ATTENTION = {"segments": segment_attention.NAME, "flex": "flex_attention", "dense": None}
@@ -273,16 +276,15 @@ def batch_logps(policy: torch.nn.Module, batch: ContinuationBatch, kernel: str =
 # --------------------------------------------------------------------------------------------
 
 def resolve_share_prompt(setting: Any, policy: torch.nn.Module) -> bool:
-    """``trainer.share_prompt``: ``auto`` shares whenever the policy's attention can be switched.
+    """``trainer.share_prompt``: the prompt tree wherever it is exact for the policy.
 
-    Every model whose layers call transformers' ``AttentionInterface`` can run
-    ``segment_attention``; prompt sharing then never does more work than the unshared rows (it
-    runs fewer tokens and attends over fewer blocks), so ``auto`` is on for all of them (see
-    bench/RESULTS.md for the measured speed-ups).
+    ``auto``: the tree iff ``mipo.model.architecture.prompt_tree_problem(policy)`` is None (full causal
+    attention in every layer: no window, softcapping or ALiBi, a switchable attention implementation),
+    else unshared rows and one INFO line saying why; where it is exact the tree never does more work
+    than the rows (fewer tokens, fewer attention blocks; bench/RESULTS.md). ``true`` on a model the tree
+    is not exact for raises ``ConfigError`` with the reason; ``false``: rows.
     """
-    if setting == "auto":
-        return bool(getattr(policy, "_can_set_attn_implementation", lambda: True)())
-    return bool(setting)
+    return resolve_prompt_tree(policy, setting, "trainer.share_prompt")
 
 
 def resolve_shared_attention(setting: str, policy: torch.nn.Module) -> str:
@@ -296,6 +298,17 @@ def resolve_shared_attention(setting: str, policy: torch.nn.Module) -> str:
     """
     name = SHARED_ATTENTION["segments" if setting == "auto" else setting]
     return name or policy.config._attn_implementation
+
+
+def resolve_fused_lm_head(setting: Any, policy: torch.nn.Module) -> bool:
+    """``fused_lm_head``, unless the policy softcaps its final logits (Gemma2: ``final_logit_softcapping``),
+    which the fused output layer does not implement: then the plain one, said once."""
+    softcap = getattr(policy.config, "final_logit_softcapping", None)
+    if bool(setting) and softcap:
+        log.info("fused_lm_head: %s softcaps its final logits (final_logit_softcapping=%s), which the fused output "
+                 "layer does not implement; using the plain output layer", type(policy).__name__, softcap)
+        return False
+    return bool(setting)
 
 
 @dataclass(frozen=True)
@@ -318,7 +331,8 @@ class TrainingForward:
             attention = resolve_shared_attention(tcfg.get("shared_attention", "auto"), policy)
             if attention != policy.config._attn_implementation:
                 policy.set_attn_implementation(attention)
-        return cls(share, kernel=cfg["kernel"], fused_lm_head=bool(cfg["fused_lm_head"]), autocast_dtype=autocast_dtype)
+        return cls(share, kernel=cfg["kernel"], fused_lm_head=resolve_fused_lm_head(cfg["fused_lm_head"], policy),
+                   autocast_dtype=autocast_dtype)
 
     def collate_rows(self, rows: TrainingRows, index: Sequence[int], reference: ReferenceLogps | None,
                      pad_token_id: int, loss_type: str) -> ContinuationBatch:

@@ -110,3 +110,54 @@ def test_step_1_is_log_2_under_ddp_and_fsdp_with_bf16(tmp_path: Path, pairs: Pat
         assert_step0(step1_metrics(tmp_path / strategy), strategy)
         summary = json.loads((tmp_path / strategy / "train.json").read_text())
         assert (summary["reference_cache"] == from_one["reference_cache"]) is hit
+
+
+# --------------------------------------------------------------------------------------------
+# Every architecture of the gate's list (tests/model/test_architectures.py)
+# --------------------------------------------------------------------------------------------
+
+def with_architecture(cfg, name: str):
+    """``cfg`` with the tiny random model of family ``name`` (its vocabulary: the byte tokenizer's)."""
+    from omegaconf import OmegaConf, open_dict
+
+    from tests.model.test_architectures import ARCHITECTURES
+
+    model_type, overrides, _ = ARCHITECTURES[name]
+    arch = {k: v for k, v in overrides.items() if k != "vocab_size"}  # the byte tokenizer's, set by load_model
+    with open_dict(cfg):
+        cfg.model.config = OmegaConf.create({"model_type": model_type, **arch, "max_position_embeddings": 512}
+                                            if model_type != "bloom" else {"model_type": model_type, **arch})
+        if model_type in ("gemma2", "bloom"):
+            cfg.model.attn_implementation = "eager"  # no sdpa attention for these in transformers
+    return cfg
+
+
+ARCHITECTURE_NAMES = ["mistral", "qwen2", "gemma2", "gemma3", "phi3", "gpt_neox", "bloom"]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURE_NAMES)
+def test_step_1_is_log_2_for_every_architecture(tmp_path: Path, pairs: Path, name: str) -> None:
+    """bf16 autocast, ``share_prompt=auto``: the tree where it is exact, plain rows where it is not (window,
+    softcapping, ALiBi), and in both cases the reference is the forward that trains."""
+    cfg = with_architecture(compose_config(*step1_overrides(pairs, tmp_path / "cache")), name)
+    train(cfg, tmp_path / "run", PairsFile.hashed(pairs))
+    assert_step0(step1_metrics(tmp_path / "run"), name)
+
+
+def test_a_sliding_window_model_trains_with_auto_as_with_rows(tmp_path: Path, pairs: Path) -> None:
+    """Mistral with a window of 6 tokens on ~60-token rows: ``auto`` must not run the tree (it would attend
+    past the window); 3 fp32 steps at lr 1e-3 end at the weights of ``share_prompt=false``."""
+    from tests.helpers import load_weights
+
+    weights = {}
+    for share in ("auto", "false"):
+        overrides = [*step1_overrides(pairs, tmp_path / "cache", autocast="none"), "trainer.max_steps=3",
+                     "trainer.lr=1e-3", "trainer.batch_size=4", "trainer.save_model=true",
+                     f"trainer.share_prompt={share}"]
+        train(with_architecture(compose_config(*overrides), "mistral"), tmp_path / share, PairsFile.hashed(pairs))
+        weights[share] = load_weights(tmp_path / share / "model")
+    initial_moved = False
+    for key, value in weights["false"].items():
+        torch.testing.assert_close(weights["auto"][key], value, atol=1e-5, rtol=0)
+        initial_moved |= bool(value.abs().sum() > 0)
+    assert initial_moved
