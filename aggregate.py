@@ -4,8 +4,9 @@
     python aggregate.py multirun/2026-11-21/10-00-00
     python aggregate.py multirun/2026-11-21/10-00-00 --x loss.beta --y delta/accuracy --group negatives --out figs/
 
-Writes summary.csv, summary.md, runs.csv (one row per job) and <y>_vs_<x>.png (plus the MI figure)
-into --out (default: the sweep directory), prints the table, and lists failed or incomplete jobs.
+Writes summary.md (compact: the paired deltas, headline first, with pairs, steps and seeds per row),
+summary.csv (every metric), runs.csv (one row per job) and <y>_vs_<x>.png (plus the MI figures) into --out
+(default: the sweep directory), prints the table, and lists failed, incomplete and missing jobs.
 The work is done by ``mipo.reporting.aggregate.aggregate``.
 """
 
@@ -25,10 +26,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Aggregate a Hydra multirun sweep (multirun/<date>/<time>/) into tables and figures.")
     parser.add_argument("sweep_dir", type=Path, help="the sweep directory holding the job directories")
     parser.add_argument("--x", default=None,
-                        help="swept key on the x axis (default: loss.beta if swept, else the first numeric swept key)")
+                        help="swept key or any key of the jobs' config on the x axis (default: loss.beta if swept, "
+                             "else the first numeric swept key)")
     parser.add_argument("--y", default=None,
-                        help="metric on the y axis (default: trained/accuracy if present, else trained/mi_mean); "
-                             "a trained/mi_mean figure is always drawn as well")
+                        help="metric on the y axis (default: the task's headline delta, docs/evaluation.md); "
+                             "trained/mi_mean figures are always drawn as well")
     parser.add_argument("--group", default=None,
                         help="swept key(s), comma-separated, giving one line each (default: all other swept keys)")
     parser.add_argument("--seed-key", default="seed", help="override key averaged over (default: seed)")

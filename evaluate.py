@@ -3,8 +3,8 @@ strict, flexible and log-likelihood accuracy, pointwise MI (summed and per token
 diversity, the LLM judge for personalization, and trained-minus-base paired comparisons
 (mipo/stages/evaluate.py). Writes eval.json, eval_table.md and responses.jsonl; prints the table.
 
-    python evaluate.py task=gsm8k eval.model_path=outputs/2026-11-21/10-00-00/model
-    python evaluate.py experiment=paper_prism eval.model_path=... judge=qwen2.5-14b-instruct
+    python evaluate.py experiment=paper_gsm8k model=llama-3.2-1b-instruct eval.model_path=outputs/<date>/<time>/model
+    python evaluate.py experiment=paper_prism model=llama-3.2-3b-instruct eval.model_path=...  # the base it came from
 """
 
 import hydra

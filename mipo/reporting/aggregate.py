@@ -1,8 +1,11 @@
 """Summarise a Hydra sweep: a table (mean ± s.e.m. over seeds) and figures, from the job directories.
 
-``aggregate`` reads the sweep (``mipo.reporting.sweep``), averages it over seeds (``mipo.reporting.summary``), checks the
-requested axes, writes summary.csv, summary.md, runs.csv and the figures (``mipo.reporting.plots``) and returns
-a ``Report`` whose ``text`` is what ``aggregate.py``, the command-line front end, prints.
+``aggregate`` reads the sweep (``mipo.reporting.sweep``) and the jobs it should have (``mipo.reporting.jobs``),
+averages it over seeds (``mipo.reporting.summary``), checks the requested axes, writes summary.md (the compact
+table: the paired deltas first, the headline metric leading, with each row's pairs, steps and seeds),
+summary.csv (every metric), runs.csv (every job) and the figures (``mipo.reporting.plots``), and returns a
+``Report`` whose ``text`` is what ``aggregate.py``, the command-line front end, prints: the compact table and
+the jobs that failed, have no results yet (with the cluster launcher's state) or never started.
 
     report = aggregate("multirun/2026-11-21/10-00-00", x="loss.beta", y="delta/accuracy", out_dir="figs/")
     print(report.text)
@@ -14,6 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from mipo.reporting.jobs import (
+    MissingJob,
+    missing_jobs,
+    missing_report,
+    with_config_key,
+)
 from mipo.reporting.plots import (
     figure_name,
     plot,
@@ -24,10 +33,14 @@ from mipo.reporting.plots import (
 )
 from mipo.reporting.summary import (
     SummaryRow,
+    compact_columns,
+    compact_table,
     default_columns,
+    headline_metric,
     key_columns,
     metric_columns,
     run_table_rows,
+    spread_note,
     summarize,
     write_csv,
     write_table,
@@ -37,6 +50,7 @@ from mipo.reporting.sweep import (
     Run,
     collect_runs,
     sweep_title,
+    swept_keys,
 )
 from mipo.runtime.errors import is_number
 
@@ -53,6 +67,7 @@ class Report:
     rows: list[SummaryRow]
     written: list[Path]
     text: str
+    missing: list[MissingJob]
 
 
 def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None, x: str | None = None,
@@ -60,15 +75,20 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None, x: str |
     """Read the sweep, check the requested columns, then write every output into ``out_dir``.
 
     ``out_dir`` defaults to ``sweep_dir``; ``x``, ``y`` and ``group`` default as ``choose_x``,
-    ``choose_y`` and ``resolve_group`` say. Raises ``AggregateError`` before writing anything when the
+    ``choose_y`` and ``resolve_group`` say; ``x`` may also be any key of the jobs' composed config
+    (``lora.rank``), not only a swept override. Raises ``AggregateError`` before writing anything when the
     sweep has no results yet or a requested column does not exist.
     """
     sweep_dir = Path(sweep_dir)
     runs = collect_runs(sweep_dir)
+    missing = missing_jobs(sweep_dir, runs)
+    jobs_text = failure_report(runs, missing, sweep_dir)
+    if x is not None and x != seed_key and x not in swept_keys(runs):
+        runs = with_config_key(runs, x)
     rows = summarize(runs, seed_key=seed_key)
     if not metric_columns(rows):
         raise AggregateError(f"no job under {sweep_dir} has results yet (no eval.json); nothing to summarise",
-                             report=failure_report(runs))
+                             report=jobs_text)
     x = choose_x(rows, x)
     y = choose_y(rows, y)
     group = resolve_group(key_columns(rows), x, group) if group and x else None
@@ -78,9 +98,10 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None, x: str |
     out_dir.mkdir(parents=True, exist_ok=True)
 
     title = sweep_title(runs)
-    caption = f"{title}: mean ± standard error over seeds ({len(runs)} jobs in {sweep_dir})"
-    written = [out_dir / "summary.csv", out_dir / "summary.md", out_dir / "runs.csv"]
-    table = write_table(rows, default_columns(rows, extra_metrics=[y]), written[0], written[1], caption=caption)
+    written = [out_dir / "summary.md", out_dir / "summary.csv", out_dir / "runs.csv"]
+    table = compact_table(rows, compact_columns(rows, y), caption=table_caption(rows, y, title, len(runs), sweep_dir))
+    written[0].write_text(table + "\n\n" + jobs_text + "\n")
+    write_table(rows, default_columns(rows, extra_metrics=[y]), written[1], None)
     runs_rows, runs_columns = run_table_rows(runs)
     write_csv(runs_rows, runs_columns, written[2])
     if x is None:
@@ -89,8 +110,15 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None, x: str |
         notes = []
         written += draw_figures(rows, x, y, group, out_dir, title)
 
-    text = [*notes, table, "", failure_report(runs), "wrote:", *(f"  {path}" for path in written)]
-    return Report(runs=runs, rows=rows, written=written, text="\n".join(text))
+    text = [*notes, table, "", jobs_text, "wrote:", *(f"  {path}" for path in written)]
+    return Report(runs=runs, rows=rows, written=written, text="\n".join(text), missing=missing)
+
+
+def table_caption(rows: Sequence[SummaryRow], y: str, title: str, jobs: int, sweep_dir: Path) -> str:
+    """The compact table's caption: what the rows are, what Δ and ± mean, and where the full table is."""
+    return (f"{title}: {jobs} jobs in {sweep_dir}. Headline: {y}. Δ = trained − base, paired over the same "
+            f"held-out prompts; {spread_note(rows)}; pairs and steps: each job's train.json, the range over "
+            f"seeds. Every metric, base and trained values included: summary.csv.")
 
 
 def choose_x(rows: Sequence[SummaryRow], requested: str | None) -> str | None:
@@ -107,18 +135,15 @@ def choose_x(rows: Sequence[SummaryRow], requested: str | None) -> str | None:
 
 
 def choose_y(rows: Sequence[SummaryRow], requested: str | None) -> str:
-    """``requested`` if it is a metric with values; else ``trained/accuracy_strict`` (``trained/accuracy`` in
-    older sweeps) or ``trained/mi_mean``."""
+    """``requested`` if it is a metric with values; else the task's headline metric (``headline_metric``:
+    the exact-match accuracy delta where the task has gold answers and the base model scores above 0,
+    else the per-token pmi delta)."""
     metrics = metric_columns(rows)
     if requested is not None:
         if requested not in metrics:
             raise AggregateError(f"unknown --y {requested!r}; available metrics: {metrics}")
         return requested
-    for candidate in ("trained/accuracy_strict", "trained/accuracy", MI_METRIC, "base/accuracy_strict",
-                      "base/accuracy", "base/mi_mean"):
-        if candidate in metrics:
-            return candidate
-    return metrics[0]
+    return headline_metric(rows)
 
 
 def draw_figures(rows: Sequence[SummaryRow], x: str, y: str, group: list[str] | None,
@@ -139,11 +164,16 @@ def draw_figures(rows: Sequence[SummaryRow], x: str, y: str, group: list[str] | 
     return written
 
 
-def failure_report(runs: Sequence[Run]) -> str:
-    """``all N jobs complete``, or how many failed and each one's problem."""
+def failure_report(runs: Sequence[Run], missing: Sequence[MissingJob] = (), sweep_dir: Path | None = None) -> str:
+    """``all N jobs complete``, or how many failed and each one's problem (with its launcher state), and the
+    jobs of the sweep that have no folder."""
     failed = [r for r in runs if r.failed]
-    if not failed:
+    total = len(runs) + len(missing)
+    if not failed and not missing:
         return f"all {len(runs)} jobs complete"
-    lines = [f"{len(failed)} of {len(runs)} jobs failed or are incomplete (left out of the summary):"]
-    lines += [f"  {run.name}: {run.problem}" for run in failed]
+    lines = [f"{len(runs) - len(failed)} of {total} jobs complete; the others are left out of the summary:"]
+    if failed:
+        lines.append(f"{len(failed)} job(s) failed, have no results yet or cannot be read:")
+        lines += [f"  {run.name}: {run.problem}" for run in failed]
+    lines += missing_report(missing, sweep_dir if sweep_dir is not None else Path("."))
     return "\n".join(lines)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from mipo.metrics.identity import demean_within_prompts
-from mipo.reporting.summary import SummaryRow, key_columns, metric_columns
+from mipo.reporting.summary import SummaryRow, key_columns, metric_columns, spread_note
 from mipo.reporting.sweep import AggregateError, hashable, sort_key
 from mipo.runtime.errors import is_number
 
@@ -51,6 +51,8 @@ def plot(rows: Sequence[SummaryRow], x: str = "loss.beta", y: str = "trained/acc
     baseline = base_reference(rows, y)
     if baseline is not None:  # the untrained model, for reading the trained lines against
         axes.axhline(baseline, color="0.4", linestyle="--", linewidth=1, label=f"base model ({y.replace('trained/', 'base/')})")
+    if y.startswith("delta/"):  # a paired delta: the base model is 0
+        axes.axhline(0.0, color="0.4", linestyle="--", linewidth=1, label="base model (Δ = 0)")
     if categorical:
         axes.set_xticks(range(len(x_values)), [str(v) for v in x_values])
     elif use_log_scale(x_values):
@@ -246,14 +248,8 @@ def use_log_scale(values: Iterable[Any]) -> bool:
 
 
 def error_bar_note(rows: Sequence[SummaryRow], y: str) -> str:
-    """What the error bars of ``y`` mean, from the seed counts of the plotted rows."""
-    counts = sorted({r.n_seeds for r in rows if r.mean(y) is not None})
-    if counts and counts[0] >= 2:
-        n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
-        return f"error bars: standard error across seeds (n={n})"
-    if counts == [1]:
-        return "error bars: the evaluation's own standard error (1 seed)"
-    return "error bars: standard error across seeds; the evaluation's own where there is 1 seed"
+    """What the error bars of ``y`` mean, from the seed counts of the plotted rows (``spread_note``)."""
+    return "error bars: " + spread_note(rows, y).replace("± = ", "")
 
 
 def figure_name(y: str, x: str) -> str:

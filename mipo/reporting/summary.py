@@ -2,17 +2,20 @@
 
     rows = summarize(collect_runs("multirun/2026-11-21/10-00-00"))
     rows[0].values["loss.beta"], rows[0].stats["trained/accuracy"]   # 0.01, Stat(mean=0.4, stderr=0.1, n=2)
-    write_table(rows, default_columns(rows), "summary.csv", "summary.md")
+    write_table(rows, default_columns(rows), "summary.csv", None)              # the full table
+    compact_table(rows, compact_columns(rows, headline_metric(rows)))           # summary.md's table
 
 A table column is named by a swept key (``loss.beta``), a metric (``trained/accuracy``) or a count
-(``n_seeds``, ``n_failed``); in the CSV each metric is followed by its standard error, ``<metric>_sem``.
+(``n_seeds``, ``n_failed``, and ``pairs``, ``steps``: the range over a row's seeds of each job's training pairs
+and optimizer steps from ``train.json``); in the CSV each metric is followed by its standard error,
+``<metric>_sem``, and each range by ``_min`` and ``_max``.
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,7 +46,18 @@ DEFAULT_METRICS = (
 ALIASES = {"/accuracy": "/accuracy_strict"}
 # The count fields of ``SummaryRow``, as table columns.
 COUNT_COLUMNS = ("n_seeds", "n_failed")
+# Per-row ranges over the complete seeds: column -> the train.json numbers it reads, first found wins.
+RANGE_COLUMNS = {"pairs": ("train/pairs",), "steps": ("train/optimizer_steps", "train/steps")}
 SEM_SUFFIX = "_sem"
+# The compact table (summary.md): the paired deltas, in this order after the headline, then the identity.
+COMPACT_DELTAS = ("delta/accuracy_strict", "delta/accuracy_flexible", "delta/accuracy_loglik",
+                  "delta/accuracy", "delta/judge_win_rate", "delta/mi_per_token_mean", "delta/mi_mean",
+                  "delta/mean_response_tokens")
+COMPACT_IDENTITY = ("identity/slope_demeaned", "identity/heldout_pair_accuracy")
+# The headline's candidates where a task has gold answers, in order (``headline_metric``).
+HEADLINE_ACCURACIES = ("accuracy_strict", "accuracy_flexible", "accuracy_loglik", "accuracy")
+HEADLINE_WITHOUT_GOLD = ("delta/mi_per_token_mean", "delta/mi_mean", "trained/mi_mean")
+COLUMN_LABELS = {"n_seeds": "seeds", "n_failed": "failed"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +87,7 @@ class SummaryRow:
     stats: dict[str, Stat]
     n_seeds: int
     n_failed: int
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)  # RANGE_COLUMNS -> (min, max)
 
     def mean(self, metric: str) -> float | None:
         """The mean of ``metric``; ``None`` where it has none or is not a metric of the sweep."""
@@ -82,9 +97,18 @@ class SummaryRow:
     def record(self) -> dict[str, Any]:
         """The row as CSV columns: swept values, counts, and each metric's mean and ``<metric>_sem``."""
         record: dict[str, Any] = {**self.values, "n_seeds": self.n_seeds, "n_failed": self.n_failed}
+        for column in RANGE_COLUMNS:
+            record[column + "_min"], record[column + "_max"] = self.ranges.get(column, (None, None))
         for metric, stat in self.stats.items():
             record[metric], record[metric + SEM_SUFFIX] = stat.mean, stat.stderr
         return record
+
+    def range_text(self, column: str) -> str:
+        """``64``, ``28-38`` (seeds differ) or ``—`` for a ``RANGE_COLUMNS`` column."""
+        if column not in self.ranges:
+            return "—"
+        low, high = (format_count(v) for v in self.ranges[column])
+        return low if low == high else f"{low}-{high}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,6 +121,7 @@ def summarize(runs: Sequence[Run], seed_key: str = "seed") -> list[SummaryRow]:
     Only complete runs are averaged; combinations whose runs all failed are kept, with ``n_seeds=0``
     and empty stats.
     """
+    runs = [run for run in runs if run.readable]
     keys = [k for k in swept_keys(runs) if k != seed_key]
     metrics = metric_names(runs)
     groups: dict[tuple, list[Run]] = {}
@@ -108,9 +133,21 @@ def summarize(runs: Sequence[Run], seed_key: str = "seed") -> list[SummaryRow]:
         complete = [r for r in group_runs if not r.failed]
         stats = {m: over_seeds([r.results[m] for r in complete if m in r.results]) for m in metrics}
         rows.append(SummaryRow(values={k: group_runs[0].overrides.get(k) for k in keys}, stats=stats,
-                               n_seeds=len(complete), n_failed=len(group_runs) - len(complete)))
+                               n_seeds=len(complete), n_failed=len(group_runs) - len(complete),
+                               ranges=ranges_of(complete)))
     rows.sort(key=lambda row: tuple(sort_key(row.values[k]) for k in keys))
     return rows
+
+
+def ranges_of(runs: Sequence[Run]) -> dict[str, tuple[float, float]]:
+    """``{"pairs": (min, max), "steps": (min, max)}`` over ``runs`` from their train.json; a column no run has is left out."""
+    ranges = {}
+    for column, names in RANGE_COLUMNS.items():
+        values = [next(run.metrics[n] for n in names if n in run.metrics) for run in runs
+                  if any(n in run.metrics for n in names)]
+        if values:
+            ranges[column] = (min(values), max(values))
+    return ranges
 
 
 def over_seeds(results: Sequence[Result]) -> Stat:
@@ -155,7 +192,80 @@ def default_columns(rows: Sequence[SummaryRow], extra_metrics: Sequence[str] = (
     wanted = [m for m in wanted if m in extra_metrics or not any(
         m.endswith(alias) and m[: -len(alias)] + target in available for alias, target in ALIASES.items())]
     counts = ["n_seeds"] + (["n_failed"] if any(r.n_failed for r in rows) else [])
-    return key_columns(rows) + [m for m in wanted if m in available] + counts
+    ranges = [c for c in RANGE_COLUMNS if any(c in row.ranges for row in rows)]
+    return key_columns(rows) + [m for m in wanted if m in available] + ranges + counts
+
+
+def headline_metric(rows: Sequence[SummaryRow]) -> str:
+    """The task's headline metric, the default y of ``aggregate.py``: a paired delta (trained − base).
+
+    The rule: where the task has gold answers, the first of exact-match (``accuracy_strict``), flexible
+    and log-likelihood accuracy whose base model scores above zero in some row (a base model that never
+    writes the asked format scores 0 exact match, and a delta from 0 measures the format, not the
+    answers); where it has none (personalization), or no accuracy is above zero, the pointwise MI per
+    response token (``delta/mi_per_token_mean``), which unlike the summed pmi does not grow with length.
+    Sweeps written before paired deltas fall back to ``delta/mi_mean`` and ``trained/mi_mean``.
+    """
+    metrics = metric_columns(rows)
+    for name in HEADLINE_ACCURACIES:
+        if f"delta/{name}" in metrics and any((row.mean(f"base/{name}") or 0.0) > 0.0 for row in rows):
+            return f"delta/{name}"
+    return next((m for m in HEADLINE_WITHOUT_GOLD if m in metrics), metrics[0] if metrics else HEADLINE_WITHOUT_GOLD[0])
+
+
+def compact_columns(rows: Sequence[SummaryRow], headline: str) -> list[str]:
+    """summary.md's columns: swept keys, the ``headline`` and the base model's value of it, the other paired
+    deltas (``COMPACT_DELTAS``), the identity's slope and held-out pair accuracy, then ``pairs``, ``steps``
+    and ``n_seeds`` per row (``n_failed`` when a job failed). The full table is summary.csv's."""
+    available = metric_columns(rows)
+    base = "base/" + headline.split("/", 1)[1] if headline.startswith(("delta/", "trained/")) else None
+    metrics = [headline] + [m for m in (base, *COMPACT_DELTAS, *COMPACT_IDENTITY) if m and m != headline]
+    metrics = [m for m in dict.fromkeys(metrics) if m in available]
+    if "delta/accuracy_strict" in metrics and "delta/accuracy" in metrics and headline != "delta/accuracy":
+        metrics.remove("delta/accuracy")  # the alias of the strict delta
+    ranges = [c for c in RANGE_COLUMNS if any(c in row.ranges for row in rows)]
+    counts = ["n_seeds"] + (["n_failed"] if any(r.n_failed for r in rows) else [])
+    return key_columns(rows) + metrics + ranges + counts
+
+
+def column_label(column: str) -> str:
+    """``delta/mi_mean`` -> ``Δ mi_mean``, ``base/accuracy_strict`` -> ``base accuracy_strict``, ``n_seeds`` -> ``seeds``."""
+    if column in COLUMN_LABELS:
+        return COLUMN_LABELS[column]
+    prefix, _, name = column.partition("/")
+    if not name:
+        return column
+    return f"Δ {name}" if prefix == "delta" else f"{prefix} {name}"
+
+
+def spread_note(rows: Sequence[SummaryRow], metric: str | None = None) -> str:
+    """What a ``±`` (or an error bar) of the rows means, from their seed counts: the standard error over
+    seeds, or with one seed the run's own standard error over its evaluation prompts (paired for a delta)."""
+    counts = sorted({r.n_seeds for r in rows if r.n_seeds and (metric is None or r.mean(metric) is not None)})
+    if counts and counts[0] >= 2:
+        n = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+        return f"± = standard error over seeds (n={n})"
+    if counts == [1]:
+        return "one seed: ± = that run's standard error over its evaluation prompts (paired for Δ)"
+    return ("± = standard error over seeds where a row has 2 or more, else the run's own over its evaluation "
+            "prompts (see the seeds column)")
+
+
+def compact_table(rows: Sequence[SummaryRow], columns: Sequence[str], caption: str | None = None) -> str:
+    """summary.md's table (``compact_columns``): short headers (``column_label``), ``mean ± sem`` cells and
+    the pairs and steps ranges."""
+    _check_columns(rows, columns)
+    lines = [caption, ""] if caption else []
+    lines.append("| " + " | ".join(column_label(c) for c in columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in rows:
+        lines.append("| " + " | ".join(_markdown_cell(row, c) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def format_count(value: float) -> str:
+    """``64.0`` -> ``64``; a fractional value keeps one decimal."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.1f}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -180,10 +290,14 @@ def write_table(rows: Sequence[SummaryRow], columns: Sequence[str], csv_path: st
 
 
 def csv_columns(rows: Sequence[SummaryRow], columns: Sequence[str]) -> list[str]:
-    """``columns`` with each metric followed by its ``<metric>_sem`` column."""
+    """``columns`` with each metric followed by its ``<metric>_sem`` column, and each range (``pairs``) as its
+    ``_min`` and ``_max``."""
     metrics = rows[0].stats if rows else {}
     out: list[str] = []
     for column in columns:
+        if column in RANGE_COLUMNS:
+            out += [column + "_min", column + "_max"]
+            continue
         out.append(column)
         if column in metrics:
             out.append(column + SEM_SUFFIX)
@@ -219,7 +333,7 @@ def run_table_rows(runs: Sequence[Run]) -> tuple[list[dict[str, Any]], list[str]
     metrics = {m for r in runs for m in r.metrics}
     metric_order = [m for m in DEFAULT_METRICS if m in metrics] + sorted(metrics - set(DEFAULT_METRICS))
     columns = ["job", "status", *override_keys, "task", *metric_order, "problem"]
-    rows = [{"job": r.name, "status": "failed" if r.failed else "complete", **r.overrides,
+    rows = [{"job": r.name, "status": (r.state or "failed") if r.failed else "complete", **r.overrides,
              "task": r.task, **r.metrics, "problem": r.problem} for r in runs]
     return rows, columns
 
@@ -242,6 +356,8 @@ def _markdown_cell(row: SummaryRow, column: str) -> str:
         return mean if stat.stderr is None else f"{mean} ± {format_number(stat.stderr)}"
     if column in COUNT_COLUMNS:
         return str(getattr(row, column))
+    if column in RANGE_COLUMNS:
+        return row.range_text(column)
     value = row.values[column]
     return "—" if value is None else str(value)
 
@@ -249,7 +365,7 @@ def _markdown_cell(row: SummaryRow, column: str) -> str:
 def _check_columns(rows: Sequence[SummaryRow], columns: Sequence[str]) -> None:
     if not rows:
         return
-    available = [*rows[0].values, *rows[0].stats, *COUNT_COLUMNS]
+    available = [*rows[0].values, *rows[0].stats, *COUNT_COLUMNS, *RANGE_COLUMNS]
     unknown = [c for c in columns if c not in available]
     if unknown:
         raise AggregateError(f"unknown column(s) {unknown}; available: {available}")

@@ -2,7 +2,8 @@
 
 A sweep directory (``multirun/<date>/<time>/``) holds one job directory per combination, each with
 ``.hydra/overrides.yaml``, ``.hydra/config.yaml`` and, when the job got that far, ``train.json`` and
-``eval.json``. ``collect_runs`` reads them all; ``swept_keys`` says which overrides vary.
+``eval.json`` (and ``status.json`` where a cluster launcher writes one: its ``state`` is finished, failed,
+requeued or running). ``collect_runs`` reads them all; ``swept_keys`` says which overrides vary.
 
     runs = collect_runs("multirun/2026-11-21/10-00-00")
     swept_keys(runs)              # ['loss.beta', 'negatives', 'seed']
@@ -62,7 +63,9 @@ class Run:
     ``metrics`` holds every number of ``train.json`` and ``eval.json`` by flat name (standard errors
     included: ``trained/accuracy_stderr``), as ``runs.csv`` lists them; ``results`` holds the metrics
     that are averaged over seeds, each with its standard error. ``problem`` is ``None`` for a complete
-    job (``eval.json`` read); otherwise it says what is missing.
+    job (``eval.json`` read); otherwise it says what is missing. ``state`` is ``status.json``'s ``state``
+    where the job folder has one (the cluster launcher's: finished, failed, requeued, running).
+    ``readable`` is false when ``.hydra/overrides.yaml`` could not be read: the job is listed, not summarised.
     """
 
     job_dir: Path
@@ -73,6 +76,8 @@ class Run:
     results: dict[str, Result] = field(default_factory=dict)
     task: str | None = None
     problem: str | None = None
+    state: str | None = None
+    readable: bool = True
 
     @property
     def failed(self) -> bool:
@@ -104,26 +109,35 @@ def collect_runs(sweep_dir: str | Path) -> list[Run]:
 
 
 def read_run(job_dir: str | Path, sweep_dir: str | Path | None = None) -> Run:
-    """One job directory as a ``Run``; never raises for missing or unreadable result files."""
+    """One job directory as a ``Run``; never raises for missing or unreadable files (the run says what failed)."""
     job_dir = Path(job_dir)
     name = job_dir.relative_to(sweep_dir).as_posix() if sweep_dir is not None else job_dir.name
     if name == ".":
         name = job_dir.name
-    overrides = parse_overrides(_load_override_list(job_dir / ".hydra" / "overrides.yaml"))
+    try:
+        overrides, overrides_problem = parse_overrides(_load_override_list(job_dir / ".hydra" / "overrides.yaml")), None
+    except AggregateError as error:
+        overrides, overrides_problem = {}, str(error)
     config = _load_config(job_dir / ".hydra" / "config.yaml")
     train, train_problem = _load_json(job_dir / "train.json")
     evaluation, eval_problem = _load_json(job_dir / "eval.json")
+    status, _ = _load_json(job_dir / "status.json")
+    state = status.get("state") if status is not None and isinstance(status.get("state"), str) else None
+    error = status.get("error") if state and isinstance(status.get("error"), str) else ""
+    label = state + (f" ({error.strip().splitlines()[0][:160]})" if error.strip() else "") if state else None
 
     metrics = train_metrics(train) if train is not None else {}
     if evaluation is not None:
         metrics.update(eval_metrics(evaluation))
     task = config_value(config, "task.name") or (evaluation or {}).get("task")
-    problem = None
+    problem = overrides_problem
     if evaluation is None:
         stage = "training finished, " if train is not None else (f"{train_problem}, " if train_problem else "")
-        problem = stage + (eval_problem or "no eval.json")
-    return Run(job_dir=job_dir, name=name, overrides=overrides, config=config,
-               metrics=metrics, results=results_of(metrics), task=task, problem=problem)
+        problem = (f"{label}: " if label else "") + stage + (eval_problem or "no eval.json")
+        problem = f"{overrides_problem}; {problem}" if overrides_problem else problem
+    return Run(job_dir=job_dir, name=name, overrides=overrides, config=config, metrics=metrics,
+               results=results_of(metrics), task=task, problem=problem, state=state,
+               readable=overrides_problem is None)
 
 
 def parse_overrides(overrides: Iterable[str]) -> dict[str, Any]:
@@ -244,7 +258,9 @@ def results_of(metrics: dict[str, float]) -> dict[str, Result]:
 
 
 def swept_keys(runs: Sequence[Run]) -> list[str]:
-    """Override keys whose value differs across runs (or is missing from some), in first-appearance order."""
+    """Override keys whose value differs across runs (or is missing from some), in first-appearance order;
+    runs whose overrides could not be read do not count."""
+    runs = [run for run in runs if run.readable]
     ordered: list[str] = []
     for run in runs:
         ordered.extend(k for k in run.overrides if k not in ordered)

@@ -278,14 +278,14 @@ def test_write_table_csv_and_markdown(sweep: Path, tmp_path: Path):
     columns = default_columns(rows)
     metrics = ["trained/accuracy", "base/accuracy", "delta/accuracy", "trained/mi_mean", "base/mi_mean",
                "delta/mi_mean", "train/final_loss", "train/final_reward_accuracy"]
-    assert columns == ["loss.beta", "negatives", *metrics, "n_seeds", "n_failed"]
+    assert columns == ["loss.beta", "negatives", *metrics, "pairs", "steps", "n_seeds", "n_failed"]
 
     markdown = write_table(rows, columns, tmp_path / "summary.csv", tmp_path / "summary.md")
 
     with open(tmp_path / "summary.csv", newline="") as f:
         table = list(csv.reader(f))
     assert table[0] == ["loss.beta", "negatives", *[c for m in metrics for c in (m, m + "_sem")],
-                        "n_seeds", "n_failed"]
+                        "pairs_min", "pairs_max", "steps_min", "steps_max", "n_seeds", "n_failed"]
     assert len(table) == 1 + 4
     record = dict(zip(table[0], table[2]))  # second row: beta 0.01, random
     assert (record["loss.beta"], record["negatives"], record["n_seeds"]) == ("0.01", "random", "2")
@@ -297,7 +297,7 @@ def test_write_table_csv_and_markdown(sweep: Path, tmp_path: Path):
     assert md_lines[0] == "| " + " | ".join(columns) + " |"
     assert len([line for line in md_lines[2:] if line.startswith("|")]) == 4
     assert md_lines[3].startswith("| 0.01 | random | 0.400 ± 0.100 | 0.300 ± 0.050 | 0.100 ± 0.050 | 0.600 ± 0.100 |")
-    assert md_lines[3].endswith("| 0.610 ± 0.010 | 0.750 ± 0.050 | 2 | 0 |")
+    assert md_lines[3].endswith("| 0.610 ± 0.010 | 0.750 ± 0.050 | 48 | 12 | 2 | 0 |")
 
 
 def test_plot_writes_png_figures(sweep: Path, tmp_path: Path):
@@ -335,7 +335,7 @@ def test_personalization_sweep_has_no_accuracy_columns(tmp_path: Path):
     rows = summarize(collect_runs(tmp_path))
     columns = default_columns(rows)
     assert columns == ["loss.beta", "trained/mi_mean", "base/mi_mean", "delta/mi_mean", "train/final_loss",
-                       "train/final_reward_accuracy", "n_seeds"]
+                       "train/final_reward_accuracy", "pairs", "steps", "n_seeds"]
     assert rows[0].record()["trained/mi_mean_sem"] == TRAINED_MI_STDERR
 
 
@@ -347,15 +347,17 @@ def test_cli_prints_table_lists_failed_job_and_writes_files(sweep: Path, tmp_pat
     out = tmp_path / "report"
     result = run_cli(str(sweep), "--out", str(out))
     assert result.returncode == 0, result.stderr
-    assert "| loss.beta | negatives | trained/accuracy |" in result.stdout
-    assert "| 0.01 | random | 0.400 ± 0.100 |" in result.stdout
-    assert "1 of 9 jobs failed" in result.stdout
+    # the compact table: the headline delta (accuracy: the base model scores above 0) first, base value beside it
+    assert "| loss.beta | negatives | Δ accuracy | base accuracy | Δ mi_mean | pairs | steps | seeds | failed |" \
+        in result.stdout
+    assert "| 0.01 | random | 0.100 ± 0.050 | 0.300 ± 0.050 | 0.150 ± 0.050 | 48 | 12 | 2 | 0 |" in result.stdout
+    assert "8 of 9 jobs complete" in result.stdout
     assert "8_loss.beta=0.1,negatives=partial,seed=2,task=arc_challenge: training finished, no eval.json" \
         in result.stdout
 
     for name in ("summary.csv", "summary.md", "runs.csv"):
         assert (out / name).is_file() and str(out / name) in result.stdout
-    for name in ("trained_accuracy_vs_loss.beta.png", "trained_mi_mean_vs_loss.beta.png"):
+    for name in ("delta_accuracy_vs_loss.beta.png", "trained_mi_mean_vs_loss.beta.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     with open(out / "runs.csv", newline="") as f:
         runs = list(csv.DictReader(f))
@@ -366,19 +368,19 @@ def test_cli_prints_table_lists_failed_job_and_writes_files(sweep: Path, tmp_pat
 
 def test_aggregate_returns_the_report_it_wrote(sweep: Path, tmp_path: Path):
     report = aggregate(sweep, out_dir=tmp_path / "report", y="delta/accuracy", group=["negatives"])
-    assert [p.name for p in report.written] == ["summary.csv", "summary.md", "runs.csv",
+    assert [p.name for p in report.written] == ["summary.md", "summary.csv", "runs.csv",
                                                 "delta_accuracy_vs_loss.beta.png", "trained_mi_mean_vs_loss.beta.png"]
     assert all(p.is_file() for p in report.written)
     assert len(report.runs) == 9 and len(report.rows) == 4
-    assert report.text.startswith((tmp_path / "report" / "summary.md").read_text())
-    assert "1 of 9 jobs failed" in report.text
+    assert report.text.startswith((tmp_path / "report" / "summary.md").read_text().split("\n\n8 of 9")[0])
+    assert "8 of 9 jobs complete" in report.text and "1 job(s) failed" in report.text
 
 
 def test_aggregate_without_results_lists_the_failed_jobs(tmp_path: Path):
     write_job(tmp_path, 0, 0.1, "random", 0, evaluated=False)
     with pytest.raises(AggregateError, match="has results yet") as error:
         aggregate(tmp_path)
-    assert error.value.report.startswith("1 of 1 jobs failed")
+    assert error.value.report.startswith("0 of 1 jobs complete")
     assert not (tmp_path / "summary.csv").exists()
 
 
@@ -529,7 +531,8 @@ def test_identity_measures_are_read_averaged_and_plotted(tmp_path: Path):
     report = aggregate(tmp_path / "sweep", out_dir=tmp_path / "out", x="trainer.max_steps")
     figure = tmp_path / "out" / "identity_vs_trainer.max_steps.png"
     assert figure in report.written and figure.read_bytes()[:8] == PNG_MAGIC
-    assert "identity/slope_demeaned" in (tmp_path / "out" / "summary.md").read_text()
+    assert "identity slope_demeaned" in (tmp_path / "out" / "summary.md").read_text()
+    assert "identity/slope_demeaned" in (tmp_path / "out" / "summary.csv").read_text()
     lines = plot_lines(rows, "trainer.max_steps", "identity/heldout_pair_accuracy", [])
     assert [(v, pytest.approx(m)) for v, m, _ in lines[""]] == [(4, 0.60), (16, 0.75)]
 
