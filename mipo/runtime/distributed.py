@@ -1,4 +1,4 @@
-"""Processes under torchrun: the process group, who does what, and moving results between ranks.
+"""Processes under torchrun, submitit or srun: the process group, who does what, and moving results between ranks.
 
 Every entry point runs unchanged as one process or under ``torchrun --nproc_per_node=N``
 (multi-node: ``--nnodes``/``--rdzv-endpoint``). ``init()`` reads torchrun's environment
@@ -6,6 +6,14 @@ Every entry point runs unchanged as one process or under ``torchrun --nproc_per_
 default process group once: ``gloo`` on CPU, ``cpu:gloo,cuda:nccl`` on GPUs (tensors go
 through NCCL, Python objects through gloo), each rank on GPU ``LOCAL_RANK``. Without torchrun
 nothing is started and every helper here is the one-process identity: rank 0 of 1.
+
+Without torchrun's variables, a job of N tasks started by submitit (Hydra's submitit launcher,
+``tasks_per_node=N``: ``submitit.JobEnvironment()``) or by ``srun`` (``SLURM_PROCID``,
+``SLURM_STEP_NUM_TASKS``, ``SLURM_LOCALID``, ``SLURM_JOB_NODELIST``) gets them from that
+environment first (``launch_environment``, exported once by ``export_launch_environment``): rank
+and world size as the launcher numbers its tasks, the rendezvous on the job's first host at a
+port derived from the job id (the same for every task, and again when the job is requeued).
+From there on such a job is a torchrun job to every line of mipo.
 
 The rules the rest of the code follows:
 
@@ -24,8 +32,11 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
+import zlib
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,9 +47,75 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+TORCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+PORT_BASE, PORT_SPAN = 20000, 20000  # rendezvous ports 20000-39999, one per job id
+
+
 def launched() -> bool:
-    """True when this process was started by torchrun (or any launcher that sets ``WORLD_SIZE`` > 1)."""
+    """True when this process is one of several ranks: started by torchrun (``WORLD_SIZE`` > 1), or a task of
+    a submitit or srun job of several tasks (``export_launch_environment`` sets torchrun's variables for it)."""
+    export_launch_environment()
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def export_launch_environment() -> dict[str, str]:
+    """Set torchrun's variables from submitit's or SLURM's job environment where torchrun's are absent.
+
+    Returns what was set (nothing under torchrun, in one process, or when done already). A variable
+    already in the environment (e.g. ``MASTER_PORT`` set by hand) is kept.
+    """
+    if "WORLD_SIZE" in os.environ:
+        return {}
+    found = launch_environment(os.environ)
+    exported = {name: value for name, value in found.items() if name not in os.environ}
+    os.environ.update(exported)
+    return exported
+
+
+def launch_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """torchrun's variables for a task of a multi-task submitit or srun job (empty otherwise).
+
+    * submitit (``SUBMITIT_EXECUTOR`` set; Hydra's submitit launcher): rank, local rank and task count
+      from ``submitit.JobEnvironment()``, the rendezvous on its first host (``127.0.0.1`` for the local
+      executor);
+    * srun (``SLURM_STEP_NUM_TASKS`` > 1, which srun sets for the tasks of a step and a batch script
+      does not: a plain ``python`` in an ``sbatch --ntasks=4`` script stays one process): ``SLURM_PROCID``,
+      ``SLURM_LOCALID``, the first host of ``SLURM_STEP_NODELIST`` (else ``SLURM_JOB_NODELIST``).
+
+    The port is ``MASTER_PORT`` if set, else ``job_port(job id)``: every task of the job computes the same.
+    """
+    if env.get("SUBMITIT_EXECUTOR"):
+        import submitit  # the cluster extra; present wherever submitit started this process
+
+        job = submitit.JobEnvironment()
+        if job.num_tasks <= 1:
+            return {}
+        host = "127.0.0.1" if env["SUBMITIT_EXECUTOR"] == "local" else job.hostnames[0]
+        ranks, job_id = (job.global_rank, job.num_tasks, job.local_rank), job.job_id
+    elif int(env.get("SLURM_STEP_NUM_TASKS", "1")) > 1:
+        ranks = (int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", "0")))
+        host = first_host(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1")
+        job_id = env.get("SLURM_JOB_ID", "0")
+    else:
+        return {}
+    rank_, world, local_rank = ranks
+    return {"RANK": str(rank_), "WORLD_SIZE": str(world), "LOCAL_RANK": str(local_rank), "MASTER_ADDR": host,
+            "MASTER_PORT": env.get("MASTER_PORT") or str(job_port(job_id))}
+
+
+def job_port(job_id: str) -> int:
+    """The rendezvous port of a job: a stable hash (crc32) of its id into 20000-39999."""
+    return PORT_BASE + zlib.crc32(str(job_id).encode()) % PORT_SPAN
+
+
+def first_host(node_list: str) -> str:
+    """The first host of a SLURM node list: ``gpu[003-005,9],cpu1`` -> ``gpu003``, ``a-[1-2]-ib`` -> ``a-1-ib``."""
+    match = re.match(r"([^,\[]*)(?:\[([^\]]*)\])?([^,]*)", node_list.strip())
+    if match is None or not match.group(0):
+        raise ValueError(f"SLURM node list {node_list!r}: expected hosts like node[1-4],other")
+    prefix, ranges, suffix = match.groups()
+    first = re.split(r"[-,]", ranges)[0] if ranges else ""
+    return f"{prefix}{first}{suffix}"
 
 
 def init() -> bool:
@@ -135,6 +212,15 @@ def mean_over_ranks(metrics: Mapping[str, float]) -> dict[str, float]:
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     values /= world_size()
     return dict(zip(names, values.tolist()))
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (one all-reduce; the flag itself in one process)."""
+    if not active():
+        return flag
+    value = torch.tensor([int(flag)], dtype=torch.int64)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 class NoLogger:
