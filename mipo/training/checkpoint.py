@@ -3,7 +3,8 @@
 With ``trainer.checkpoint_every=N``, ``mipo.stages.train.train`` writes after every N-th step::
 
     <run dir>/checkpoints/step-<N>/
-        .metadata, __0_0.distcp   the model's and the optimizer's states (torch.distributed.checkpoint)
+        .metadata, __0_0.distcp   the model's and the optimizer's states (torch.distributed.checkpoint);
+                                  with LoRA only the trained parameters (adapters) and their states
         trainer_state.json        the scheduler, every RNG state (python, numpy, torch CPU, CUDA),
                                   and the trainer's loop state: the data order and the step reached,
                                   the position in metrics.jsonl, the steps' metrics so far, and the
@@ -44,7 +45,11 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_state_dict,
+)
 
 from mipo.runtime import distributed
 from mipo.runtime.errors import InputError, failed, is_int
@@ -114,7 +119,7 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
     """
     folder = checkpoints_dir(run_dir)
     target = folder / f"step-{step}"
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=_state_options(model))
     world = distributed.world_size()
     rngs = distributed.gather_in_order({distributed.rank(): rng_state()}, world)
     state = {"format": FORMAT_VERSION, "step": step, "scheduler": scheduler.state_dict(), "rng": rngs[0],
@@ -135,6 +140,17 @@ def save_checkpoint(run_dir: str | Path, step: int, model: torch.nn.Module, opti
             remove_tree(old)
     distributed.barrier()
     return target
+
+
+def _state_options(model: torch.nn.Module) -> StateDictOptions:
+    """What of the model a checkpoint holds: every parameter, or with a frozen base (LoRA) only the trained ones.
+
+    The frozen base is the loaded model itself, the same at every start, so a LoRA checkpoint is the adapters
+    and their AdamW states (megabytes, not the model); loading it leaves the frozen parameters as loaded
+    (``strict=False`` for them only: every key of the template must be in the checkpoint, or DCP refuses it).
+    """
+    frozen = any(not p.requires_grad for p in model.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
 
 
 def read_state(checkpoint: str | Path) -> dict[str, Any]:
@@ -187,11 +203,12 @@ def restore_checkpoint(checkpoint: str | Path, state: Mapping[str, Any], model: 
     ``state``: ``read_state(checkpoint)``. The RNG states are set here, so nothing that draws
     random numbers may run between this call and the next step.
     """
-    # DCP reads in place: the current state dicts are the template it fills
-    model_state, optimizer_state = get_state_dict(model, optimizer)
+    # DCP reads in place: the current state dicts are the template it fills (every key must be in the checkpoint)
+    options = _state_options(model)
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=options)
     with _single_process_dcp():
         dcp.load({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=Path(checkpoint))
-    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state)
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state, options=options)
     scheduler.load_state_dict(dict(state["scheduler"]))
     set_rng_state(state["rng_ranks"][distributed.rank()] if "rng_ranks" in state else state["rng"])
 

@@ -107,6 +107,15 @@ class MasterWeightAdamW(torch.optim.Optimizer):
                 self.state[param][key] = value.to(self.master_device or param.device, torch.float32, copy=True)
 
     @torch.no_grad()
+    def load_masters_into_trained(self) -> None:
+        """Make each optimized parameter its fp32 master (on the parameter's device), leaving the others as
+        they are: the weights to save when only some parameters train (LoRA adapters on a frozen base)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if "master" in self.state[p]:
+                    p.data = self.state[p]["master"].to(p.device, torch.float32, copy=True)
+
+    @torch.no_grad()
     def load_masters_into(self, model: torch.nn.Module) -> None:
         """Make ``model`` fp32 and its parameters the fp32 masters: the weights to save or evaluate."""
         model.float()
@@ -117,14 +126,18 @@ class MasterWeightAdamW(torch.optim.Optimizer):
 
 
 def build_optimizer(policy: torch.nn.Module, trainer_cfg: Mapping[str, Any]) -> torch.optim.Optimizer:
-    """AdamW over the policy's parameters; with fp32 master weights when the weights are low-precision
-    and ``trainer.master_weights`` is ``device`` or ``cpu``."""
+    """AdamW over the policy's trainable parameters (all of them, or the LoRA adapters and ``lora.modules_to_save``:
+    a frozen base has no gradients and no AdamW states); with fp32 master weights when trainable weights are
+    low-precision and ``trainer.master_weights`` is ``device`` or ``cpu``."""
     kwargs = dict(lr=trainer_cfg["lr"], betas=tuple(trainer_cfg["adam_betas"]), weight_decay=trainer_cfg["weight_decay"])
     master = trainer_cfg.get("master_weights", "none")
-    low_precision = next(policy.parameters()).dtype in (torch.bfloat16, torch.float16)
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"{type(policy).__name__} has no parameter that requires grad: nothing would train")
+    low_precision = any(p.dtype in (torch.bfloat16, torch.float16) for p in trainable)
     if master != "none" and low_precision:
-        return MasterWeightAdamW(policy.parameters(), master_device="cpu" if master == "cpu" else None, **kwargs)
-    return torch.optim.AdamW(policy.parameters(), **kwargs)
+        return MasterWeightAdamW(trainable, master_device="cpu" if master == "cpu" else None, **kwargs)
+    return torch.optim.AdamW(trainable, **kwargs)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, trainer_cfg: Mapping[str, Any],
@@ -138,8 +151,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, trainer_cfg: Mapping[str, 
 
 
 def final_weights(policy: torch.nn.Module, optimizer: torch.optim.Optimizer) -> torch.nn.Module:
-    """The policy as it should be saved: with fp32 master weights when the optimizer kept them."""
-    if isinstance(optimizer, MasterWeightAdamW):
+    """The policy as it should be saved: with fp32 master weights when the optimizer kept them.
+
+    Full fine-tuning: the whole policy becomes fp32 and takes the masters. With a frozen base (LoRA) only the
+    trained parameters take their fp32 masters; the base keeps its dtype (the merged save is fp32 anyway,
+    ``mipo.model.adapters.save_adapter_and_merged``), so a bf16 base is never copied to fp32 on the device.
+    """
+    if not isinstance(optimizer, MasterWeightAdamW):
+        return policy
+    if any(not p.requires_grad for p in policy.parameters()):
+        optimizer.load_masters_into_trained()
+    else:
         optimizer.load_masters_into(policy)
     return policy
 

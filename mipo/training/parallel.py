@@ -37,6 +37,7 @@ from typing import Any, Mapping
 
 import torch
 
+from mipo.model import adapters
 from mipo.runtime import distributed
 from mipo.runtime.errors import ConfigError, failed, is_int
 
@@ -98,7 +99,10 @@ class PolicyForward(torch.nn.Module):
 
 
 def decoder_layers(policy: torch.nn.Module) -> list[torch.nn.Module]:
-    """The policy's decoder layers (``base_model.layers`` in every transformers decoder-only LM)."""
+    """The policy's decoder layers (``base_model.layers`` in every transformers decoder-only LM; a PeftModel's
+    CausalLM, whose LoRA layers sit inside these layers and are sharded with them)."""
+    if hasattr(policy, "get_base_model"):  # a peft.PeftModel: its base_model is peft's tuner, not the decoder
+        policy = policy.get_base_model()
     layers = getattr(policy.base_model, "layers", None)
     if layers is None:
         raise ValueError(f"trainer.strategy=fsdp shards per decoder layer, but {type(policy).__name__}.base_model "
@@ -176,10 +180,11 @@ def wrap(policy: torch.nn.Module, training_forward: Any, strategy: str, device: 
             fully_shard,
         )
 
-        if next(policy.parameters()).dtype != torch.float32:
-            raise ValueError("trainer.strategy=fsdp keeps the sharded parameters as fp32 master weights; got "
-                             f"{next(policy.parameters()).dtype} weights: set model.train_dtype=float32 (the forward "
-                             "runs in bf16 on a GPU through FSDP's mixed precision)")
+        trained_dtypes = {str(p.dtype).removeprefix("torch.") for p in policy.parameters() if p.requires_grad}
+        if trained_dtypes != {"float32"}:  # a frozen LoRA base may be bf16: FSDP2 asks one dtype of trained ones only
+            raise ValueError("trainer.strategy=fsdp keeps the sharded trained parameters as fp32 master weights; got "
+                             f"{', '.join(sorted(trained_dtypes))} trained weights: set model.train_dtype=float32 (the "
+                             "forward runs in bf16 on a GPU through FSDP's mixed precision)")
         if cpu_offload and device.type != "cuda":
             log.warning("trainer.cpu_offload=true: the model is on the CPU already; ignored")
             cpu_offload = False
@@ -204,11 +209,15 @@ def grad_norm_value(norm: torch.Tensor) -> float:
     return float(norm)
 
 
-def save_consolidated(policy: torch.nn.Module, tokenizer: Any, model_dir: Path, strategy: str) -> None:
+def save_consolidated(policy: torch.nn.Module, tokenizer: Any, model_dir: Path, strategy: str,
+                      adapter_dir: Path | None = None, base_model: Mapping[str, Any] | None = None) -> None:
     """Write the policy as one Hugging Face folder, once (rank 0), with every rank taking part in the gather.
 
     Under FSDP2 the full state dict is all-gathered to rank 0's CPU
     (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and saved from there.
+    A policy with LoRA adapters (``mipo.model.adapters``) writes ``adapter_dir`` in peft's format (its base named by
+    ``base_model``, the model config it loaded from) and ``model_dir`` as the merged model
+    (``save_adapter_and_merged``).
     """
     state = None
     if strategy == "fsdp":
@@ -223,8 +232,13 @@ def save_consolidated(policy: torch.nn.Module, tokenizer: Any, model_dir: Path, 
         every_name = {name for name, _ in policy.named_parameters(remove_duplicate=False)}
         state = {name: value for name, value in state.items() if name in kept or name not in every_name}
     if distributed.is_main():
-        policy.save_pretrained(model_dir, state_dict=state)
-        tokenizer.save_pretrained(model_dir)
+        if adapters.has_adapters(policy):
+            if adapter_dir is None or base_model is None:
+                raise ValueError("a policy with LoRA adapters is saved with its adapter_dir and base_model")
+            adapters.save_adapter_and_merged(policy, state, tokenizer, adapter_dir, model_dir, base_model)
+        else:
+            policy.save_pretrained(model_dir, state_dict=state)
+            tokenizer.save_pretrained(model_dir)
     distributed.barrier()
 
 

@@ -241,3 +241,21 @@ def test_gate_leaves_the_model_as_it_was():
     assert prompt_tree_problem(model) is None
     assert model.training and model.config._attn_implementation == "eager"
     assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])
+def test_gate_sees_through_lora_adapters(name):
+    """With peft's LoRA layers injected (``mipo.model.adapters.apply_lora``: the CausalLM itself), the verdict is the
+    base model's, and the Scorer still equals the plain forward (adapters made non-zero so that they count)."""
+    pytest.importorskip("peft")
+    from mipo.model.adapters import apply_lora
+
+    model = apply_lora(build(name), {"rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"})
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if "lora_B" in key:
+                parameter.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+    problem = prompt_tree_problem(model)
+    assert problem is None if ARCHITECTURES[name][2] is None else problem.startswith(ARCHITECTURES[name][2])
+    scorer = Scorer(model, SimpleNamespace(pad_token_id=0), ScoringSettings(kernel="torch"))
+    torch.testing.assert_close(scorer.score_rows(rows(), desc=None), plain_logps(model, rows()), rtol=1e-5, atol=1e-5)

@@ -89,6 +89,47 @@ def test_resume_from_a_checkpoint_is_bitwise(tmp_path, tied, dtype):
         assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_lora_checkpoint_holds_the_adapters_only_and_resumes_bitwise(tmp_path, dtype):
+    """With adapters the checkpoint is the trained parameters and their AdamW states, not the base (which every
+    start loads as it was); restored into a fresh model with other adapter values, the run continues bitwise."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mipo.model.adapters import apply_lora
+
+    lora = {"enabled": True, "rank": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear",
+            "use_rslora": False, "modules_to_save": None, "load_in_4bit": False}
+    tokenizer = tiny_tokenizer()
+
+    def make_lora(seed):
+        torch.manual_seed(seed)  # the adapters' A is drawn from the torch RNG
+        model = apply_lora(tiny_model(tokenizer).to(dtype), lora)
+        model.train()
+        optimizer = build_optimizer(model, TRAINER)
+        return model, optimizer, build_scheduler(optimizer, TRAINER, total_steps=8)
+
+    model, optimizer, scheduler = make_lora(0)
+    for i in range(4):
+        step(model, optimizer, scheduler, i)
+    expected = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model, optimizer, scheduler = make_lora(0)
+    for i in range(2):
+        step(model, optimizer, scheduler, i)
+    path = save_checkpoint(tmp_path, 2, model, optimizer, scheduler, {})
+    saved = FileSystemReader(path).read_metadata().state_dict_metadata
+    weights = {key.removeprefix("model.") for key in saved if key.startswith("model.")}
+    assert weights == {name for name, p in model.named_parameters() if p.requires_grad}  # adapters only
+    assert all(".lora_A." in key or ".lora_B." in key for key in saved if not key.startswith("optimizer.param_groups"))
+
+    model, optimizer, scheduler = make_lora(123)  # other adapters and RNG states
+    restore_checkpoint(path, read_state(path), model, optimizer, scheduler)
+    for i in range(2, 4):
+        step(model, optimizer, scheduler, i)
+    after = model.state_dict()
+    assert expected.keys() == after.keys() and all(torch.equal(expected[k], after[k]) for k in expected)
+
+
 def test_every_rng_state_round_trips_through_json():
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's state
