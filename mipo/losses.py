@@ -17,6 +17,8 @@ Equation numbers refer to Rafailov et al. (2023), "Direct Preference Optimizatio
     cDPO (label smoothing):   L = -(1 - eps) log sigmoid(h) - eps log sigmoid(-h)
                               (Mitchell, 2023, "A note on DPO with noisy preferences")
     IPO (Azar et al., 2023, Eq. 17): L = (h / beta - 1 / (2 beta))^2
+                              (on sequence log-likelihoods; ``loss.length_normalize``: per token, as TRL,
+                              ``mipo.training.objectives.dpo_objective``)
     hinge (SLiC, Zhao et al., 2023):  L = max(0, 1 - h)
 
 The implicit reward of a response is ``beta * (log pi(y|x) - log pi_ref(y|x))`` (Eq. 5).
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 from mipo.runtime.errors import is_number
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")  # the DPO family (``dpo_loss``)
+LENGTH_NORMALIZED = ("ipo", "simpo")  # the losses that read ``loss.length_normalize``
 MULTI_NEGATIVE = ("mean", "plackett_luce")  # ``loss.multi_negative``: K > 1 rejected responses per prompt
 SFT_REDUCTIONS = ("mean", "sum")  # ``loss.sft_reduction``
 
@@ -91,7 +94,8 @@ def dpo_loss(
         reference_rejected_logps: log pi_ref(y-|x). Shape (B,).
         beta: KL-regularisation strength (the paper uses 0.1). Must be > 0.
         label_smoothing: probability eps that a label is flipped (conservative DPO,
-            ``sigmoid`` only). 0 gives standard DPO.
+            ``sigmoid`` only). 0 gives standard DPO exactly: the flipped term is left out, not
+            multiplied by 0, so an infinite margin (log pi(y-|x) = -inf) gives a finite loss.
         loss_type: ``"sigmoid"`` (DPO, Eq. 7), ``"ipo"`` or ``"hinge"``.
 
     Returns:
@@ -104,10 +108,9 @@ def dpo_loss(
     logits = chosen_logratios - rejected_logratios  # (B,)  h / beta
 
     if loss_type == "sigmoid":
-        losses = (
-            -F.logsigmoid(beta * logits) * (1 - label_smoothing)
-            - F.logsigmoid(-beta * logits) * label_smoothing
-        )
+        losses = -F.logsigmoid(beta * logits)  # (B,)  Eq. 7
+        if label_smoothing:  # cDPO; only then: at logits = +inf (y- impossible) the flipped term is inf * 0 = nan
+            losses = losses * (1 - label_smoothing) - F.logsigmoid(-beta * logits) * label_smoothing
     elif loss_type == "ipo":
         losses = (logits - 1 / (2 * beta)) ** 2
     else:  # hinge
@@ -303,6 +306,9 @@ def loss_config_problems(loss: Mapping[str, Any]) -> list[str]:
             problems.append(problem + where)
         if family is None:
             return problems
+        normalize = loss.get("length_normalize")
+        if loss_type == "ipo" and normalize is not None and not isinstance(normalize, bool):
+            problems.append(f"loss.length_normalize={normalize}: expected true or false (IPO on per-token log-ratios)")
         multi = loss.get("multi_negative", "mean")
         if multi not in MULTI_NEGATIVE:
             problems.append(f"unknown loss.multi_negative={multi!r}; expected one of {MULTI_NEGATIVE}")
@@ -327,6 +333,9 @@ def loss_config_problems(loss: Mapping[str, Any]) -> list[str]:
     elif loss_type == "infonce":
         if not (is_number(loss.get("temperature")) and loss["temperature"] > 0):
             problems.append(f"loss.temperature={loss.get('temperature')}: expected a number > 0 (the paper's code: 100)")
+    if loss.get("length_normalize") is not None and loss_type not in LENGTH_NORMALIZED:
+        problems.append(f"loss.length_normalize={loss['length_normalize']}: loss.loss_type={loss_type} ignores it (it "
+                        f"applies to {' and '.join(LENGTH_NORMALIZED)}); remove the override")
     return problems
 
 

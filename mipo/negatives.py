@@ -14,13 +14,21 @@ Strategies (the Hydra group ``negatives``):
 K negatives per prompt (``negatives.num_negatives`` = K > 1, ``random`` only): besides sigma(i),
 each row gets K - 1 more source rows (``extra_sources``), so its K rejected responses answer K
 distinct other prompts. K = 1 draws nothing more from the generator: the plan is the one it was.
+
+The prompt set (``negatives.prompt_set``): ``partial`` serves only the prompts from which the task can
+remove something (610 of the 1,172 offline ARC-Challenge questions; 1,303 of GSM8K's 1,319), so a
+comparison of strategies would train its arms on different prompts. ``prompt_set: own`` (the default)
+lets every strategy keep the prompts it can serve; ``prompt_set: partial`` restricts any strategy to the
+prompts ``partial`` serves, found with a copy of the generator's state, so the ``partial`` arm's plan is
+the one it is under ``own`` and every arm of one seed trains on the same prompts. The plan records what
+it dropped and why (``NegativePlan.prompt_record``: the pairs file's sidecar, ``mipo.data.pairs``).
 """
 
 from __future__ import annotations
 
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from mipo.data.tasks import Example, Task
@@ -28,6 +36,7 @@ from mipo.losses import LOSS_FAMILIES
 from mipo.runtime.errors import failed, is_int
 
 STRATEGIES = ("random", "partial", "random_context")
+PROMPT_SETS = ("own", "partial")  # ``negatives.prompt_set``: the prompts a strategy keeps (module docstring)
 
 
 def derangement(keys: list[str], rng: random.Random) -> list[int]:
@@ -66,13 +75,24 @@ def derangement(keys: list[str], rng: random.Random) -> list[int]:
 
 @dataclass
 class NegativePlan:
-    """Which prompt x'_i each kept row i is contrasted with."""
+    """Which prompt x'_i each kept row i is contrasted with, and which offered rows were dropped and why."""
 
     examples: list[Example]  # the rows kept, x_i
     negatives: list[Example]  # x'_i, aligned with ``examples``
     source_index: list[int] | None  # random: sigma(i), the row whose response y- is reused
-    dropped: int = 0  # rows for which the strategy had nothing to remove
     extra_source_index: list[list[int]] | None = None  # K > 1: the K - 1 further source rows of each row
+    dropped_uids: list[str] = field(default_factory=list)  # the offered rows not kept, in the order offered
+    drop_reason: str | None = None  # why they were dropped (None: none were)
+
+    @property
+    def dropped(self) -> int:
+        """How many offered rows were dropped."""
+        return len(self.dropped_uids)
+
+    def prompt_record(self) -> dict[str, Any]:
+        """How many prompts were offered, kept and dropped, why, and the dropped uids (the pairs' sidecar)."""
+        return {"prompts_offered": len(self.examples) + self.dropped, "kept": len(self.examples),
+                "dropped": self.dropped, "reason": self.drop_reason, "dropped_uids": list(self.dropped_uids)}
 
 
 def extra_sources(keys: list[str], sigma: list[int], num_extra: int, rng: random.Random) -> list[list[int]]:
@@ -110,28 +130,62 @@ def extra_sources(keys: list[str], sigma: list[int], num_extra: int, rng: random
     return extras
 
 
+def partial_prompts(task: Task, examples: list[Example], rng: random.Random) -> tuple[list[Example], list[Example],
+                                                                                   list[str]]:
+    """The examples ``task.partial`` can remove information from, their partial prompts (drawn from ``rng``
+    in the order offered), and the uids of the others; ValueError if it can serve none."""
+    kept, reduced, dropped = [], [], []
+    for example in examples:
+        partial = task.partial(example, rng)
+        if partial is None:
+            dropped.append(example.uid)
+        else:
+            kept.append(example)
+            reduced.append(partial)
+    if not kept:
+        raise ValueError(f"negatives=partial: task {task.name!r} could remove information from none of the "
+                         f"{len(examples)} prompts")
+    return kept, reduced, dropped
+
+
 def plan_negatives(task: Task, examples: list[Example], strategy: str, rng: random.Random,
-                   num_negatives: int = 1) -> NegativePlan:
+                   num_negatives: int = 1, prompt_set: str = "own") -> NegativePlan:
     """Pick the negative prompt x' of every example according to ``strategy`` (and, for ``random`` with
-    ``num_negatives`` = K > 1, K - 1 more source rows each)."""
+    ``num_negatives`` = K > 1, K - 1 more source rows each), on the prompts of ``prompt_set``.
+
+    ``prompt_set="partial"`` first keeps the examples ``partial`` serves, probing ``task.partial`` with a
+    copy of ``rng`` (the draws ``strategy="partial"`` makes from the same state), then plans ``strategy`` on
+    them with ``rng`` itself: the ``partial`` plan is the one it is under ``"own"``.
+    """
+    if prompt_set not in PROMPT_SETS:
+        raise ValueError(f"unknown negatives.prompt_set {prompt_set!r}; expected one of {PROMPT_SETS}")
     if num_negatives > 1 and strategy != "random":
         raise ValueError(f"negatives.num_negatives={num_negatives} takes negatives from other prompts: it needs "
                          f"negatives=random, got {strategy}")
+    no_partial = (f"task {task.name!r} can remove no information from them (negatives=partial has no x' for "
+                  "them)")
+    if strategy == "partial":
+        kept, negatives, dropped = partial_prompts(task, examples, rng)
+        return NegativePlan(kept, negatives, None, dropped_uids=dropped, drop_reason=no_partial if dropped else None)
+    dropped = []
+    if prompt_set == "partial":
+        probe = random.Random()
+        probe.setstate(rng.getstate())
+        examples, _, dropped = partial_prompts(task, examples, probe)
+    plan = _other_prompts_plan(task, examples, strategy, rng, num_negatives)
+    plan.dropped_uids = dropped
+    plan.drop_reason = f"negatives.prompt_set=partial: {no_partial}" if dropped else None
+    return plan
+
+
+def _other_prompts_plan(task: Task, examples: list[Example], strategy: str, rng: random.Random,
+                        num_negatives: int) -> NegativePlan:
+    """``random`` and ``random_context``: x' is built from another row (its prompt, or its user's context)."""
     if strategy == "random":
         keys = [e.question if e.context is None else f"{e.context}\n{e.question}" for e in examples]
         sigma = derangement(keys, rng)
         extra = extra_sources(keys, sigma, num_negatives - 1, rng) if num_negatives > 1 else None
         return NegativePlan(examples, [examples[j] for j in sigma], sigma, extra_source_index=extra)
-    if strategy == "partial":
-        kept, negatives = [], []
-        for example in examples:
-            reduced = task.partial(example, rng)
-            if reduced is not None:
-                kept.append(example)
-                negatives.append(reduced)
-        if not kept:
-            raise ValueError(f"negatives=partial: task {task.name!r} could remove information from none of the {len(examples)} prompts")
-        return NegativePlan(kept, negatives, None, dropped=len(examples) - len(kept))
     if strategy == "random_context":
         if any(e.context is None for e in examples):
             raise ValueError(f"negatives=random_context needs a personalization task whose prompts carry a user context; "
@@ -142,9 +196,14 @@ def plan_negatives(task: Task, examples: list[Example], strategy: str, rng: rand
 
 
 def negatives_problems(negatives: Mapping[str, Any], loss_type: str | None, task: Task | None) -> list[str]:
-    """``negatives.strategy`` and ``negatives.num_negatives`` against the loss and the task (None: not built)."""
+    """``negatives.strategy``, ``negatives.num_negatives`` and ``negatives.prompt_set`` against the loss and the
+    task (None: not built)."""
     strategy, num_negatives = negatives["strategy"], negatives.get("num_negatives", 1)
+    prompt_set = negatives.get("prompt_set", "own")
     checks = [(strategy in STRATEGIES, f"unknown negatives.strategy {strategy!r}; expected one of {STRATEGIES}"),
+              (prompt_set in PROMPT_SETS,
+               (f"negatives.prompt_set={prompt_set}: expected one of {', '.join(PROMPT_SETS)} (own: the prompts the "
+                "strategy serves; partial: only those negatives=partial serves, for comparing strategies)")),
               (is_int(num_negatives) and num_negatives >= 1,
                f"negatives.num_negatives={num_negatives}: expected an int >= 1 (rejected responses per prompt)")]
     if is_int(num_negatives) and num_negatives > 1:

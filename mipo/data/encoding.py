@@ -32,6 +32,7 @@ ends, and the loss mask is the response by construction.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
@@ -47,6 +48,7 @@ IGNORE_INDEX = -100
 RESPONSE_SUFFIXES = ("end_of_turn", "template")  # ``data.response_suffix``: what a finished response ends with
 DEFAULT_RESPONSE_SUFFIX = "end_of_turn"
 RESPONSE_SUFFIX_ATTRIBUTE = "mipo_response_suffix"
+log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,6 +165,33 @@ def encode_pairs(tokenizer, pairs: Sequence["PreferencePair"], max_length: int,
                        max_length, max_prompt_length,
                        finished=[pair.chosen_finished for pair in pairs] + [pair.rejected_finished for pair in pairs])
     return rows[: len(pairs)], rows[len(pairs):]
+
+
+def truncation_counts(rows: Sequence[EncodedRow]) -> dict[str, int]:
+    """What the truncation rule (``encode_pair``) cut from ``rows``: the rows whose prompt lost its beginning to
+    ``data.max_prompt_length`` and the tokens it lost, the rows whose response lost its end to ``data.max_length``
+    and the tokens it lost (``train.json``'s and ``eval.json``'s ``truncation``)."""
+    return {"rows": len(rows),
+            "prompts_cut": sum(row.prompt_cut > 0 for row in rows),
+            "prompt_tokens_cut": sum(row.prompt_cut for row in rows),
+            "responses_cut": sum(row.response_cut > 0 for row in rows),
+            "response_tokens_cut": sum(row.response_cut for row in rows)}
+
+
+def add_truncation_counts(*counts: Mapping[str, int]) -> dict[str, int]:
+    """The sum of several ``truncation_counts`` (row lists of one run: y+ and y- rows, ...)."""
+    return {key: sum(c[key] for c in counts) for key in ("rows", "prompts_cut", "prompt_tokens_cut", "responses_cut",
+                                                         "response_tokens_cut")}
+
+
+def warn_truncation(counts: Mapping[str, int], what: str) -> None:
+    """A WARNING when ``counts`` (``truncation_counts``) says the truncation rule cut anything from ``what``."""
+    if counts["prompts_cut"] or counts["responses_cut"]:
+        log.warning("%s: the truncation rule cut %d of %d prompts (%d tokens from their start: data.max_prompt_length) "
+                    "and %d of %d responses (%d tokens from their end: data.max_length); a cut prompt loses context, "
+                    "a cut response is scored on part of itself: raise the lengths to keep them whole", what,
+                    counts["prompts_cut"], counts["rows"], counts["prompt_tokens_cut"], counts["responses_cut"],
+                    counts["rows"], counts["response_tokens_cut"])
 
 
 # --------------------------------------------------------------------------------------------

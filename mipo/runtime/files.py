@@ -194,3 +194,31 @@ def installed_package_dir(package: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(list(spec.submodule_search_locations)[0])
+
+
+def folder_problem(path: str | os.PathLike, setting: str) -> str | None:
+    """Why no folder can be at ``path`` (the override ``setting`` names it), or None.
+
+    ``path`` is a file; a path component above it is a file; the folder it must be made in is not writable;
+    a component is a literal ``~`` (a quoted path is not expanded: ``'~/runs'`` is a folder named ``~``).
+    """
+    path = Path(path)
+    if any(part.startswith("~") for part in path.parts):
+        return (f"{setting}={path} contains a literal ~ (a quoted path is not expanded, and a folder named "
+                f"{path.parts[[p.startswith('~') for p in path.parts].index(True)]!r} would be made): write the "
+                "path unquoted or in full")
+    if path.exists() and not path.is_dir():
+        return f"{setting}={path} is a file, not a folder: expected a folder (or a path where one can be made)"
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if ancestor != path and not ancestor.is_dir():
+        return f"{setting}={path}: {ancestor} is a file, so no folder can be made under it"
+    if ancestor != path and not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{setting}={path}: {ancestor} is not writable, so {path} cannot be made"
+    return None
+
+
+def expand_home(value: Any) -> Any:
+    """A path setting with a leading ``~`` expanded (``os.path.expanduser``); any other value as it is."""
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 # distributed registers ${mipo_now:...} at import: the run directory is rank 0's under torchrun
 from mipo.runtime import distributed
 from mipo.runtime.errors import InputError, raise_problems
-from mipo.runtime.files import stable_hash
+from mipo.runtime.files import folder_problem, stable_hash
 from mipo.runtime.resolvers import register_resolver
 from mipo.stages.inputs import ENTRIES, Inputs, check_inputs, run_dir_problems
 
@@ -67,12 +67,19 @@ def reported(error: BaseException) -> bool:
     return isinstance(error, REPORTED) or (isinstance(error, OSError) and error.errno in DISK_FULL)
 
 
+# entries whose jobs failed with a reported error in this process's multirun (Hydra's basic launcher runs them here)
+FAILED_JOBS: list[str] = []
+IN_PROCESS_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"
+
+
 @contextmanager
-def reported_errors(entry: str, multirun: bool = False) -> Iterator[None]:
+def reported_errors(entry: str, multirun: bool = False, in_process: bool = False) -> Iterator[None]:
     """Print a reported error as ``<entry>.py: error: ...`` on stderr and exit 1.
 
     In a multirun the error is printed and raised again, so that Hydra records the job as
-    failed and goes on with the others.
+    failed and goes on with the others. Where the jobs run in this process (``in_process``: Hydra's
+    basic launcher) the job ends there instead and is counted in ``FAILED_JOBS``: the others run, and the
+    process exits 1 after the last (``RunDirGuard.on_multirun_end``), with the jobs' messages and no traceback.
     """
     try:
         yield
@@ -80,6 +87,9 @@ def reported_errors(entry: str, multirun: bool = False) -> Iterator[None]:
         if not reported(error) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"{entry}.py: error: {error}", file=sys.stderr, flush=True)
+        if multirun and in_process:
+            FAILED_JOBS.append(entry)
+            return
         if multirun:
             raise
         sys.exit(1)
@@ -90,7 +100,9 @@ def entry_point(entry: str) -> Callable[[Callable[[DictConfig], Any]], Callable[
     def decorate(main: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         @functools.wraps(main)
         def wrapped(cfg: DictConfig) -> Any:
-            with reported_errors(entry, multirun=HydraConfig.get().mode == RunMode.MULTIRUN):
+            hydra = HydraConfig.get()
+            in_process = hydra.launcher.get("_target_") == IN_PROCESS_LAUNCHER
+            with reported_errors(entry, multirun=hydra.mode == RunMode.MULTIRUN, in_process=in_process):
                 return main(cfg)
         return wrapped
     return decorate
@@ -101,7 +113,8 @@ class RunDirGuard(Callback):
     job log into it (``conf/config.yaml``: ``hydra.callbacks``).
 
     Hydra calls ``on_run_start`` for single runs only; in a multirun ``setup`` makes the same
-    check in each job, after Hydra has written that job's ``.hydra/``.
+    check in each job, after Hydra has written that job's ``.hydra/`` (``on_multirun_start`` refuses a
+    sweep directory no folder can be made at).
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -109,6 +122,19 @@ class RunDirGuard(Callback):
         if entry in ENTRIES:
             with reported_errors(entry):
                 raise_problems("these inputs", run_dir_problems(config, entry, Path(config.hydra.run.dir)))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Exit 1 when a job of this process failed with a reported error (its message is printed already)."""
+        if FAILED_JOBS:
+            sys.exit(1)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """A sweep directory that is a file (or under one) is refused before Hydra makes it."""
+        entry = config.hydra.job.name
+        problem = folder_problem(config.hydra.sweep.dir, "hydra.sweep.dir")
+        if entry in ENTRIES and problem:
+            with reported_errors(entry):
+                raise_problems("these inputs", [problem])
 
 
 def setup(cfg: DictConfig, entry: str) -> Inputs:

@@ -46,7 +46,7 @@ import torch
 from omegaconf import DictConfig
 
 from mipo.data.chat import Messages
-from mipo.data.encoding import encode_rows
+from mipo.data.encoding import encode_rows, truncation_counts, warn_truncation
 from mipo.data.tasks import Example, Task, build_task, task_splits
 from mipo.losses import loss_family
 from mipo.metrics.accuracy import accuracy, loglik_correct
@@ -293,18 +293,11 @@ def _identity_scores(cfg: DictConfig, tokenizer, task: Task, examples: list[Exam
     candidates = identity_candidates(prompts, MIEstimate(**base["mi_estimate"]), context_alternatives(task, examples))
     finished = [not cut for cut in base["per_prompt"]["truncated"]]
     policy = load_model({"name_or_path": str(model_path), "attn_implementation": cfg.model.attn_implementation},
-                        device=resolve_device(cfg.device), dtype=torch.float32)
+                        device=resolve_device(cfg.device), dtype=torch.float32, cache_dir=cfg.paths.cache_dir,
+                        vocab_size=len(tokenizer))
     logp_policy = score_candidates(Scorer(policy, tokenizer, ScoringSettings.of(cfg)), candidates, base["responses"],
                                    finished, desc="eval: identity, the trained policy's log-probs")
     return {**candidates.record(), "logp_policy": logp_policy}
-
-
-def response_token_counts(tokenizer, prompts: Sequence[Messages], responses: Sequence[str], finished: Sequence[bool],
-                          max_length: int, max_prompt_length: int) -> list[int]:
-    """(N,) tokens each response is scored on: ``encode_rows``' response ids, end-of-turn included
-    for a finished response, after the truncation rule (what the MI estimator scores)."""
-    rows = encode_rows(tokenizer, prompts, responses, max_length, max_prompt_length, finished=finished)
-    return [len(row.response_ids) for row in rows]
 
 
 def model_metrics(per_prompt: dict[str, list]) -> dict[str, Any]:
@@ -314,7 +307,8 @@ def model_metrics(per_prompt: dict[str, list]) -> dict[str, Any]:
     ``accuracy_flexible`` (with ``unparsed_strict``/``unparsed_flexible``, the responses no answer
     was extracted from), ``accuracy_loglik``/``accuracy_loglik_norm`` (multiple choice),
     ``mi_mean`` (stderr ``mi_stderr``), ``mi_per_token_mean``, ``mean_response_tokens``
-    (generated tokens, end-of-turn not counted), ``truncated_fraction`` (cut at max_new_tokens).
+    (generated tokens, end-of-turn not counted), ``truncated_fraction`` (cut at max_new_tokens), ``prompts_cut``/
+    ``prompt_tokens_cut`` and ``responses_cut``/``response_tokens_cut`` (cut by data.max_prompt_length/max_length).
     ``accuracy`` is an alias of ``accuracy_strict`` for older sweeps.
     """
     metrics: dict[str, Any] = {}
@@ -332,6 +326,9 @@ def model_metrics(per_prompt: dict[str, list]) -> dict[str, Any]:
     metrics["mean_response_tokens"], metrics["mean_response_tokens_stderr"] = mean_stderr(per_prompt["response_tokens"])
     metrics["truncated_fraction"] = sum(per_prompt["truncated"]) / len(per_prompt["truncated"])
     metrics["mean_response_chars"] = sum(per_prompt["response_chars"]) / len(per_prompt["response_chars"])
+    for unit, field in (("prompt", "prompt_tokens_cut"), ("response", "response_tokens_cut")):  # by the truncation rule
+        if field in per_prompt:
+            metrics[f"{unit}s_cut"], metrics[field] = sum(n > 0 for n in per_prompt[field]), sum(per_prompt[field])
     return metrics
 
 
@@ -374,7 +371,7 @@ def _evaluate_models(cfg: DictConfig, task: Task, tokenizer, examples: list[Exam
             continue
         model = base if name == "base" else load_model(
             {"name_or_path": str(model_path), "attn_implementation": cfg.model.attn_implementation}, device=device,
-            dtype=dtype)
+            dtype=dtype, cache_dir=cfg.paths.cache_dir, vocab_size=len(tokenizer))
         generations[name] = _responses(cfg, model, tokenizer, prompts, name)
         if loglik:
             loglik_values[name] = loglik_correct(Scorer(model, tokenizer, scoring), task, examples,
@@ -425,12 +422,16 @@ def _pmi_and_length_values(cfg: DictConfig, scorer: Scorer, prompts: list[Messag
     marginal = Marginal(k=cfg.eval.mi_k, seed=cfg.seed, include_positive=cfg.eval.mi_include_positive)
     estimate = estimate_pmi(scorer, prompts, outs, marginal, alternatives=alternatives,
                             desc=f"eval: MI of {name} responses", finished=finished)
-    scored_tokens = response_token_counts(scorer.tokenizer, prompts, outs, finished, cfg.data.max_length,
-                                          cfg.data.max_prompt_length)
+    # the rows the estimator scored, after the truncation rule: tokens scored, and what data.max_prompt_length
+    # (the prompt generation saw) and data.max_length (the response) cut
+    rows = encode_rows(scorer.tokenizer, prompts, outs, cfg.data.max_length, cfg.data.max_prompt_length, finished)
+    warn_truncation(truncation_counts(rows), f"eval: the {name} model's responses")
+    scored_tokens = [len(row.response_ids) for row in rows]
     return {
         "mi": estimate.values, "mi_per_token": pmi_per_token(estimate.values, scored_tokens),
         "scored_tokens": scored_tokens, "response_tokens": [g.num_tokens for g in generated],
         "truncated": [int(not done) for done in finished], "response_chars": [len(text) for text in outs],
+        "prompt_tokens_cut": [row.prompt_cut for row in rows], "response_tokens_cut": [row.response_cut for row in rows],
     }, estimate
 
 

@@ -2,20 +2,26 @@
 
 ``mipo.stages.cli.setup(cfg, entry)`` runs ``check_inputs`` first thing in every entry point:
 
-1. the config's values (``mipo.stages.config.check_config``);
-2. the run directory: one that holds an earlier run's outputs is never written into again
-   unless ``overwrite=true``; ``train.py`` continues its own unfinished run with
-   ``trainer.resume=true`` (``run_dir_problems``, which the Hydra callback
-   ``mipo.stages.cli.RunDirGuard`` also runs before Hydra writes ``.hydra/`` into the directory);
+1. the config's values (``mipo.stages.config.check_config``), after a leading ``~`` in every path
+   setting is expanded (``expand_path_settings``: a quoted ``'~/data/x.jsonl'`` reaches the config as it is);
+2. the run directory: a file, or a path no folder can be made at, is refused; one that holds an earlier
+   run's outputs is never written into again unless ``overwrite=true``; ``train.py`` continues its own
+   unfinished run with ``trainer.resume=true``, and ``trainer.resume=must`` refuses a directory without a
+   checkpoint (``run_dir_problems``, which the Hydra callback ``mipo.stages.cli.RunDirGuard`` also runs before
+   Hydra writes ``.hydra/`` into the directory);
 3. the data the entry point is about to read, where it applies:
 
    ==========  ====================================================================================
    sample      the training prompts exist in the numbers asked for; the negative strategy can pair them
-   train       the pairs file exists, every line is a valid pair, it holds at least one batch, and every
-               pair carries what the loss needs (x' for SAMI/InfoNCE, K - 1 extra negatives for K > 1)
+   train       the pairs file exists, every line is a valid pair (``mipo.data.pairs.read_pairs``: roles,
+               empty responses, uids), it holds at least one batch, at most ``data.max_identical_fraction``
+               of its pairs have y+ == y-, and every pair carries what the loss needs (x' for
+               SAMI/InfoNCE, K - 1 extra negatives for K > 1)
    evaluate    the evaluation prompts exist; eval.mi_k is at most the distinct other prompts of a
-               row; eval.model_path exists
-   pipeline    sample's checks (train's if the pairs file exists), then evaluate's
+               row; eval.model_path is a model folder (or LoRA adapter folder) of the base model's
+               architecture and vocabulary (``evaluated_model_problems``)
+   pipeline    sample's checks (train's if the pairs file exists) and that the pairs sampling will
+               write (after the negative strategy drops prompts) fill one batch, then evaluate's
    ==========  ====================================================================================
 
 Every problem found is reported together, one line each, in one ``ConfigError``.
@@ -28,21 +34,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from mipo.data.pairs import PairsFileError, PreferencePair, read_pairs
+from mipo.data.pairs import (
+    PairsFileError,
+    PreferencePair,
+    identical_pairs_problem,
+    max_identical_fraction,
+    read_pairs,
+)
 from mipo.data.tasks import build_task, task_splits
 from mipo.losses import LOSS_FAMILIES
 from mipo.mi import available_k
+from mipo.model.loading import base_description
+from mipo.model.sources import (
+    description_differences,
+    folder_description,
+    model_folder_problem,
+)
 from mipo.negatives import plan_negatives
 from mipo.runtime.errors import raise_problems
+from mipo.runtime.files import expand_home, folder_problem
 from mipo.stages.config import check_config
 from mipo.stages.evaluate import context_alternatives
 from mipo.stages.keys import pairs_path
+from mipo.stages.train import RESUME_MUST
+from mipo.training.checkpoint import checkpoints_dir, latest_checkpoint
 
 ENTRIES = ("sample", "train", "evaluate", "pipeline")
 RUN_OUTPUTS = ("train.json", "eval.json", "metrics.jsonl", "model", "checkpoints")
 UNFINISHED_TRAINING = ("metrics.jsonl", "model", "checkpoints")  # what a killed train.py leaves
+# the settings that name a file or folder: a leading ~ is expanded (``expand_path_settings``)
+PATH_SETTINGS = ("paths.cache_dir", "data.pairs_path", "data.source", "model.name_or_path", "eval.model_path",
+                 "judge.model.name_or_path")
 
 
 @dataclass
@@ -58,6 +82,7 @@ def check_inputs(cfg: DictConfig, entry: str, run_dir: str | Path) -> Inputs:
     """Raise ``ConfigError`` listing every problem with what ``entry`` (sample, train, ...) is given."""
     if entry not in ENTRIES:
         raise ValueError(f"unknown entry point {entry!r}; expected one of {ENTRIES}")
+    expand_path_settings(cfg)
     check_config(cfg)  # the values first: the checks below assume them
     path = pairs_path(cfg)
     inputs = Inputs(Path(run_dir), path)
@@ -77,22 +102,42 @@ def check_inputs(cfg: DictConfig, entry: str, run_dir: str | Path) -> Inputs:
 
 
 def run_dir_problems(cfg: DictConfig, entry: str, run_dir: Path) -> list[str]:
-    """Why ``entry`` must not write into ``run_dir`` (empty: it may)."""
+    """Why ``entry`` must not write into ``run_dir`` (empty: it may): a file or a path no folder can be made
+    at; an earlier run's outputs; for train.py with ``trainer.resume=must``, no checkpoint to resume from."""
+    problem = folder_problem(run_dir, "hydra.run.dir")
+    if problem:
+        return [problem]
+    resume = cfg.trainer.get("resume")
+    if entry == "train" and resume == RESUME_MUST and cfg.get("overwrite") is not True \
+            and latest_checkpoint(run_dir) is None:
+        return [(f"trainer.resume={RESUME_MUST}: no checkpoint in {checkpoints_dir(run_dir)} (hydra.run.dir={run_dir}): "
+                "nothing to resume; run with the hydra.run.dir of the run to continue, or trainer.resume=true to "
+                "start at step 0 when there is none")]
     found = [name for name in RUN_OUTPUTS if (run_dir / name).exists() or (run_dir / name).is_symlink()]
     if not found or cfg.get("overwrite") is True:
         return []
     unfinished_training = set(found) <= set(UNFINISHED_TRAINING)
-    if entry == "train" and cfg.trainer.get("resume") is True:
+    if entry == "train" and resume in (True, RESUME_MUST):
         if unfinished_training:
             return []
-        return [f"trainer.resume=true, but hydra.run.dir={run_dir} holds a finished run ({', '.join(found)}): "
-                "there is nothing to resume (overwrite=true trains again from step 0)"]
+        return [(f"trainer.resume={str(resume).lower()}, but hydra.run.dir={run_dir} holds a finished run "
+                f"({', '.join(found)}): there is nothing to resume (overwrite=true trains again from step 0)")]
     if entry == "train" and unfinished_training:
         hint = "add trainer.resume=true to continue that run, or overwrite=true to start it again"
     else:
         hint = "choose another hydra.run.dir, or add overwrite=true to replace them"
-    return [f"hydra.run.dir={run_dir} holds the outputs of an earlier run ({', '.join(found)}), which are never "
-            f"overwritten: {hint}"]
+    return [(f"hydra.run.dir={run_dir} holds the outputs of an earlier run ({', '.join(found)}), which are never "
+            f"overwritten: {hint}")]
+
+
+def expand_path_settings(cfg: DictConfig) -> None:
+    """Expand a leading ``~`` in every path setting (``PATH_SETTINGS``), in place: a quoted ``'~/data/x.jsonl'``
+    reaches the config unexpanded, and no later reader of the setting expands it."""
+    with open_dict(cfg):
+        for key in PATH_SETTINGS:
+            value = OmegaConf.select(cfg, key, default=None)
+            if isinstance(value, str) and value.startswith("~"):
+                OmegaConf.update(cfg, key, expand_home(value), merge=False)
 
 
 def _read_pairs(cfg: DictConfig, path: Path) -> tuple[list[PreferencePair] | None, list[str]]:
@@ -100,16 +145,17 @@ def _read_pairs(cfg: DictConfig, path: Path) -> tuple[list[PreferencePair] | Non
     if not path.exists():
         if cfg.data.pairs_path:
             return None, [f"data.pairs_path={path}: no such file (expected a pairs JSONL file)"]
-        return None, [f"no pairs file for these settings at {path}: run sample.py with the same overrides "
-                      "first, or set data.pairs_path"]
+        return None, [(f"no pairs file for these settings at {path}: run sample.py with the same overrides "
+                      "first, or set data.pairs_path")]
     try:
         pairs = read_pairs(path)
     except PairsFileError as error:
         return None, [str(error)]
     if len(pairs) < cfg.trainer.batch_size:
-        return pairs, [f"{path} holds {len(pairs)} pairs, fewer than one batch (trainer.batch_size="
-                       f"{cfg.trainer.batch_size}): expected at least {cfg.trainer.batch_size}"]
-    return pairs, _pairs_loss_problems(cfg, path, pairs)
+        return pairs, [(f"{path} holds {len(pairs)} pairs, fewer than one batch (trainer.batch_size="
+                       f"{cfg.trainer.batch_size}): expected at least {cfg.trainer.batch_size}")]
+    identical = identical_pairs_problem(pairs, path, max_identical_fraction(cfg.data))
+    return pairs, [*([identical] if identical else []), *_pairs_loss_problems(cfg, path, pairs)]
 
 
 def _pairs_loss_problems(cfg: DictConfig, path: Path, pairs: list[PreferencePair]) -> list[str]:
@@ -145,11 +191,18 @@ def _data_problems(cfg: DictConfig, entry: str, sample: bool) -> list[str]:
     if sample:
         strategy = cfg.negatives.strategy
         try:
-            plan_negatives(task, train_examples, strategy, random.Random(cfg.seed),
-                           num_negatives=cfg.negatives.get("num_negatives", 1))
+            plan = plan_negatives(task, train_examples, strategy, random.Random(cfg.seed),
+                                  num_negatives=cfg.negatives.get("num_negatives", 1),
+                                  prompt_set=cfg.negatives.get("prompt_set", "own"))
         except ValueError as error:
             problems.append(f"negatives={strategy} on {len(train_examples)} training prompts "
                             f"(data.num_train={data.num_train}): {error}")
+        else:
+            if entry == "pipeline" and len(plan.examples) < cfg.trainer.batch_size:  # train would refuse the pairs
+                dropped = f" (negatives={strategy} drops {plan.dropped} of them)" if plan.dropped else ""
+                problems.append(f"data.num_train={data.num_train}: {len(train_examples)} training prompts{dropped}, "
+                                f"give {len(plan.examples)} pairs, fewer than one batch (trainer.batch_size="
+                                f"{cfg.trainer.batch_size}): raise data.num_train or lower trainer.batch_size")
     if entry in ("evaluate", "pipeline"):
         problems += _evaluation_problems(cfg, entry, task, eval_examples)
     return problems
@@ -165,9 +218,27 @@ def _evaluation_problems(cfg: DictConfig, entry: str, task: Any, eval_examples: 
         problems.append(f"eval.mi_k={cfg.eval.mi_k}: the {len(eval_examples)} evaluation prompts give a row at most "
                         f"{k_max} {others} for the MI marginal (data.num_eval={cfg.data.num_eval}): expected "
                         f"eval.mi_k <= {k_max}; lower eval.mi_k or raise data.num_eval")
-    model_path = cfg.eval.model_path
-    if entry == "evaluate" and model_path and not (Path(model_path) / "config.json").is_file():
-        what = "holds no config.json" if Path(model_path).is_dir() else "does not exist"
-        problems.append(f"eval.model_path={model_path} {what}: expected a trained model folder "
-                        "(e.g. outputs/<date>/<time>/model)")
+    if entry == "evaluate" and cfg.eval.model_path:
+        problems += evaluated_model_problems(cfg, cfg.eval.model_path)
     return problems
+
+
+def evaluated_model_problems(cfg: DictConfig, model_path: str | Path) -> list[str]:
+    """``eval.model_path``: a model folder (or LoRA adapter folder) of the base model's architecture and
+    vocabulary: the evaluation scores both models with the base model's tokenizer (read from config.json
+    and tokenizer.json; a base model whose files are not at hand is not compared)."""
+    folder = Path(model_path)
+    if not folder.exists():
+        return [(f"eval.model_path={model_path} does not exist: expected a trained model folder "
+                "(e.g. outputs/<date>/<time>/model)")]
+    problem = model_folder_problem(folder, "eval.model_path")
+    if problem:
+        return [problem]
+    evaluated = folder_description(folder, f"eval.model_path={folder}")
+    base = base_description(cfg.model, cfg.paths.cache_dir) if evaluated is not None else None
+    differences = description_differences(base, evaluated) if base is not None else []
+    if not differences:
+        return []
+    return [(f"eval.model_path={folder} is not a model of the base model's kind ({base.where}): "
+            f"{'; '.join(differences)} (evaluated vs base); the evaluation scores both with the base model's "
+            "tokenizer: expected a model trained from the base model")]

@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from mipo.data.encoding import DEFAULT_RESPONSE_SUFFIX
 from mipo.data.pairs import PairsFile
 from mipo.kernels.logprob import default_impl
+from mipo.model.adapters import lora_identity
 from mipo.model.generation import SEEDING
 from mipo.model.loading import (
     model_identity,
@@ -79,7 +80,7 @@ def pairs_key(cfg: DictConfig) -> dict[str, Any]:
                           str(cfg.model.get("attn_implementation") or "auto"), device, dtype)},
         "task": _plain(cfg.task),
         "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval")},
-        "negatives": {"num_negatives": 1, **_plain(cfg.negatives)},
+        "negatives": {"num_negatives": 1, "prompt_set": "own", **_plain(cfg.negatives)},
         "sampling": {k: cfg.sampling.get(k) for k in (*DECODE_KEYS, *BATCH_KEYS)},
         "backend": resolve_backend(cfg.sampling.get("backend", "transformers"), cfg.model, announce=False),
         "max_prompt_length": cfg.data.max_prompt_length,
@@ -150,6 +151,7 @@ def train_key(cfg: DictConfig, pairs_file: PairsFile) -> dict[str, Any]:
         "num_negatives": cfg.negatives.get("num_negatives", 1),
         "seed": cfg.seed,
         **({"response_suffix": suffix} if suffix != DEFAULT_RESPONSE_SUFFIX else {}),
+        **({"lora": adapters} if (adapters := lora_identity(cfg.get("lora"))) else {}),  # full fine-tuning: no entry
         "format": TRAIN_FORMAT,
     }
 

@@ -46,9 +46,15 @@ from typing import Any
 
 from omegaconf import DictConfig, open_dict
 
-from mipo.data.pairs import PairsFile, PreferencePair
+from mipo.data.pairs import (
+    PairsFile,
+    PreferencePair,
+    identical_pairs_problem,
+    max_identical_fraction,
+    read_pairs,
+)
 from mipo.runtime import distributed
-from mipo.runtime.errors import failed, is_int
+from mipo.runtime.errors import failed, is_int, raise_problems
 from mipo.runtime.files import exclusive_lock, write_json
 from mipo.stages import keys
 from mipo.stages.evaluate import evaluate
@@ -84,6 +90,8 @@ def train_stage(cfg: DictConfig, pairs_file: PairsFile, pairs: list[PreferencePa
         if main:
             clear_checkpoints(partial)  # the cache keeps the trained policy, not its optimizer states
             summary["model_dir"] = str(stage_dir / "model")
+            if (partial / "adapter").is_dir():  # LoRA: the adapter in peft's format beside the merged model
+                summary["adapter_dir"] = str(stage_dir / "adapter")
             write_json(partial / "train.json", summary)
             shutil.rmtree(stage_dir, ignore_errors=True)
             os.replace(partial, stage_dir)
@@ -105,7 +113,7 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs_path: Path,
     output_dir.mkdir(parents=True, exist_ok=True)
     rounds = int(cfg.get("rounds", 1))
     if rounds == 1:
-        pairs_file = PairsFile.hashed(sample_pairs(cfg, pairs_path))
+        pairs_file, pairs = sampled_pairs(cfg, pairs_path, pairs)
         stage_dir = train_stage(cfg, pairs_file, pairs)
         results = evaluate(cfg, output_dir, model_path=stage_dir / "model", trained_id=stage_dir.name)
         _publish_training(stage_dir, output_dir)
@@ -116,8 +124,9 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs_path: Path,
         round_dir = output_dir / f"round-{r}"
         log.info("iterative MIPO: round %d of %d (policy and reference: %s)", r, rounds, round_cfg.model.name_or_path
                  if r > 1 else "the base model")
-        pairs_file = PairsFile.hashed(sample_pairs(round_cfg, pairs_path if r == 1 else keys.pairs_path(round_cfg)))
-        stage_dir = train_stage(round_cfg, pairs_file, pairs if r == 1 else None)
+        pairs_file, round_pairs = sampled_pairs(round_cfg, pairs_path if r == 1 else keys.pairs_path(round_cfg),
+                                                pairs if r == 1 else None)
+        stage_dir = train_stage(round_cfg, pairs_file, round_pairs)
         results = evaluate(cfg, round_dir, model_path=stage_dir / "model", trained_id=stage_dir.name)  # vs the base
         _publish_training(stage_dir, round_dir)
         if distributed.is_main():
@@ -134,6 +143,19 @@ def run_pipeline(cfg: DictConfig, output_dir: str | Path, pairs_path: Path,
     _publish_training(stage_dir, output_dir)
     write_json(output_dir / "rounds.json", {"rounds": rounds, "per_round": summary})
     return results
+
+
+def sampled_pairs(cfg: DictConfig, path: Path,
+                  pairs: list[PreferencePair] | None) -> tuple[PairsFile, list[PreferencePair]]:
+    """The pairs the train stage trains on: sampled unless ``path`` exists, hashed once, and (where the inputs
+    check did not read them: ``pairs`` is None) read and checked as train.py's inputs check would, so that
+    pairs of which too many have chosen == rejected (``data.max_identical_fraction``) stop here, one line."""
+    pairs_file = PairsFile.hashed(sample_pairs(cfg, path))
+    if pairs is None:
+        pairs = read_pairs(pairs_file.path)
+        identical = identical_pairs_problem(pairs, pairs_file.path, max_identical_fraction(cfg.data))
+        raise_problems("the sampled pairs", [identical] if identical else [])
+    return pairs_file, pairs
 
 
 def next_round_config(cfg: DictConfig, model_dir: Path) -> DictConfig:
@@ -164,6 +186,8 @@ def _publish_training(stage_dir: Path, output_dir: Path) -> None:
     for name in TRAIN_OUTPUTS:
         shutil.copy2(stage_dir / name, output_dir / name)
     _link(output_dir / "model", (stage_dir / "model").resolve(), directory=True)
+    if (stage_dir / "adapter").is_dir():
+        _link(output_dir / "adapter", (stage_dir / "adapter").resolve(), directory=True)
 
 
 def _link(link: Path, target: Path, directory: bool) -> None:

@@ -8,6 +8,11 @@ depends on (``mipo.stages.keys.pairs_key``: model, task, data split, negative st
 settings and batching, seed, seeding scheme, backend), so ``sample.py`` and ``train.py`` run with
 the same overrides find the same file, and a sweep over training settings reuses it.
 
+Beside it, ``<pairs path>.meta.json`` (``mipo.data.pairs.write_pairs_with_meta``, written before the pairs
+file is renamed into place) records the prompts: how many the negative strategy was offered, kept and
+dropped, why, and the dropped uids (``negatives=partial`` keeps only prompts with something to remove;
+``negatives.prompt_set=partial`` restricts every strategy to those). Dropping is logged as a WARNING.
+
 Resuming. Responses are decoded in chunks (``mipo.model.generation.Plan``); each finished chunk is
 written at once to ``<pairs path>.partial/``::
 
@@ -45,7 +50,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from mipo.data.chat import Messages
-from mipo.data.pairs import PreferencePair, write_pairs
+from mipo.data.pairs import PreferencePair, pairs_meta_path, write_pairs_with_meta
 from mipo.data.tasks import build_task, task_splits
 from mipo.model.generation import (
     DecodeLoop,
@@ -68,7 +73,7 @@ from mipo.model.loading import (
 from mipo.model.vllm_backend import BACKENDS, VLLMGenerator, resolve_backend
 from mipo.negatives import NegativePlan, plan_negatives
 from mipo.runtime import distributed
-from mipo.runtime.errors import InputError, failed, is_int
+from mipo.runtime.errors import InputError, describe_changes, failed, is_int
 from mipo.runtime.files import stable_hash, write_json
 from mipo.stages.keys import pairs_key
 
@@ -81,16 +86,24 @@ class PartialSamplesError(InputError, ValueError):
 class ChunkStore:
     """The finished chunks of one sampling run, one JSON file each, under ``<pairs path>.partial/``."""
 
-    def __init__(self, folder: Path, inputs_hash: str, plans: dict[str, Plan]):
+    def __init__(self, folder: Path, settings: Mapping[str, Any], plans: dict[str, Plan]):
+        """``settings``: what the samples depend on (``pairs_key``), stored so that a stale folder can say which
+        setting changed."""
         self.folder, self.plans = folder, plans
-        self.meta = {"inputs": inputs_hash, "plans": {name: plan.fingerprint() for name, plan in plans.items()},
-                     "format": 1}
+        settings = json.loads(json.dumps(dict(settings), default=str))  # plain JSON values, as read back
+        self.meta = {"inputs": stable_hash(settings, 20), "settings": settings,
+                     "plans": {name: plan.fingerprint() for name, plan in plans.items()}, "format": 1}
 
     def open(self) -> None:
         """Check that an existing folder belongs to these inputs, or start one."""
         meta_file = self.folder / "meta.json"
         if meta_file.exists():
             found = json.loads(meta_file.read_text())
+            if found.get("format") == self.meta["format"] and found.get("inputs") != self.meta["inputs"]:
+                changed = (describe_changes(found["settings"], self.meta["settings"]) if "settings" in found
+                           else "written before the settings were stored")
+                raise PartialSamplesError(f"{meta_file}: these partial samples were written for other settings "
+                                          f"({changed}); delete the folder or set sampling.overwrite=true")
             for key in ("format", "inputs", "plans"):
                 if found.get(key) != self.meta[key]:
                     raise PartialSamplesError(
@@ -139,11 +152,14 @@ def sample_pairs(cfg: DictConfig, path: Path) -> Path:
 
     task = build_task(cfg)
     train_examples, _ = task_splits(cfg, task)
-    rng = random.Random(cfg.seed)
-    plan = plan_negatives(task, train_examples, cfg.negatives.strategy, rng,
-                          num_negatives=cfg.negatives.get("num_negatives", 1))
+    plan = plan_negatives(task, train_examples, cfg.negatives.strategy, random.Random(cfg.seed),
+                          num_negatives=cfg.negatives.get("num_negatives", 1),
+                          prompt_set=cfg.negatives.get("prompt_set", "own"))
     if plan.dropped:
-        log.info("negatives=%s: %d prompts had no information to remove and were dropped", cfg.negatives.strategy, plan.dropped)
+        log.warning("negatives=%s, negatives.prompt_set=%s: %d of %d training prompts dropped (%s); the pairs train "
+                    "on %d prompts; the dropped uids are in %s", cfg.negatives.strategy,
+                    cfg.negatives.get("prompt_set", "own"), plan.dropped, len(train_examples), plan.drop_reason,
+                    len(plan.examples), pairs_meta_path(path))
     prompts = [task.messages(e) for e in plan.examples]
     negative_prompts = [task.messages(e) for e in plan.negatives]
     reuse = plan.source_index is not None and cfg.negatives.reuse_positives
@@ -158,12 +174,12 @@ def sample_pairs(cfg: DictConfig, path: Path) -> Path:
                             max_batch_tokens=cfg.sampling.max_batch_tokens)
     plans = {name: planning.plan(tokenizer, stream_prompts, cfg.sampling.max_new_tokens)
              for name, (stream_prompts, _) in streams.items()}
-    store = ChunkStore(path.with_name(path.name + ".partial"), stable_hash(pairs_key(cfg), 20), plans)
+    store = ChunkStore(path.with_name(path.name + ".partial"), pairs_key(cfg), plans)
     results, backend = sample_streams(cfg, tokenizer, store, {name: seed for name, (_, seed) in streams.items()})
 
     pairs = build_pairs(cfg, plan, prompts, negative_prompts, results, backend)
     if distributed.is_main():
-        write_pairs(path, pairs)
+        write_pairs_with_meta(path, pairs, prompts_meta(cfg, plan))
         store.remove()
         log.info("wrote %d pairs to %s", len(pairs), path)
     distributed.barrier()
@@ -249,6 +265,16 @@ def build_pairs(cfg: DictConfig, plan: NegativePlan, prompts: list[Messages], ne
     return pairs
 
 
+def prompts_meta(cfg: DictConfig, plan: NegativePlan) -> dict[str, Any]:
+    """The pairs file's sidecar (``mipo.data.pairs.write_pairs_with_meta``): which prompts the negatives kept.
+
+    ``{"strategy", "prompt_set", "task", "seed", "prompts_offered", "kept", "dropped", "reason", "dropped_uids"}``;
+    ``prompts_offered``: the training split's prompts; ``kept``: the pairs written.
+    """
+    return {"strategy": cfg.negatives.strategy, "prompt_set": cfg.negatives.get("prompt_set", "own"),
+            "task": cfg.task.name, "seed": cfg.seed, **plan.prompt_record()}
+
+
 def chunk_decoder(cfg: DictConfig, tokenizer, backend: str) -> DecodeLoop | VLLMGenerator:
     """What decodes this run's chunks for ``backend`` (``resolve_backend``): both have
     ``generate_chunk(plan, chunk, settings, seed, progress) -> list[Generation]``."""
@@ -263,7 +289,7 @@ def chunk_decoder(cfg: DictConfig, tokenizer, backend: str) -> DecodeLoop | VLLM
 def log_summary(stream: str, generations: Generations) -> None:
     """The sampling log's account of a stream: responses cut at max_new_tokens, prompts cut by truncation."""
     s = generations.summary()
-    log.info("%s: %d responses, %d new tokens; %d (%.1f%%) cut at max_new_tokens=%d (finish_reason 'length'); "
+    (log.warning if s["prompts_truncated"] else log.info)("%s: %d responses, %d new tokens; %d (%.1f%%) cut at max_new_tokens=%d (finish_reason 'length'); "
              "%d prompts cut to data.max_prompt_length", stream, s["responses"], s["new_tokens"], s["truncated"],
              100 * s["truncated_fraction"], generations.settings["max_new_tokens"], s["prompts_truncated"])
 

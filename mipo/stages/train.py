@@ -33,6 +33,7 @@ import logging
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,7 +41,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from mipo.data.pairs import PairsFile, PreferencePair, read_pairs, truncation_summary
+from mipo.data.encoding import add_truncation_counts, truncation_counts, warn_truncation
+from mipo.data.pairs import (
+    PairsFile,
+    PreferencePair,
+    read_pairs,
+    read_pairs_meta,
+    truncation_summary,
+)
+from mipo.model import adapters
 from mipo.model.loading import (
     enable_activation_checkpointing,
     load_model,
@@ -48,15 +57,17 @@ from mipo.model.loading import (
     run_tokenizer,
 )
 from mipo.model.precision import ForwardPrecision, training_precision
-from mipo.runtime import distributed
+from mipo.runtime import distributed, preemption
 from mipo.runtime.files import write_json
 from mipo.runtime.tracking import MetricsLogger
 from mipo.stages.keys import train_key
 from mipo.stages.reference import ReferencePass, training_micro_batches
 from mipo.training import parallel
 from mipo.training.checkpoint import (
+    CheckpointError,
     check_same_inputs,
     check_world_size,
+    checkpoints_dir,
     clear_checkpoints,
     latest_checkpoint,
     read_state,
@@ -75,7 +86,7 @@ from mipo.training.step import (
     optimizer_step,
 )
 
-__all__ = ["RESUME_MAY_CHANGE", "NonFiniteError", "TrainingRun", "batch_order", "build_step_model", "count_steps",
+__all__ = ["RESUME_MAY_CHANGE", "RESUME_MUST", "NonFiniteError", "TrainingRun", "batch_order", "build_step_model", "count_steps",
            "finish", "flush_denormal", "resume_point", "setup", "train"]
 
 log = logging.getLogger(__name__)
@@ -100,6 +111,8 @@ class TrainingRun:
     settings: StepSettings
     state: LoopState  # batch order, metrics so far, skipped steps
     logger: Any  # MetricsLogger on rank 0, distributed.NoLogger on the others
+    pairs_meta: dict[str, Any] | None = None  # the pairs' sidecar: prompts offered, kept and dropped (read_pairs_meta)
+    truncation: dict[str, int] | None = None  # what the lengths cut from the rows trained on (truncation_counts)
 
 
 def train(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs: list[PreferencePair] | None = None,
@@ -120,14 +133,16 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
     run = setup(cfg, output_dir, pairs_file, pairs=pairs, resume=resume)
     tcfg, state = cfg.trainer, run.state
     with tqdm(total=run.total_steps, initial=run.first_step - 1, desc="training", unit="step",
-              disable=not distributed.is_main()) as progress, flush_denormal(bool(tcfg.get("flush_denormal", True))):
+              disable=not distributed.is_main()) as progress, flush_denormal(bool(tcfg.get("flush_denormal", True))), \
+            preemption.deferred():  # submitit's checkpoint signal waits for the end of a step (mipo/runtime/preemption.py)
         for step in range(run.first_step, run.total_steps + 1):
             # micro-batches, backward, clipping, AdamW and scheduler steps; {} for a step skipped as non-finite
             record = optimizer_step(step, run.model, run.data, run.settings, state)
             if step % tcfg.log_every == 0 or step == run.total_steps or not record:
                 run.logger.log({**{f"train/{k}": v for k, v in record.items()},
                                 "train/skipped_nonfinite": len(state.skipped)}, step=step)
-            if tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0:
+            preempted = preemption.requested()  # on any rank: every rank saves, then the job is requeued
+            if preempted or (tcfg.checkpoint_every and step % tcfg.checkpoint_every == 0):
                 save_checkpoint(run.output_dir, step, run.model.policy, run.model.optimizer, run.model.scheduler,
                                 keep=tcfg.keep_checkpoints,
                                 loop_state={"inputs": run.inputs, "order": state.order, "history": state.history,
@@ -136,6 +151,8 @@ def train(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
             if record:
                 progress.set_postfix(loss=f"{record['loss']:.4f}",
                                      acc=f"{record.get('reward_accuracy', float('nan')):.2f}")
+            if preempted:
+                preemption.stop()  # rank 0 hands the signal to submitit (requeue); every rank exits
     return finish(run)
 
 
@@ -164,6 +181,9 @@ def setup(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
     tokenizer = run_tokenizer(cfg)
     rows = encode_training_rows(tokenizer, pairs, cfg.loss.loss_type, cfg.data.max_length, cfg.data.max_prompt_length,
                                 num_negatives=cfg.negatives.get("num_negatives", 1))
+    # what data.max_prompt_length / data.max_length cut from the (x, y) rows trained on: y+, y- and K - 1 extra y-
+    truncation = add_truncation_counts(*map(truncation_counts, (rows.chosen, rows.rejected, *rows.extra_rejected)))
+    warn_truncation(truncation, f"training on {pairs_file.path}")
     total_steps = count_steps(len(pairs), tcfg, pairs_file.path)
 
     # ---- where to start: the newest checkpoint of this run, or step 0 ------------------------
@@ -182,7 +202,9 @@ def setup(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
     if objective(cfg.loss.loss_type).family.needs_reference:  # before any update, and before a checkpoint is restored
         micro_batches = training_micro_batches(state.order, len(pairs), tcfg.micro_batch_size)
         reference_pass = ReferencePass(model.forward, cfg.model, tokenizer, (cfg.data.max_length,
-                                       cfg.data.max_prompt_length), micro_batches, device, Path(cfg.paths.cache_dir))
+                                       cfg.data.max_prompt_length), micro_batches, device, Path(cfg.paths.cache_dir),
+                                       base_weights=partial(adapters.adapters_disabled, model.policy),  # LoRA: the base
+                                       adapters=adapters.lora_identity(cfg.get("lora")))
         reference = reference_pass.logps(pairs_file, (rows.chosen, rows.rejected, *rows.extra_rejected))
     logger = (MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True),
                             resume=saved["logger"] if saved else None)
@@ -197,7 +219,7 @@ def setup(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
                             tcfg.skip_nonfinite, world, rank)
     first_step = saved["step"] + 1 if saved else 1
     return TrainingRun(cfg, output_dir, strategy, inputs, total_steps, first_step, tokenizer, model, data, settings,
-                       state, logger)
+                       state, logger, pairs_meta=read_pairs_meta(pairs_file), truncation=truncation)
 
 
 def count_steps(num_pairs: int, tcfg: DictConfig, pairs_file: Path) -> int:
@@ -212,31 +234,49 @@ def count_steps(num_pairs: int, tcfg: DictConfig, pairs_file: Path) -> int:
     return total_steps
 
 
+RESUME_MUST = "must"  # trainer.resume=must: resume, and refuse to start without a checkpoint (checked up front too)
+
+
 def resume_point(output_dir: Path, inputs: dict[str, Any], total_steps: int, world: int,
-                 resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
+                 resume: bool | str) -> tuple[Path | None, dict[str, Any] | None]:
     """The newest checkpoint of this run and its saved state, checked against ``inputs`` and the world size;
-    ``(None, None)`` for a run from step 0, whose earlier checkpoints are removed (rank 0)."""
+    ``(None, None)`` for a run from step 0, whose earlier checkpoints are removed (rank 0).
+
+    ``resume``: false, true (the newest checkpoint if there is one; one line says when there is none) or
+    ``RESUME_MUST`` (a run without a checkpoint is refused: ``CheckpointError``).
+    """
     checkpoint = latest_checkpoint(output_dir) if resume else None
     saved = read_state(checkpoint) if checkpoint else None
     if saved:
         check_same_inputs(checkpoint, _resume_view(saved["inputs"]), _resume_view(inputs))
         check_world_size(checkpoint, saved, world)
         log.info("resuming from %s (step %d of %d)", checkpoint, saved["step"], total_steps)
-    elif distributed.is_main():
-        clear_checkpoints(output_dir)
+    elif resume == RESUME_MUST:
+        raise CheckpointError(f"trainer.resume={RESUME_MUST}: no checkpoint in {checkpoints_dir(output_dir)}; "
+                              "trainer.resume=true starts at step 0 when there is none")
+    else:
+        if resume:
+            log.info("trainer.resume: no checkpoint in %s: starting at step 0", checkpoints_dir(output_dir))
+        if distributed.is_main():
+            clear_checkpoints(output_dir)
     distributed.barrier()
     return checkpoint, saved
 
 
 def build_step_model(cfg: DictConfig, vocab_size: int, device: torch.device, precision: ForwardPrecision,
                      strategy: str, total_steps: int) -> StepModel:
-    """The policy in its training precision, its forward behind ``strategy`` (``parallel.wrap``), then
-    AdamW and the learning-rate schedule (built after the wrap: FSDP2 replaces the parameters)."""
-    tcfg = cfg.trainer
+    """The policy in its training precision (with ``lora.enabled``: LoRA adapters on a frozen base,
+    ``mipo.model.adapters``), its forward behind ``strategy`` (``parallel.wrap``), then AdamW over the trainable
+    parameters and the learning-rate schedule (built after the wrap: FSDP2 replaces the parameters)."""
+    tcfg, lora = cfg.trainer, cfg.get("lora")
     policy = load_model(cfg.model, device=device, dtype=precision.weights, cache_dir=cfg.paths.cache_dir,
-                        vocab_size=vocab_size)
+                        vocab_size=vocab_size, quantization_config=adapters.quantization_config(lora))
+    if adapters.lora_enabled(lora):  # the frozen base is the reference: adapters_disabled(policy)
+        policy = adapters.apply_lora(policy, lora)
     if tcfg.gradient_checkpointing:
         enable_activation_checkpointing(policy)
+        if adapters.has_adapters(policy):
+            adapters.enable_input_gradients(policy)
     policy.train()
     forward = TrainingForward.prepare(cfg, policy, precision.autocast)
     forward = parallel.wrap(policy, forward, strategy, device, mixed_precision=precision.autocast,
@@ -254,11 +294,12 @@ def finish(run: TrainingRun) -> dict[str, Any]:
     data, history = run.data, run.state.history
     last = history[-5:]
     summary = {
+        "pairs_meta": run.pairs_meta,  # which prompts the negatives strategy kept and dropped, and why
         "steps": run.total_steps, "optimizer_steps": len(history), "skipped_nonfinite": len(run.state.skipped),
         "skipped_steps": run.state.skipped, "pairs": len(data.pairs), "pairs_path": str(data.pairs_file),
         "reference_cache": str(data.reference.path) if data.reference is not None else None,
         "reference_cache_hit": data.reference.cache_hit if data.reference is not None else None,
-        **truncation_summary(data.pairs),
+        **truncation_summary(data.pairs), **{f"truncation_{key}": value for key, value in run.truncation.items()},
         **{f"final_{k}": sum(m[k] for m in last) / len(last) if last and k in last[0] else None
            for k in ("loss", "reward_margin", "reward_accuracy", "pmi_margin", "pmi_accuracy")},
         "length_chosen": float(data.rows.pair_lengths[:, 0].float().mean()),  # response tokens trained on, all pairs
@@ -268,10 +309,15 @@ def finish(run: TrainingRun) -> dict[str, Any]:
     run.logger.close()
     if run.cfg.trainer.save_model:
         model_dir = run.output_dir / "model"
-        # one consolidated Hugging Face folder, written by rank 0 (FSDP: the shards gathered first)
+        # one consolidated Hugging Face folder, written by rank 0 (FSDP: the shards gathered first); with LoRA
+        # also adapter/ (peft's format), and model/ is the merged model (what the next round loads)
+        adapter_dir = run.output_dir / "adapter" if adapters.lora_enabled(run.cfg.get("lora")) else None
         parallel.save_consolidated(final_weights(run.model.policy, run.model.optimizer), run.tokenizer, model_dir,
-                                   run.strategy)
+                                   run.strategy, adapter_dir=adapter_dir,
+                                   base_model=OmegaConf.to_container(run.cfg.model, resolve=True))
         summary["model_dir"] = str(model_dir)
+        if adapter_dir is not None:
+            summary["adapter_dir"] = str(adapter_dir)
     if distributed.is_main():
         write_json(run.output_dir / "train.json", summary)
     distributed.barrier()

@@ -99,23 +99,36 @@ def dpo_objective(inputs: ObjectiveInputs, loss_cfg: Mapping[str, Any]) -> PairL
     Columns y+, y-_1..y-_K under x. K = 1: ``dpo_loss``, as the paper. K > 1 (``negatives.num_negatives``):
     ``loss.multi_negative=mean``, the mean of the K pairwise ``dpo_loss``es (y+ against each y-_k), or
     ``plackett_luce``, the (K + 1)-way softmax of ``dpo_plackett_luce_loss`` (Appendix A.3, top-1).
+
+    ``loss.length_normalize`` (IPO only, ``mipo.losses.loss_config_problems``): every log-prob, policy and
+    reference, is divided by its response's tokens before the loss, so h / beta is a difference of per-token
+    log-ratios and the implicit rewards are per token. That is TRL's IPO (``trl/trainer/dpo_trainer.py``,
+    ``DPOTrainer.concatenated_forward``: ``if self.loss_type == "ipo": all_logps = all_logps /
+    loss_mask.sum(-1)``, which also computes the reference log-probs; ``get_batch_logps(average_log_prob=
+    self.loss_type == "ipo")`` in older versions). The default (false) keeps the sums: the IPO paper (Azar et
+    al., 2023, Eq. 17) states the loss on sequence log-likelihoods, as DPO's, and mipo's other DPO losses and
+    the MI estimates use the sums. The logged ``logps_*`` are the sums either way.
     """
-    logps, reference_logps = inputs.policy_logps, inputs.reference_logps
-    policy_chosen_logps, policy_rejected_logps = logps[:, 0], logps[:, 1:]  # (b,), (b, K)
+    logps, reference_logps = inputs.policy_logps, inputs.reference_logps  # (b, 1 + K) each
+    policy_chosen_logps, policy_rejected_logps = logps[:, 0], logps[:, 1:]  # (b,), (b, K): summed, for the metrics
+    if loss_cfg.get("length_normalize", False):
+        tokens = inputs.lengths.clamp(min=1)  # (b, 1 + K) response tokens of each column
+        logps, reference_logps = logps / tokens.to(logps.dtype), reference_logps / tokens.to(reference_logps.dtype)
     reference_chosen_logps, reference_rejected_logps = reference_logps[:, 0], reference_logps[:, 1:]
+    loss_chosen_logps, loss_rejected_logps = logps[:, 0], logps[:, 1:]  # (b,), (b, K): what the loss reads
     if logps.shape[1] == 2:  # one negative: DPO as the paper
         losses, chosen_rewards, rejected_rewards = dpo_loss(
-            policy_chosen_logps, policy_rejected_logps[:, 0], reference_chosen_logps, reference_rejected_logps[:, 0],
+            loss_chosen_logps, loss_rejected_logps[:, 0], reference_chosen_logps, reference_rejected_logps[:, 0],
             beta=loss_cfg["beta"], label_smoothing=loss_cfg["label_smoothing"], loss_type=loss_cfg["loss_type"],
         )  # each (b,)
     elif loss_cfg.get("multi_negative", "mean") == "plackett_luce":
         losses, chosen_rewards, rejected_rewards = dpo_plackett_luce_loss(
-            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            loss_chosen_logps, loss_rejected_logps, reference_chosen_logps, reference_rejected_logps,
             beta=loss_cfg["beta"])  # (b,), (b,), (b, K)
     else:  # mean of the K pairwise DPO losses
-        num_negatives = policy_rejected_logps.shape[1]
+        num_negatives = loss_rejected_logps.shape[1]
         pair_losses, chosen_k, rejected_rewards = dpo_loss(
-            policy_chosen_logps[:, None].expand(-1, num_negatives), policy_rejected_logps,
+            loss_chosen_logps[:, None].expand(-1, num_negatives), loss_rejected_logps,
             reference_chosen_logps[:, None].expand(-1, num_negatives), reference_rejected_logps,
             beta=loss_cfg["beta"], label_smoothing=loss_cfg["label_smoothing"], loss_type=loss_cfg["loss_type"],
         )  # each (b, K)

@@ -9,11 +9,15 @@ import pytest
 from mipo.data.chat import TURN_END_ATTRIBUTE, find_turn_end, turn_end
 from mipo.data.encoding import (
     RESPONSE_SUFFIXES,
+    add_truncation_counts,
     encode_pairs,
+    encode_prompt,
     encode_response,
     encode_rows,
     response_suffix_problems,
     set_response_suffix,
+    truncation_counts,
+    warn_truncation,
 )
 from mipo.data.pairs import PreferencePair
 from tests.data.chat_families import FAMILIES, conversation, family_tokenizer
@@ -126,3 +130,21 @@ def test_the_setting_lives_on_the_tokenizer_and_is_checked():
     for bad in ("trl", None, 1):
         (problem,) = response_suffix_problems({"response_suffix": bad})
         assert problem.startswith(f"data.response_suffix={bad}: expected one of end_of_turn, template")
+
+
+def test_truncation_is_counted_and_warned(caplog):
+    """What data.max_prompt_length and data.max_length cut is counted (rows and tokens) and a WARNING names it."""
+    tok = tiny_tokenizer()  # one token per byte
+    prompts = [[{"role": "user", "content": "x" * 200}], [{"role": "user", "content": "short"}]]
+    responses = ["y" * 300, "ok"]
+    rows = encode_rows(tok, prompts, responses, max_length=256, max_prompt_length=64)
+    full = [len(encode_prompt(tok, p)) for p in prompts]
+    counts = truncation_counts(rows)
+    assert counts["rows"] == 2 and counts["prompts_cut"] == 1 and counts["prompt_tokens_cut"] == full[0] - 64
+    assert counts["responses_cut"] == 1 and counts["response_tokens_cut"] == rows[0].response_cut > 0
+    assert add_truncation_counts(counts, counts)["prompt_tokens_cut"] == 2 * counts["prompt_tokens_cut"]
+    with caplog.at_level("WARNING", logger="mipo.data.encoding"):
+        warn_truncation(counts, "scoring the test rows")
+        warn_truncation(truncation_counts(rows[1:]), "the short row")
+    assert "scoring the test rows: the truncation rule cut 1 of 2 prompts" in caplog.text
+    assert "the short row" not in caplog.text  # nothing cut: no warning

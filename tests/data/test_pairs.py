@@ -7,7 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from mipo.data.pairs import PairsFileError, PreferencePair, read_pairs, write_pairs
+from mipo.data.pairs import (
+    PairsFileError,
+    PreferencePair,
+    identical_pairs_problem,
+    max_identical_fraction,
+    pairs_config_problems,
+    read_pairs,
+    write_pairs,
+)
 
 
 def _pairs() -> list[PreferencePair]:
@@ -23,8 +31,8 @@ def _pairs() -> list[PreferencePair]:
         PreferencePair(
             prompt=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."}],
             chosen="Apple.",
-            rejected="",
-            metadata={},
+            rejected="",  # the model ended its turn at once: legal where the row says it was sampled
+            metadata={"rejected_finish_reason": "eos"},
         ),
     ]
 
@@ -183,3 +191,61 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp_files(tmp_path):
         write_pairs(out, broken())
     assert out.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["pairs.jsonl"]
+
+
+# --------------------------------------------------------------------------------------------
+# Rows that read fine but would train on something else than meant (issue #23)
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("row, message", [
+    ({**GOOD, "prompt": [{"role": "usr", "content": "Hi?"}]},
+     "line 2: field 'prompt'[0].role is 'usr': expected one of system, user, assistant"),
+    ({**GOOD, "prompt": [{"role": "system", "content": "Be brief."}]},
+     "line 2: field 'prompt' is empty (expected a non-empty user message)"),
+    ({**GOOD, "negative_prompt": [{"role": "human", "content": "Hi?"}]},
+     "line 2: field 'negative_prompt'[0].role is 'human'"),
+    ({**GOOD, "chosen": ""}, "line 2: field 'chosen' is empty (expected a non-empty response)"),
+    ({**GOOD, "rejected": [{"role": "assistant", "content": " \n\t"}]},
+     "line 2: field 'rejected' is whitespace only (expected a non-empty response)"),
+])
+def test_rows_that_would_train_on_the_wrong_thing_are_refused(tmp_path, row, message):
+    path = _write_lines(tmp_path / "p.jsonl", [GOOD, row])
+    with pytest.raises(PairsFileError) as error:
+        read_pairs(path)
+    assert str(error.value).startswith(f"{path} {message}")
+
+
+def test_an_empty_response_the_model_sampled_is_kept(tmp_path):
+    """A row that records its sampling (``*_finish_reason``) may hold an empty response: the model ended its turn."""
+    path = _write_lines(tmp_path / "p.jsonl", [{**GOOD, "chosen": "", "chosen_finish_reason": "eos"}])
+    assert read_pairs(path)[0].chosen == ""
+
+
+def test_duplicate_uids_name_both_lines(tmp_path):
+    path = _write_lines(tmp_path / "p.jsonl", [{**GOOD, "uid": "q1"}, {**GOOD, "uid": "q2"}, {**GOOD, "uid": "q1"}])
+    with pytest.raises(PairsFileError, match=r"p.jsonl line 3: field 'uid' is 'q1', the uid of line 1 too"):
+        read_pairs(path)
+    assert len(read_pairs(_write_lines(tmp_path / "q.jsonl", [GOOD, GOOD]))) == 2  # rows without uids are not compared
+
+
+def test_identical_pairs_are_counted_and_refused_above_the_fraction(tmp_path, caplog):
+    same = {**GOOD, "rejected": [{"role": "assistant", "content": "Hello. "}]}  # equal to chosen up to whitespace
+    path = _write_lines(tmp_path / "p.jsonl", [GOOD, same, GOOD, GOOD])
+    pairs = read_pairs(path)
+    with caplog.at_level("WARNING", logger="mipo.data.pairs"):
+        assert identical_pairs_problem(pairs, path, max_fraction=0.5) is None
+    assert "1 of 4 pairs (25%) have chosen == rejected" in caplog.text and f"{path} line 2" in caplog.text
+    problem = identical_pairs_problem(pairs, path, max_fraction=0.2)
+    assert problem.startswith(f"{path}: 1 of 4 pairs have field 'chosen' equal to field 'rejected' (first: {path} line 2)")
+    assert "more than data.max_identical_fraction=0.2" in problem
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mipo.data.pairs"):
+        assert identical_pairs_problem(read_pairs(_write_lines(tmp_path / "q.jsonl", [GOOD])), path, 0.0) is None
+    assert caplog.text == ""  # nothing identical: no word
+
+
+@pytest.mark.parametrize("value, ok", [(0.5, True), (0, True), (1, True), (1.5, False), ("0.5", False), (None, False)])
+def test_max_identical_fraction_is_a_number_in_0_1(value, ok):
+    problems = pairs_config_problems({"max_identical_fraction": value})
+    assert (problems == []) == ok, problems
+    assert max_identical_fraction({}) == 0.5

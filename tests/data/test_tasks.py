@@ -707,3 +707,27 @@ def test_number_helpers():
     assert normalize_number("1,234,567") == "1234567"
     assert normalize_number("12 apples") is None
     assert extract_number("\u22123 degrees") == "-3"
+
+
+@pytest.mark.parametrize("text, number", [
+    ("The Lions won 35\u201328.", "28"),  # an en dash between digits: a score, not -28
+    ("The Lions won 35 \u2013 28.", "28"),
+    ("The final was 35\u201428.", "28"),  # an em dash too
+    ("Prices run $10\u2013$20", "20"),
+    ("Pages 1.5\u20132.5", "2.5"),
+    ("It fell to \u22123 degrees", "-3"),  # the minus sign
+    ("It fell to \u20133 degrees", "-3"),  # an en dash before a number, a space before it: still a minus
+    ("\u20137", "-7"),
+    ("5 \u2212 8 = \u22123", "-3"),
+    ("35-28", "-28"),  # an ASCII hyphen is read as lm-eval's regex reads it
+])
+def test_en_and_em_dashes_between_numbers_separate_them(text, number):
+    assert extract_number(text, "flexible") == number
+    assert get_task("gsm8k").extract_answer(text, "flexible") == number
+
+
+def test_a_dash_between_numbers_is_no_sign_after_the_marker_or_in_a_gold_answer():
+    assert extract_number("#### \u20135", "strict") == "-5"
+    assert extract_number("#### 35\u201328", "strict") == "35"  # the number after ####, never -28
+    assert normalize_number("\u20135") == "-5" and normalize_number("\u2212 5") == "-5"
+    assert normalize_number("35\u201328") is None  # two numbers, not one

@@ -251,3 +251,71 @@ def test_loss_families_and_config_problems():
     assert "loss.gamma" in loss_config_problems({"loss_type": "simpo", "beta": 2.0, "gamma": -1,
                                                  "length_normalize": True})[0]
     assert "unknown loss_type" in loss_config_problems({"loss_type": "kto"})[0]
+
+
+def test_an_impossible_rejected_response_gives_a_finite_loss_and_gradients_without_smoothing():
+    # log pi(y-|x) = -inf: the margin is +inf, so -log sigmoid is 0; the cDPO term is left out at eps = 0
+    # (it was -log sigmoid(-inf) * 0 = inf * 0 = nan)
+    pc = torch.tensor([-10.0, -10.0], dtype=torch.float64, requires_grad=True)
+    pr = torch.tensor([-math.inf, -20.0], dtype=torch.float64, requires_grad=True)
+    rc, rr = torch.tensor([-12.0, -12.0], dtype=torch.float64), torch.tensor([-18.0, -18.0], dtype=torch.float64)
+    losses, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    assert float(losses[0].detach()) == 0.0
+    assert float(losses[1].detach()) == pytest.approx(-_log_sigmoid(0.1 * ((-10 + 12) - (-20 + 18))), rel=1e-12)
+    losses.sum().backward()
+    assert torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    assert float(pr.grad[0]) == 0.0 and float(pr.grad[1]) > 0
+    smoothed, _, _ = dpo_loss(pc.detach(), pr.detach(), rc, rr, beta=0.1, label_smoothing=0.1)
+    assert math.isinf(float(smoothed[0])) and smoothed[0] > 0  # eps * -log sigmoid(-inf): cDPO's own value
+
+
+def _objective_inputs(policy, reference, lengths):
+    from mipo.training.objectives import ObjectiveInputs
+
+    return ObjectiveInputs(torch.tensor(policy, dtype=torch.float64), torch.tensor(reference, dtype=torch.float64),
+                           torch.tensor(lengths))
+
+
+IPO = {"loss_type": "ipo", "beta": 0.1, "label_smoothing": 0.0, "multi_negative": "mean"}
+
+
+@pytest.mark.parametrize("length_normalize", [False, True, None])
+def test_ipo_on_summed_or_per_token_log_ratios_by_hand(length_normalize):
+    from mipo.training.objectives import objective
+
+    # two pairs: log pi(y+|x), log pi(y-|x) | the reference's | |y+|, |y-|
+    inputs = _objective_inputs([[-10.0, -30.0], [-4.0, -9.0]], [[-12.0, -27.0], [-5.0, -6.0]], [[5, 10], [2, 3]])
+    cfg = IPO if length_normalize is None else {**IPO, "length_normalize": length_normalize}
+    result = objective("ipo")(inputs, cfg)
+    if length_normalize:  # per token (TRL): h / beta = (-10/5 + 12/5) - (-30/10 + 27/10) = 0.4 + 0.3
+        margins, chosen_ratios = [0.4 + 0.3, (-4 / 2 + 5 / 2) - (-9 / 3 + 6 / 3)], [0.4, 0.5]
+    else:  # summed (the IPO paper, Eq. 17): (-10 + 12) - (-30 + 27) = 5
+        margins, chosen_ratios = [2 + 3, 1 + 3], [2.0, 1.0]
+    expected = [(m - 1 / (2 * 0.1)) ** 2 for m in margins]  # (h / beta - 1 / (2 beta))^2, 1 / (2 beta) = 5
+    assert result.losses.tolist() == pytest.approx(expected, rel=1e-12)
+    assert result.losses.tolist() == pytest.approx([18.49, 12.25] if length_normalize else [0.0, 1.0], rel=1e-12)
+    assert result.chosen_rewards.tolist() == pytest.approx([0.1 * r for r in chosen_ratios], rel=1e-12)
+    assert result.policy_chosen_logps.tolist() == [-10.0, -4.0]  # the metrics keep the sums
+
+
+def test_ipo_per_token_with_k_negatives_is_the_mean_of_the_pairwise_losses():
+    from mipo.training.objectives import objective
+
+    inputs = _objective_inputs([[-10.0, -30.0, -8.0]], [[-12.0, -27.0, -9.0]], [[5, 10, 4]])
+    result = objective("ipo")(inputs, {**IPO, "length_normalize": True})
+    # per-token log-ratios: y+ 0.4, y-_1 -0.3, y-_2 0.25; margins 0.7 and 0.15
+    assert float(result.losses[0]) == pytest.approx(((0.7 - 5) ** 2 + (0.15 - 5) ** 2) / 2, rel=1e-12)
+
+
+def test_length_normalize_is_refused_where_the_loss_ignores_it():
+    from mipo.losses import loss_config_problems
+
+    assert loss_config_problems({**IPO, "length_normalize": True}) == []
+    assert "expected true or false" in loss_config_problems({**IPO, "length_normalize": "yes"})[0]
+    for loss in ({**IPO, "loss_type": "sigmoid", "length_normalize": False},
+                 {**IPO, "loss_type": "hinge", "length_normalize": True},
+                 {"loss_type": "sft", "sft_reduction": "mean", "length_normalize": True},
+                 {"loss_type": "sami", "label_smoothing": 0.0, "length_normalize": True}):
+        (problem,) = loss_config_problems(loss)
+        assert f"loss.loss_type={loss['loss_type']} ignores it" in problem
+    assert loss_config_problems({"loss_type": "simpo", "beta": 2.0, "gamma": 1.0, "length_normalize": False}) == []

@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from mipo.data.tasks import Example, get_task
-from mipo.negatives import NegativePlan, derangement, plan_negatives
+from mipo.negatives import NegativePlan, derangement, negatives_problems, plan_negatives
 
 
 def _assert_derangement(keys, sigma):
@@ -209,3 +209,53 @@ def test_random_context_needs_contexts():
 def test_unknown_strategy_raises():
     with pytest.raises(ValueError, match="strategy"):
         plan_negatives(get_task("gsm8k"), GSM8K_MULTI_SENTENCE, "shuffle", random.Random(0))
+
+
+# --------------------------------------------------------------------------------------------
+# negatives.prompt_set: every strategy on the prompts partial serves; what was dropped and why
+# --------------------------------------------------------------------------------------------
+
+def test_prompt_set_partial_gives_random_the_prompts_partial_keeps():
+    task = get_task("gsm8k")
+    examples = GSM8K_ONE_SENTENCE[:1] + GSM8K_MULTI_SENTENCE + GSM8K_ONE_SENTENCE[1:]
+    for seed in range(10):
+        partial = plan_negatives(task, examples, "partial", random.Random(seed))
+        restricted_partial = plan_negatives(task, examples, "partial", random.Random(seed), prompt_set="partial")
+        restricted_random = plan_negatives(task, examples, "random", random.Random(seed), prompt_set="partial")
+        assert restricted_partial == partial  # the partial arm's plan is unchanged
+        assert restricted_random.examples == partial.examples == GSM8K_MULTI_SENTENCE
+        assert restricted_random.dropped_uids == partial.dropped_uids == [e.uid for e in GSM8K_ONE_SENTENCE]
+        _assert_derangement([e.question for e in restricted_random.examples], restricted_random.source_index)
+        assert "prompt_set=partial" in restricted_random.drop_reason and "gsm8k" in restricted_random.drop_reason
+    own_random = plan_negatives(task, examples, "random", random.Random(0))
+    assert own_random.examples == examples and own_random.dropped == 0 and own_random.drop_reason is None
+
+
+def test_prompt_set_partial_with_k_negatives_draws_them_among_the_kept_prompts():
+    task = get_task("gsm8k")
+    extra = [Example(uid=f"m/{i}", question=f"Ann has {i} pens. She buys {i + 1} more. How many pens?", answer="1")
+             for i in range(4)]
+    examples = GSM8K_ONE_SENTENCE + GSM8K_MULTI_SENTENCE + extra
+    plan = plan_negatives(task, examples, "random", random.Random(3), num_negatives=3, prompt_set="partial")
+    assert plan.examples == GSM8K_MULTI_SENTENCE + extra
+    assert all(len(sources) == 2 and max(sources) < len(plan.examples) for sources in plan.extra_source_index)
+
+
+def test_prompt_record_counts_what_was_kept_and_dropped():
+    task = get_task("gsm8k")
+    examples = GSM8K_ONE_SENTENCE[:1] + GSM8K_MULTI_SENTENCE + GSM8K_ONE_SENTENCE[1:]
+    record = plan_negatives(task, examples, "partial", random.Random(0)).prompt_record()
+    assert record["prompts_offered"] == len(examples)
+    assert (record["kept"], record["dropped"]) == (len(GSM8K_MULTI_SENTENCE), len(GSM8K_ONE_SENTENCE))
+    assert record["dropped_uids"] == [e.uid for e in GSM8K_ONE_SENTENCE]
+    assert "gsm8k" in record["reason"]
+
+
+def test_prompt_set_partial_with_nothing_to_remove_raises_and_unknown_sets_are_refused():
+    with pytest.raises(ValueError, match="none of the"):
+        plan_negatives(get_task("gsm8k"), GSM8K_ONE_SENTENCE, "random", random.Random(0), prompt_set="partial")
+    with pytest.raises(ValueError, match="prompt_set"):
+        plan_negatives(get_task("gsm8k"), GSM8K_MULTI_SENTENCE, "random", random.Random(0), prompt_set="shared")
+    problems = negatives_problems({"strategy": "random", "num_negatives": 1, "prompt_set": "shared"}, "sigmoid", None)
+    assert len(problems) == 1 and "negatives.prompt_set=shared" in problems[0]
+    assert negatives_problems({"strategy": "random", "prompt_set": "partial"}, "sigmoid", None) == []

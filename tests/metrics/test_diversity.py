@@ -21,6 +21,18 @@ def test_distinct_n_by_hand():
         diversity.distinct_n(["x"], 0)
 
 
+def test_distinct_n_over_tokens_is_li_et_al_s_definition():
+    responses = ["the cat sat", "the cat ran", "a"]  # 7 tokens
+    # bigrams: 3 distinct (the cat, cat sat, cat ran) over 7 generated tokens, not over 4 bigrams
+    assert diversity.distinct_n(responses, 2, denominator="tokens") == pytest.approx(3 / 7)
+    assert diversity.distinct_n(responses, 2, denominator="ngrams") == pytest.approx(3 / 4)
+    assert diversity.distinct_n(responses, 1, denominator="tokens") == diversity.distinct_n(responses, 1)  # 5 / 7
+    assert diversity.distinct_n(["x"], 2, denominator="tokens") == 0.0  # a token but no bigram
+    assert diversity.distinct_n([""], 1, denominator="tokens") == 0.0
+    with pytest.raises(ValueError, match="denominator"):
+        diversity.distinct_n(responses, 2, denominator="words")
+
+
 def test_self_bleu_by_hand():
     pytest.importorskip("sacrebleu")
     assert diversity.self_bleu(["the same long sentence here"] * 3) == pytest.approx(100.0)

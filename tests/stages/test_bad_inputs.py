@@ -24,9 +24,13 @@ import torch
 import mipo.stages.reference
 from mipo.data.pairs import PairsFile
 from mipo.stages.cli import reported_errors
+from mipo.stages.keys import pairs_key
 from mipo.stages.train import train
 from tests.helpers import (
+    ROOT,
     compose_config,
+    entry_command,
+    entry_env,
     run_entry,
     tiny_overrides,
     tree_hashes,
@@ -59,6 +63,7 @@ def world(tmp_path_factory):
     third = {"question": "What do bees make?", "choices": ["honey", "milk"], "answer": "A"}
     (inputs / "arc_with_duplicates.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (arc_row, arc_row, other, third)))
     write_pairs_file(cache / "pairs" / "earlier.jsonl", 8)
+    write_mistakes(inputs)
     (cache / "reference").mkdir()
     (cache / "reference" / "earlier.pt").write_bytes(b"an earlier reference cache")
     earlier = root / "earlier_run"
@@ -71,19 +76,51 @@ def world(tmp_path_factory):
     return {"root": root, "inputs": inputs, "cache": cache, "earlier": earlier}
 
 
+def write_mistakes(inputs: Path) -> None:
+    """What a new user gets wrong (issue #23): pairs files that read but would train on something else than meant,
+    model folders that are not models of the base's kind, a file where a folder goes."""
+    rows = [{"prompt": [{"role": "user", "content": f"Question {i}?"}], "chosen": f"Answer {i}.",
+             "rejected": f"Something else {i}.", "uid": f"q{i}"} for i in range(8)]
+    mistakes = {
+        "usr_role": {2: {"prompt": [{"role": "usr", "content": "Question 2?"}]}},
+        "empty_chosen": {1: {"chosen": ""}},
+        "blank_rejected": {4: {"rejected": [{"role": "assistant", "content": "  \n "}]}},
+        "duplicate_uid": {5: {"uid": "q0"}},
+        "identical": {i: {"rejected": f"Answer {i}."} for i in range(6)},  # 6 of 8 pairs: y+ == y-
+    }
+    for name, changes in mistakes.items():
+        text = "".join(json.dumps({**row, **changes.get(i, {})}) + "\n" for i, row in enumerate(rows))
+        (inputs / f"{name}.jsonl").write_text(text)
+    models = inputs / "models"
+    for name, files in {"no_weights": {"config.json": '{"model_type": "llama"}'},
+                        "no_config": {"model.safetensors": "weights"},
+                        "other_kind": {"config.json": '{"model_type": "gpt2", "vocab_size": 50257}',
+                                       "model.safetensors": "weights"},
+                        "lora_adapter": {"adapter_config.json": "{}", "adapter_model.safetensors": "weights"}}.items():
+        (models / name).mkdir(parents=True)
+        for file, text in files.items():
+            (models / name / file).write_text(text)
+    (models / "weights.safetensors").write_text("weights")  # a file where a folder goes
+    (inputs / "a_file").write_text("a file where a folder goes\n")
+
+
 def base_overrides(world) -> list[str]:
     return tiny_overrides(world["root"])  # paths.cache_dir = <root>/cache
 
 
 def fails_cleanly(world, script: str, overrides: list[str], run_dir: Path | None = None,
-                  sweep_dir: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``script`` (a single run in ``run_dir``, or a multirun in ``sweep_dir``) expecting the
-    inputs check to refuse it; checks that nothing was touched."""
+                  sweep_dir: Path | None = None, home: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``script`` (a single run in ``run_dir``, or a multirun in ``sweep_dir``; with ``HOME=home`` where
+    given) expecting the inputs check to refuse it; checks that nothing was touched."""
     watched = (world["inputs"], world["cache"], world["earlier"])
     before = tree_hashes(*watched)
     if sweep_dir is not None:
         overrides = ["-m", *overrides, f"hydra.sweep.dir={sweep_dir}"]
-    proc = run_entry(script, overrides, run_dir, expect_ok=False, merge_stderr=False)
+    if home is None:
+        proc = run_entry(script, overrides, run_dir, expect_ok=False, merge_stderr=False)
+    else:
+        proc = subprocess.run(entry_command(script, overrides, run_dir), cwd=ROOT, env={**entry_env(), "HOME": str(home)},
+                              capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert tree_hashes(*watched) == before
     out = run_dir if run_dir is not None else sweep_dir
@@ -253,12 +290,127 @@ def test_partial_samples_of_other_inputs_are_reported_cleanly_by_sample_py(tmp_p
     pairs = tmp_path / "pairs.jsonl"
     partial = pairs.with_name(pairs.name + ".partial")
     partial.mkdir()
-    (partial / "meta.json").write_text(json.dumps({"format": 1, "inputs": "written-by-another-run", "plans": {}}))
+    overrides = [*tiny_overrides(tmp_path), f"data.pairs_path={pairs}"]
+    from mipo.stages.sample import ChunkStore
+
+    ChunkStore(partial, pairs_key(compose_config(*overrides, "sampling.temperature=0.7")), {}).open()  # another run's
     before = tree_hashes(partial)
-    proc = run_entry("sample.py", [*tiny_overrides(tmp_path), f"data.pairs_path={pairs}"], tmp_path / "run",
-                     expect_ok=False, merge_stderr=False)
+    proc = run_entry("sample.py", overrides, tmp_path / "run", expect_ok=False, merge_stderr=False)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
-    assert lines[-1].startswith(f"sample.py: error: {partial / 'meta.json'}: field 'inputs'"), proc.stderr[-2000:]
+    assert lines[-1].startswith(f"sample.py: error: {partial / 'meta.json'}: these partial samples were written for "
+                                "other settings (sampling.temperature was 0.7, now "), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert tree_hashes(partial) == before and not pairs.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Issue #23: the mistakes of a new user, each class through an entry point, several cases per process
+# --------------------------------------------------------------------------------------------
+
+def assert_clean(proc: subprocess.CompletedProcess) -> None:
+    """Exit status 1 and the messages alone: no traceback, also from a multirun's failed jobs."""
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr and "Error executing job" not in proc.stdout + proc.stderr
+
+
+def test_wrong_types_devices_folders_and_ignored_loss_settings_through_train_py(world):
+    """No traceback for a device this machine lacks or a cache folder that is a file; a quoted number is named by
+    its type; a loss setting the loss ignores is refused. One multirun: a job per device."""
+    cache_file = world["inputs"] / "a_file"
+    overrides = [o for o in base_overrides(world) if not o.startswith("paths.cache_dir=")]
+    proc = fails_cleanly(world, "train.py", [
+        *overrides, f"paths.cache_dir={cache_file}", "loss=simpo", "loss.beta='2.0'", "+loss.label_smoothing=0.1",
+        "trainer.lr=abc", "data.max_identical_fraction=2", "device=gpu,cuda:99"], sweep_dir=world["root"] / "sweep-types")
+    errors = job_errors(proc, "train.py")
+    assert len(errors) == 2, proc.stderr[-3000:]
+    common = [
+        "loss.beta='2.0': expected a number, got the string '2.0' (quotes make a value a string: write loss.beta=2.0",
+        "trainer.lr=abc: expected a number, got the string 'abc'",
+        f"paths.cache_dir={cache_file} is a file, not a folder",
+        ("loss.label_smoothing=0.1: loss.loss_type=simpo does not use label_smoothing (its settings: beta, gamma, "
+        "length_normalize)"),
+        "data.max_identical_fraction=2: expected a number in [0, 1]",
+    ]
+    for error, device in zip(errors, ("device=gpu: not a device; expected auto, cpu, cuda or cuda:<index>",
+                                      "device=cuda:99: ")):
+        assert error.startswith("the config cannot run (6 problems)"), error
+        for message in [*common, device]:
+            assert f"  - {message}" in error, message
+        assert "SimPO's reward scale" not in error and "expected a learning rate" not in error  # type named once
+    assert_clean(proc)
+
+
+def test_pairs_that_would_train_on_the_wrong_thing_through_train_py(world):
+    """A role the template does not know, an empty or blank response, a uid twice, mostly y+ == y-: refused with
+    file, line and field. The paths are quoted ``~`` paths (HOME is the test's root): expanded, not missing."""
+    names = ("usr_role", "empty_chosen", "blank_rejected", "duplicate_uid", "identical")
+    swept = ",".join(f"'~/inputs/{name}.jsonl'" for name in names)
+    proc = fails_cleanly(world, "train.py", [*base_overrides(world), f"data.pairs_path={swept}"],
+                         sweep_dir=world["root"] / "sweep-pairs", home=world["root"])
+    inputs = world["inputs"]
+    expected = [
+        f"{inputs / 'usr_role.jsonl'} line 3: field 'prompt'[0].role is 'usr': expected one of system, user, assistant",
+        f"{inputs / 'empty_chosen.jsonl'} line 2: field 'chosen' is empty (expected a non-empty response)",
+        f"{inputs / 'blank_rejected.jsonl'} line 5: field 'rejected' is whitespace only",
+        f"{inputs / 'duplicate_uid.jsonl'} line 6: field 'uid' is 'q0', the uid of line 1 too: expected one pair per uid",
+        (f"{inputs / 'identical.jsonl'}: 6 of 8 pairs have field 'chosen' equal to field 'rejected' (first: "
+        f"{inputs / 'identical.jsonl'} line 1), more than data.max_identical_fraction=0.5"),
+    ]
+    errors = job_errors(proc, "train.py")
+    assert len(errors) == len(names), proc.stderr[-3000:]
+    for error, message in zip(errors, expected):
+        assert error.startswith("these inputs cannot run (1 problem)") and message in error, (message, error)
+    assert "6 of 8 pairs (75%) have chosen == rejected" in proc.stdout + proc.stderr  # the WARNING with the count
+    assert "no such file" not in proc.stderr
+    assert_clean(proc)
+
+
+def test_evaluated_model_folders_through_evaluate_py(world):
+    """eval.model_path without weights or config.json, of another architecture and vocabulary, or a file: refused
+    up front, naming both models and what differs. A LoRA adapter folder is a model folder."""
+    data, models = world["inputs"] / "arc_with_duplicates.jsonl", world["inputs"] / "models"
+    folders = ("no_weights", "no_config", "other_kind", "lora_adapter", "weights.safetensors")
+    proc = fails_cleanly(world, "evaluate.py", [
+        *base_overrides(world), f"data.source={data}", "data.num_train=0", "data.num_eval=4", "eval.mi_k=3",
+        f"eval.model_path={','.join(str(models / f) for f in folders)}"], sweep_dir=world["root"] / "sweep-models")
+    errors = job_errors(proc, "evaluate.py")
+    assert len(errors) == len(folders), proc.stderr[-3000:]
+    expected = [f"eval.model_path={models / 'no_weights'} holds no weights (*.safetensors or pytorch_model*.bin)",
+                f"eval.model_path={models / 'no_config'} holds no config.json",
+                (f"eval.model_path={models / 'other_kind'} is not a model of the base model's kind (model=tiny-llama "
+                "(random_init)): model_type 'gpt2' vs 'llama'; vocab_size 50257 vs 261 (evaluated vs base)"),
+                None,  # the adapter folder: only the eval.mi_k problem every job has
+                f"eval.model_path={models / 'weights.safetensors'} is a file, not a folder"]
+    for error, message in zip(errors, expected):
+        assert "eval.mi_k=3: the 4 evaluation prompts" in error
+        assert (message in error) if message else ("eval.model_path" not in error), error
+    assert_clean(proc)
+
+
+def test_pipeline_refuses_fewer_pairs_than_one_batch_before_sampling(world):
+    proc = fails_cleanly(world, "pipeline.py", [*base_overrides(world), "data.num_train=3", "negatives=random,partial"],
+                         sweep_dir=world["root"] / "sweep-small")
+    errors = job_errors(proc, "pipeline.py")
+    assert len(errors) == 2, proc.stderr[-3000:]
+    for error in errors:
+        assert "data.num_train=3: 3 training prompts" in error and "fewer than one batch (trainer.batch_size=4)" in error
+    assert_clean(proc)
+
+
+def test_a_run_directory_that_is_a_file_through_train_py(world):
+    run_file = world["inputs"] / "a_file"
+    proc = fails_cleanly(world, "train.py", [*base_overrides(world), f"data.pairs_path={world['cache'] / 'pairs' / 'earlier.jsonl'}"],
+                         run_file)
+    assert_clean(proc)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"  - hydra.run.dir={run_file} is a file, not a folder: expected a folder (or a path where one can be made)")
+
+
+def test_resume_must_without_a_checkpoint_through_train_py(world):
+    fresh = world["root"] / "fresh-run"
+    proc = fails_cleanly(world, "train.py", [*base_overrides(world), f"data.pairs_path={world['cache'] / 'pairs' / 'earlier.jsonl'}",
+                                            "trainer.resume=must"], fresh)
+    assert_clean(proc)
+    assert f"trainer.resume=must: no checkpoint in {fresh / 'checkpoints'} (hydra.run.dir={fresh})" in proc.stderr
+    assert not fresh.exists()  # refused before Hydra made the folder

@@ -83,3 +83,77 @@ def test_all_problems_reported_together():
 def test_float16_autocast_is_refused():
     problems = config_problems(composed("trainer.autocast=float16"))
     assert any("float16 autocast needs a gradient scaler" in p for p in problems), problems
+
+
+# --------------------------------------------------------------------------------------------
+# Issue #23: a value of the wrong type is named by its type; settings the loss ignores; devices; folders
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("loss.beta='0.1'", "loss.beta='0.1': expected a number, got the string '0.1'"),
+    ("trainer.batch_size='4'", "trainer.batch_size='4': expected a number, got the string '4'"),
+    ("eval.mi_k='2'", "eval.mi_k='2': expected a number, got the string '2'"),
+    ("trainer.adam_betas=['0.9',0.95]", "trainer.adam_betas[0]='0.9': expected a number, got the string '0.9'"),
+    ("overwrite='true'", "overwrite='true': expected true or false, got the string 'true'"),
+    ("trainer.lr=abc", "trainer.lr=abc: expected a number, got the string 'abc'"),
+    ("trainer.resume=yes", "trainer.resume=yes: expected true or false, or must, got the string 'yes'"),
+])
+def test_a_value_of_the_wrong_type_names_its_type(override, message):
+    problems = config_problems(composed("model=tiny-llama", override))
+    assert problems[0].startswith(message), problems
+    assert not any("expected a learning rate" in p or "beta must be > 0" in p for p in problems)  # the value's other lines
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss=sft", "+loss.beta=0.5"], "loss.beta=0.5: loss.loss_type=sft does not use beta (its settings: sft_reduction)"),
+    (["loss=infonce", "+loss.label_smoothing=0.1"], "loss.label_smoothing=0.1: loss.loss_type=infonce does not use"),
+    (["loss=dpo", "+loss.gamma=1.0"], "loss.gamma=1.0: loss.loss_type=sigmoid does not use gamma"),
+    (["loss=simpo", "+loss.sft_reduction=sum"], "loss.sft_reduction=sum: loss.loss_type=simpo does not use"),
+])
+def test_a_loss_setting_the_loss_ignores_is_refused(overrides, message):
+    problems = config_problems(composed("model=tiny-llama", *overrides))
+    assert any(p.startswith(message) for p in problems), problems
+
+
+@pytest.mark.parametrize("loss", ["dpo", "cdpo", "ipo", "hinge", "sft", "simpo", "sami", "infonce"])
+def test_every_shipped_loss_uses_all_its_settings(loss):
+    assert config_problems(composed("model=tiny-llama", f"loss={loss}")) == []
+
+
+@pytest.mark.parametrize("device, message", [
+    ("gpu", "device=gpu: not a device; expected auto, cpu, cuda or cuda:<index>"),
+    ("cuda:99", "device=cuda:99: "),
+    ("xla", "device=xla: device type 'xla' is not supported"),
+    ("1", "device=1: expected auto, cpu, cuda or cuda:<index>, got the int 1"),
+])
+def test_a_device_this_machine_lacks_is_refused(device, message):
+    problems = config_problems(composed("model=tiny-llama", f"device={device}"))
+    assert any(p.startswith(message) for p in problems), problems
+    assert config_problems(composed("model=tiny-llama", "device=cpu")) == []
+
+
+def test_a_cache_directory_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "file").write_text("")
+    for path, message in [(tmp_path / "file", "is a file, not a folder"),
+                          (tmp_path / "file" / "sub", f"{tmp_path / 'file'} is a file, so no folder can be made")]:
+        problems = config_problems(composed("model=tiny-llama", f"paths.cache_dir={path}"))
+        assert problems == [f"paths.cache_dir={path}{'' if message.startswith('is') else ':'} {message}"
+                            + (": expected a folder (or a path where one can be made)" if message.startswith("is") else
+                               " under it")], problems
+
+
+def test_resume_takes_true_false_or_must():
+    assert config_problems(composed("model=tiny-llama", "trainer.resume=must")) == []
+    assert any("trainer.resume=must continues the run" in p
+               for p in config_problems(composed("model=tiny-llama", "trainer.resume=must", "overwrite=true")))
+
+
+@pytest.mark.parametrize("task, prompt, total", [("gsm8k", 1536, 2560), ("svamp", 1536, 2560), ("arc_challenge", 512, 1024),
+                                                 ("arc_easy", 512, 1024), ("persistbench", 768, 1536), ("prism", 1024, 1536),
+                                                 ("community_alignment", 1024, 1536), ("multifaceted_bench", 1024, 1536)])
+def test_tasks_default_to_lengths_that_hold_their_prompts(task, prompt, total):
+    cfg = composed(f"task={task}")
+    assert (cfg.data.max_prompt_length, cfg.data.max_length) == (prompt, total)  # measured: test_task_lengths.py
+    assert cfg.data.max_length - cfg.data.max_prompt_length >= cfg.task.max_new_tokens  # a whole response after any prompt
+    overridden = composed(f"task={task}", "data.max_length=300", "data.max_prompt_length=200")
+    assert (overridden.data.max_prompt_length, overridden.data.max_length) == (200, 300)

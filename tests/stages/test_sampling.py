@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -13,8 +14,10 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from mipo.data.pairs import PairsFile, pairs_meta_path, read_pairs_meta
 from mipo.stages.keys import pairs_key, pairs_path
-from mipo.stages.sample import ChunkStore, PartialSamplesError
+from mipo.stages.sample import ChunkStore, PartialSamplesError, sample_pairs
+from tests.helpers import compose_config, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -77,12 +80,15 @@ def test_partial_samples_of_other_inputs_are_refused(tmp_path: Path) -> None:
 
     plan = Plan((), ((0, 1),), 2, 2)
     folder = tmp_path / "x.jsonl.partial"
-    ChunkStore(folder, "inputs-a", {"chosen": plan}).open()
-    with pytest.raises(PartialSamplesError, match=r"meta.json: field 'inputs' is 'inputs-a'"):
-        ChunkStore(folder, "inputs-b", {"chosen": plan}).open()
+    settings = {"sampling": {"top_p": 0.9, "temperature": 0.1}, "seed": 0}
+    ChunkStore(folder, settings, {"chosen": plan}).open()
+    other = {"sampling": {"top_p": 0.8, "temperature": 0.1}, "seed": 0}
+    with pytest.raises(PartialSamplesError, match=r"meta.json: these partial samples were written for other settings "
+                                                  r"\(sampling.top_p was 0.9, now 0.8\); delete the folder"):
+        ChunkStore(folder, other, {"chosen": plan}).open()
     (folder / "chosen-00000.json").write_text(json.dumps({"indices": [1, 0], "generations": [{}, {}]}))
     with pytest.raises(PartialSamplesError, match=r"chosen-00000.json: field 'indices'"):
-        ChunkStore(folder, "inputs-a", {"chosen": plan}).load("chosen")
+        ChunkStore(folder, settings, {"chosen": plan}).load("chosen")
 
 
 def test_pairs_path_changes_with_every_sampling_setting(tmp_path: Path) -> None:
@@ -100,3 +106,54 @@ def test_pairs_path_changes_with_every_sampling_setting(tmp_path: Path) -> None:
             assert path not in seen, override
             seen.add(path)
     assert pairs_key(base)["seeding"] == "per-prompt-v1"
+
+
+# --------------------------------------------------------------------------------------------
+# The prompts a strategy keeps: negatives.prompt_set and the pairs file's sidecar
+# --------------------------------------------------------------------------------------------
+
+def _sample(tmp_path: Path, *extra: str) -> tuple[Path, list[dict]]:
+    cfg = compose_config(*tiny_overrides(tmp_path), "data.num_train=12", "sampling.max_new_tokens=2", *extra)
+    path = sample_pairs(cfg, pairs_path(cfg))
+    return path, [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prompt_set_partial_gives_every_strategy_the_partial_prompts_and_the_sidecar_counts_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mipo.stages.sample")
+    _, own_random = _sample(tmp_path, "negatives=random")
+    assert not [r for r in caplog.records if r.name == "mipo.stages.sample" and r.levelno >= logging.WARNING]
+    caplog.clear()
+    partial_path, partial = _sample(tmp_path, "negatives=partial")
+    drops = [r for r in caplog.records if r.name == "mipo.stages.sample" and "dropped" in r.getMessage()]
+    assert drops and all(r.levelno == logging.WARNING for r in drops), [r.getMessage() for r in caplog.records]
+    random_path, random_rows = _sample(tmp_path, "negatives=random", "negatives.prompt_set=partial")
+    _, partial_again = _sample(tmp_path, "negatives=partial", "negatives.prompt_set=partial")
+
+    assert len(own_random) == 12 and 0 < len(partial) < 12  # offline ARC-Challenge: some questions have one sentence
+    assert [r["uid"] for r in random_rows] == [r["uid"] for r in partial]  # the same prompts, in the same order
+    assert partial_again == partial  # the partial arm's pairs do not change under prompt_set=partial
+
+    meta = read_pairs_meta(PairsFile.hashed(random_path))
+    dropped = sorted({r["uid"] for r in own_random} - {r["uid"] for r in partial})
+    assert meta["strategy"] == "random" and meta["prompt_set"] == "partial"
+    assert (meta["prompts_offered"], meta["kept"], meta["dropped"]) == (12, len(partial), 12 - len(partial))
+    assert sorted(meta["dropped_uids"]) == dropped and "prompt_set=partial" in meta["reason"]
+    partial_meta = read_pairs_meta(PairsFile.hashed(partial_path))
+    assert sorted(partial_meta["dropped_uids"]) == dropped and partial_meta["prompt_set"] == "own"
+
+    # a sidecar that describes other pairs is not trusted
+    pairs_meta_path(partial_path).write_text(pairs_meta_path(random_path).read_text())
+    assert read_pairs_meta(PairsFile.hashed(partial_path)) is None
+    assert read_pairs_meta(partial_path)["strategy"] == "random"  # a bare path: read as it is
+
+
+def test_prompt_set_is_in_the_pairs_key_and_checked(tmp_path: Path) -> None:
+    from mipo.stages.config import config_problems
+
+    own = composed("model=tiny-llama", f"paths.cache_dir={tmp_path}")
+    restricted = composed("model=tiny-llama", f"paths.cache_dir={tmp_path}", "negatives.prompt_set=partial")
+    assert pairs_path(own) != pairs_path(restricted)
+    bad = composed("model=tiny-llama", f"paths.cache_dir={tmp_path}", "negatives.prompt_set=shared")
+    assert any("negatives.prompt_set=shared" in p for p in config_problems(bad))
+    assert not any("prompt_set" in p for p in config_problems(restricted))

@@ -124,5 +124,7 @@ class Gsm8kTask(Task):
 
     def extract_answer(self, text: str, mode: str = "strict") -> str | None:
         """Strict: the number after the last ``####``; flexible: else the last number in the text
-        (lm-eval's gsm8k filters; :func:`~mipo.data.tasks.text.extract_number`). Normalised."""
+        (lm-eval's gsm8k filters; :func:`~mipo.data.tasks.text.extract_number`). Normalised. A minus sign
+        U+2212 or an en dash before a number is a sign; an en or em dash between two numbers (a score
+        ``"Lions 35\u201328"``, a range) separates them and gives the second no sign."""
         return extract_number(text, mode)

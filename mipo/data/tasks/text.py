@@ -11,7 +11,18 @@ import re
 # ---------------------------------------------------------------------------------------------
 
 _CANONICAL_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-"})
+_MINUS_SIGNS = str.maketrans({"\u2212": "-", "\u2013": "-"})  # the minus sign; an en dash typed for one
+# An en or em dash between two numbers separates them (a score "35–28", a range "10 — 12", "$10–$20"): it is
+# no sign of the second, so it becomes " to " before the minus signs are read.
+_SEPARATOR_DASH = re.compile(r"(?<=\d)\s*[\u2013\u2014]\s*(?=\$?\d)")
+
+
+def _ascii_minus(text: str) -> str:
+    """``text`` with its minus signs as ``-``: U+2212, and an en dash that is not between two numbers
+    (``"\u22123"``, ``"\u20133"``, ``"is \u20133"`` -> ``-3``); an en or em dash between two numbers is a
+    separator and becomes ``" to "`` (``"Lions 35\u201328"`` -> ``"Lions 35 to 28"``, whose last number is 28).
+    An ASCII hyphen is left alone: ``"35-28"`` reads as 35 and -28, as lm-eval's regexes read it."""
+    return _SEPARATOR_DASH.sub(" to ", text).translate(_MINUS_SIGNS)
 
 
 def normalize_number(text: str) -> str | None:
@@ -20,7 +31,7 @@ def normalize_number(text: str) -> str | None:
     ``"$1,234.50"`` -> ``"1234.5"``, ``"18.0"`` -> ``"18"``, ``"-0"`` -> ``"0"``, ``"007"`` -> ``"7"``.
     Returns None when ``text`` is not a plain decimal number.
     """
-    cleaned = text.translate(_MINUS_SIGNS)
+    cleaned = _ascii_minus(text)
     for junk in (",", "$", " "):
         cleaned = cleaned.replace(junk, "")
     cleaned = cleaned.strip().rstrip(".")
@@ -59,7 +70,7 @@ def extract_number_strict(text: str) -> str | None:
     ``"18"``, ``"####\nThe answer is 18"`` gives None. lm-eval takes the *first* ``####`` match;
     the last is taken here, so a response that corrects itself is graded on its final answer.
     """
-    matches = _STRICT_NUMBER.findall(text.translate(_MINUS_SIGNS))
+    matches = _STRICT_NUMBER.findall(_ascii_minus(text))
     return normalize_number(matches[-1]) if matches else None
 
 
@@ -73,7 +84,7 @@ def extract_number_flexible(text: str) -> str | None:
     strict = extract_number_strict(text)
     if strict is not None:
         return strict
-    matches = _FLEXIBLE_NUMBER.findall(text.translate(_MINUS_SIGNS))
+    matches = _FLEXIBLE_NUMBER.findall(_ascii_minus(text))
     if not matches:
         return None
     return normalize_number("".join(matches[-1]))
