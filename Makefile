@@ -161,6 +161,8 @@ lock-bench:
 bench: $(BENCH_STAMP)
 	WANDB_MODE=disabled HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
 		$(BENCH_PY) -m bench.run --out bench/results-latest.md
+	WANDB_MODE=disabled HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false $(BENCH_PY) -m bench.lora \
+		--out bench/lora-latest.md   # full fine-tuning vs LoRA rank 16 on SmolLM2: step time and memory ratios
 
 clean-cache:
 	rm -rf .cache/mipo
