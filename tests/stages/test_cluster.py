@@ -55,7 +55,7 @@ def pipeline_overrides(cache: Path) -> list[str]:
             "eval.identity=false", f"paths.cache_dir={cache}", *SWEEP]
 
 
-@pytest.mark.slow  # about 140 s on 2 shared cores: 4 jobs in 4 processes, and the same 4 in one
+@pytest.mark.slow  # about 140 s on 2 shared cores: 4 jobs in 4 processes, and the same 4 in one (make test-slow)
 def test_local_launcher_gives_each_job_the_basic_launchers_numbers(tmp_path: Path) -> None:
     multirun("pipeline.py", [*pipeline_overrides(tmp_path / "cache-basic"), f"hydra.sweep.dir={tmp_path / 'basic'}"],
              ROOT)
@@ -88,7 +88,6 @@ def train_overrides(tmp_path: Path, epochs: int = 1) -> list[str]:
             "data.max_length=256", "data.max_prompt_length=128", f"trainer.epochs={epochs}"]
 
 
-@pytest.mark.slow
 def test_a_job_of_two_tasks_trains_to_the_weights_of_one_process(tmp_path: Path) -> None:
     overrides = train_overrides(tmp_path)
     run_entry("train.py", overrides, tmp_path / "single")
@@ -111,7 +110,6 @@ def wait_for(condition, what: str, timeout: float = 300) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.slow
 def test_a_preempted_job_is_requeued_and_ends_bitwise_equal(tmp_path: Path) -> None:
     overrides = train_overrides(tmp_path, epochs=40)  # 160 steps: time to send the signal mid-training
     run_entry("train.py", overrides, tmp_path / "uninterrupted")
