@@ -55,7 +55,7 @@ def pipeline_overrides(cache: Path) -> list[str]:
             "eval.identity=false", f"paths.cache_dir={cache}", *SWEEP]
 
 
-@pytest.mark.slow  # about 140 s on 2 shared cores: 4 jobs in 4 processes, and the same 4 in one (make test-slow)
+# about 85-140 s on 2 shared cores: 4 jobs in 4 processes, and the same 4 in one
 def test_local_launcher_gives_each_job_the_basic_launchers_numbers(tmp_path: Path) -> None:
     multirun("pipeline.py", [*pipeline_overrides(tmp_path / "cache-basic"), f"hydra.sweep.dir={tmp_path / 'basic'}"],
              ROOT)
