@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from bench.train_step import alternate_steps, peak_rss_gib
+
 ARMS = ("full", "lora")
 
 
@@ -43,9 +45,8 @@ class Settings:
     threads: int = 0  # torch threads per worker; 0: all cores
 
 
-def rss_gib(peak: bool = True) -> float:
-    if peak:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+def rss_gib() -> float:
+    """The process's resident set now (``peak_rss_gib``: its peak)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**30
 
@@ -101,7 +102,7 @@ def worker(conn, arm: str, settings: Settings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     model, data, step_settings, state = _build(arm, settings)
-    built_rss = rss_gib(peak=False)
+    built_rss = rss_gib()
     conn.send("ready")
     step, counted = 0, {}
     while conn.recv() == "step":
@@ -113,7 +114,7 @@ def worker(conn, arm: str, settings: Settings) -> None:
             counted = state_bytes(model.policy, model.optimizer)
             counted["gradients"] = sum(p.numel() * p.element_size() for p in model.policy.parameters()
                                        if p.requires_grad)
-    conn.send({"peak_rss_gib": rss_gib(), "built_rss_gib": built_rss, **counted,
+    conn.send({"peak_rss_gib": peak_rss_gib(), "built_rss_gib": built_rss, **counted,
                "loss": state.history[-1]["loss"] if state.history else None})
 
 
@@ -128,11 +129,7 @@ def compare(settings: Settings) -> dict[str, Any]:
         pipes[arm] = parent
     for arm in ARMS:
         assert pipes[arm].recv() == "ready"
-    times: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    for step in range(settings.steps):
-        for arm in (ARMS if step % 2 == 0 else ARMS[::-1]):
-            pipes[arm].send("step")
-            times[arm].append(pipes[arm].recv())
+    times = alternate_steps(pipes, list(ARMS), settings.steps)
     memory = {}
     for arm in ARMS:
         pipes[arm].send("stop")

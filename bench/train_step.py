@@ -50,6 +50,17 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
 
 
+def alternate_steps(pipes: dict[str, Any], order: list[str], steps: int) -> dict[str, list[float]]:
+    """``steps`` rounds of one ``"step"`` per worker, the order reversed every other round so that a change of
+    load hits every worker alike; each worker answers with its step's seconds."""
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for step in range(steps):
+        for name in order if step % 2 == 0 else order[::-1]:
+            pipes[name].send("step")
+            times[name].append(pipes[name].recv())
+    return times
+
+
 def _setup(settings: Settings):
     if settings.threads:
         torch.set_num_threads(settings.threads)
@@ -193,11 +204,7 @@ def compare(settings: Settings) -> dict[str, Any]:
             passes[name].append(pipes[name].recv())
         pipes["mipo"].send("train")
         reference = {name: statistics.mean(times) for name, times in passes.items()}
-        steps: dict[str, list[float]] = {name: [] for name in order}
-        for step in range(settings.steps):
-            for name in order if step % 2 == 0 else order[::-1]:
-                pipes[name].send("step")
-                steps[name].append(pipes[name].recv())
+        steps = alternate_steps(pipes, order, settings.steps)
         peak = {}
         for name in order:
             pipes[name].send("done")

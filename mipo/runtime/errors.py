@@ -7,6 +7,8 @@ of ``InputError``. ``mipo.stages.cli`` catches the base class: a new kind of bad
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class InputError(Exception):
     """The input cannot work; the message names the file, row, field or override to change."""
@@ -49,13 +51,14 @@ def type_name(value: object) -> str:
     return f"a {type(value).__name__}"
 
 
-def _flatten(tree: object, prefix: str = "") -> dict[str, object]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and other values are leaves."""
-    if not isinstance(tree, dict):
+def flatten_settings(tree: object, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``; lists and other values are leaves (settings compared key by key:
+    ``describe_changes``, a checkpoint against its run, ``mipo.training.checkpoint.check_same_inputs``)."""
+    if not isinstance(tree, Mapping):
         return {prefix: tree}
     flat: dict[str, object] = {}
     for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        flat.update(flatten_settings(value, f"{prefix}.{key}" if prefix else str(key)))
     return flat
 
 
@@ -71,7 +74,7 @@ def describe_changes(old: dict, new: dict, limit: int = 5) -> str:
     ``"sampling.top_p was 0.9, now 0.8"``. A setting present on one side only is "added" or
     "removed"; after ``limit`` clauses the rest are counted. Empty when nothing differs.
     """
-    before, after = _flatten(old), _flatten(new)
+    before, after = flatten_settings(old), flatten_settings(new)
     clauses = []
     for key in [*before, *(k for k in after if k not in before)]:
         if key not in after:

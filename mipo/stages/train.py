@@ -204,7 +204,7 @@ def setup(cfg: DictConfig, output_dir: str | Path, pairs_file: PairsFile, pairs:
         reference_pass = ReferencePass(model.forward, cfg.model, tokenizer, (cfg.data.max_length,
                                        cfg.data.max_prompt_length), micro_batches, device, Path(cfg.paths.cache_dir),
                                        base_weights=partial(adapters.adapters_disabled, model.policy),  # LoRA: the base
-                                       adapters=adapters.lora_identity(cfg.get("lora")))
+                                       adapters=inputs.get("lora"))  # lora_identity, in the train key
         reference = reference_pass.logps(pairs_file, (rows.chosen, rows.rejected, *rows.extra_rejected))
     logger = (MetricsLogger(output_dir, cfg.wandb, OmegaConf.to_container(cfg, resolve=True),
                             resume=saved["logger"] if saved else None)

@@ -52,7 +52,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mipo.runtime import distributed
-from mipo.runtime.errors import InputError, failed, is_int
+from mipo.runtime.errors import InputError, failed, flatten_settings, is_int
 from mipo.runtime.files import atomic_dir, remove_stale, remove_tree
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def read_state(checkpoint: str | Path) -> dict[str, Any]:
 
 def check_same_inputs(checkpoint: str | Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
     """Raise ``CheckpointError`` naming every value that differs between a checkpoint's inputs and this run's."""
-    before, now = _flatten(saved), _flatten(json.loads(json.dumps(current)))
+    before, now = flatten_settings(saved), flatten_settings(json.loads(json.dumps(current)))
     changed = [f"{key}: {before.get(key, '(absent)')!r:.80} -> {now.get(key, '(absent)')!r:.80}"
                for key in sorted(set(before) | set(now)) if before.get(key) != now.get(key)]
     if changed:
@@ -185,15 +185,6 @@ def check_world_size(checkpoint: str | Path, state: Mapping[str, Any], world: in
             f"{checkpoint} was written by {saved} rank{'s' * (saved > 1)} but this run has {world}: a checkpoint "
             f"resumes with the world size it was written with (torchrun --nnodes x --nproc_per_node = {saved}), "
             "or start again with overwrite=true")
-
-
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, Mapping):
-        return {prefix: tree}
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def restore_checkpoint(checkpoint: str | Path, state: Mapping[str, Any], model: torch.nn.Module,
