@@ -10,7 +10,8 @@ A model is described by the ``model`` config group (``conf/model/*.yaml``):
     config:        architecture kwargs for ``random_init`` (``model_type`` picks the class)
     tokenizer:     ``null`` (load with the model) or ``"byte"`` (a built-in byte-level tokenizer)
     dtype:         ``auto`` (fp32 on CPU, bf16 on GPU), ``float32``, ``bfloat16``, ``float16``
-    attn_implementation: ``auto`` (flash_attention_2 if flash-attn imports and a GPU is present, else sdpa)
+    attn_implementation: ``auto`` (flash_attention_2 if flash-attn imports and a GPU is present, else sdpa;
+                   each only where the model's class has it: eager for Gemma2, Bloom)
 
 GGUF checkpoints take ~25 s to dequantise, so the first load converts the checkpoint once to a
 safetensors folder under ``<cache_dir>/models/`` keyed by the package version and the transformers
@@ -67,6 +68,7 @@ from mipo.model.sources import (  # noqa: F401 - resolve_device, device_problem,
     package_dir,
     resolve_device,
 )
+from mipo.runtime.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -87,16 +89,71 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype | None = None) -> str:
-    """``flash_attention_2`` when asked for, or for ``auto`` when flash-attn imports, a GPU is
-    present and the weights are bf16/fp16 (flash-attn has no fp32 kernels: the fp32 reference
-    model and fp32 master weights use ``sdpa``); else ``sdpa``."""
+def resolve_attn_implementation(requested: str, device: torch.device, dtype: torch.dtype | None = None,
+                                model_class: type | None = None) -> str:
+    """The attention implementation ``model.attn_implementation`` asks for; ``auto`` resolves here.
+
+    ``auto``: ``flash_attention_2`` when flash-attn imports, a GPU is present, the weights are bf16/fp16
+    (flash-attn has no fp32 kernels: fp32 master weights use ``sdpa``) and the model class supports it; else
+    ``sdpa``, or ``eager`` for a class without an SDPA path (Gemma2, softcapped; Bloom, ALiBi), as
+    transformers itself picks. ``model_class``: ``causal_lm_class`` of the model (None: unknown, assumed
+    to support both). An explicit value is returned as is (``attention_problem`` checks it up front).
+    """
     if requested != "auto":
         return requested
     half = dtype in (None, torch.bfloat16, torch.float16)
-    if device.type == "cuda" and half and importlib.util.find_spec("flash_attn") is not None:
+    flash = model_class is None or getattr(model_class, "_supports_flash_attn", False)
+    if device.type == "cuda" and half and flash and importlib.util.find_spec("flash_attn") is not None:
         return "flash_attention_2"
-    return "sdpa"
+    return "sdpa" if model_class is None or getattr(model_class, "_supports_sdpa", False) else "eager"
+
+
+def causal_lm_class(model_type: str | None) -> type | None:
+    """The class ``AutoModelForCausalLM`` builds for ``model_type`` (config.json's), or None when it is unknown
+    here (no such model type in this transformers, or remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type) if model_type else None
+    try:
+        return getattr(transformers, name) if name else None
+    except (AttributeError, ImportError):  # a class this install cannot import (a missing optional dependency)
+        return None
+
+
+def _loaded_class(source: str, kwargs: Mapping[str, Any]) -> type | None:
+    """``causal_lm_class`` of the checkpoint ``from_pretrained`` is about to load (its config.json, downloaded
+    first for a hub id); None where no config says."""
+    try:
+        return causal_lm_class(AutoConfig.from_pretrained(source, **kwargs).model_type)
+    except Exception as error:  # noqa: BLE001 - e.g. a GGUF file: transformers decides
+        log.debug("no model class from %s: %s", source, error)
+        return None
+
+
+def model_class(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None) -> type | None:
+    """``causal_lm_class`` of ``model_cfg``'s model, read from its config without loading weights (None: unknown)."""
+    found = base_config(model_cfg, cache_dir)
+    return causal_lm_class(found[0].get("model_type")) if found else None
+
+
+ATTENTION_SUPPORT = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn",
+                     "flash_attention_3": "_supports_flash_attn", "flex_attention": "_supports_flex_attn"}
+
+
+def attention_problem(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None) -> str | None:
+    """Why ``model.attn_implementation`` names an implementation the model's class has no path for, or None.
+
+    Asked up front (``mipo.stages.config``): transformers refuses it only once the weights load.
+    """
+    requested = str(_get(model_cfg, "attn_implementation", "auto"))
+    if requested not in ATTENTION_SUPPORT:
+        return None
+    cls = model_class(model_cfg, cache_dir)
+    if cls is None or getattr(cls, ATTENTION_SUPPORT[requested], False):
+        return None
+    fallback = resolve_attn_implementation("auto", torch.device("cpu"), model_class=cls)
+    return (f"model.attn_implementation={requested}: {cls.__name__} has no {requested} attention; "
+            f"use auto (here: {fallback}) or eager")
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,11 +394,14 @@ def load_model(
     if dtype is None:
         dtype = str(_get(model_cfg, "dtype", "auto"))
     torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, device)
-    attn = resolve_attn_implementation(str(_get(model_cfg, "attn_implementation", "auto")), device, torch_dtype)
+    requested = str(_get(model_cfg, "attn_implementation", "auto"))
+    if problem := attention_problem(model_cfg, cache_dir):
+        raise ConfigError(problem)
 
     if _get(model_cfg, "random_init", False):
         arch = _to_dict(_get(model_cfg, "config", {}))
         model_type = arch.pop("model_type", "llama")
+        attn = resolve_attn_implementation(requested, device, torch_dtype, causal_lm_class(model_type))
         if vocab_size is not None:
             arch["vocab_size"] = vocab_size
         config = AutoConfig.for_model(model_type, **arch)
@@ -351,6 +411,7 @@ def load_model(
             model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     else:
         source, kwargs = _pretrained_source(model_cfg, cache_dir)
+        attn = resolve_attn_implementation(requested, device, torch_dtype, _loaded_class(source, kwargs))
         if quantization_config is not None:  # bitsandbytes places the 4-bit weights itself (no .to below)
             kwargs.update(quantization_config=quantization_config, device_map={"": device})
         model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, attn_implementation=attn, **kwargs)
@@ -425,33 +486,53 @@ def converted_gguf_folder(model_cfg: Mapping[str, Any], gguf_file: str, cache_di
     return cache_dir / "models" / f"{Path(gguf_file).stem}-{key}-transformers{tf_major}"
 
 
-def base_description(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> ModelDescription | None:
-    """The architecture and vocabulary of ``model_cfg``'s model, read without loading it, where files say:
-    a random model's config (the byte tokenizer's vocabulary), a local folder's files, a GGUF checkpoint's
-    converted folder once it exists, a hub model's files in the local Hugging Face cache; else None."""
+def base_config(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike | None
+                ) -> tuple[dict[str, Any], Path | None, str] | None:
+    """``model_cfg``'s model config (config.json's dict), the folder holding it (None for a random model) and
+    how to name it, read without loading the model, where files say: a random model's config, a local
+    folder, a GGUF checkpoint's converted folder once it exists, a hub model's files in the local Hugging
+    Face cache; else None."""
     name = str(_get(model_cfg, "name_or_path", ""))
     where = f"model.name_or_path={name}"
     if _get(model_cfg, "random_init", False):
         arch = _to_dict(_get(model_cfg, "config", {}))
-        byte = _get(model_cfg, "tokenizer") == "byte"
-        vocabulary = byte_tokenizer().get_vocab() if byte else None
-        config = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch,
-                                      **({"vocab_size": len(vocabulary)} if vocabulary else {}))
-        return ModelDescription(f"model={_get(model_cfg, 'name', 'random')} (random_init)",
-                                config_architecture(config.to_dict()), vocabulary)
+        config = AutoConfig.for_model(arch.pop("model_type", "llama"), **arch)
+        return config.to_dict(), None, f"model={_get(model_cfg, 'name', 'random')} (random_init)"
     gguf_file = _get(model_cfg, "gguf_file")
     if gguf_file:
+        if cache_dir is None:
+            return None
         folder = converted_gguf_folder(model_cfg, gguf_file, Path(cache_dir))
-        return folder_description(folder, f"model={_get(model_cfg, 'name', name)} (converted: {folder})")
-    if Path(name).expanduser().is_dir():
-        return folder_description(Path(name).expanduser(), where)
-    try:
-        from huggingface_hub import try_to_load_from_cache
+        where = f"model={_get(model_cfg, 'name', name)} (converted: {folder})"
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+    else:
+        try:
+            from huggingface_hub import try_to_load_from_cache
 
-        config_file = try_to_load_from_cache(name, "config.json", revision=_get(model_cfg, "revision"))
-    except Exception:  # noqa: BLE001 - not a hub id the local cache knows: nothing to compare
+            config_file = try_to_load_from_cache(name, "config.json", revision=_get(model_cfg, "revision"))
+        except Exception:  # noqa: BLE001 - not a hub id the local cache knows
+            return None
+        if not isinstance(config_file, str):
+            return None
+        folder = Path(config_file).parent
+    try:
+        return json.loads((folder / "config.json").read_text()), folder, where
+    except (OSError, ValueError):
         return None
-    return folder_description(Path(config_file).parent, where) if isinstance(config_file, str) else None
+
+
+def base_description(model_cfg: Mapping[str, Any], cache_dir: str | os.PathLike) -> ModelDescription | None:
+    """The architecture and vocabulary of ``model_cfg``'s model (``base_config``; a random model's vocabulary
+    is the byte tokenizer's), read without loading it; None where no file says."""
+    if _get(model_cfg, "random_init", False):
+        byte = _get(model_cfg, "tokenizer") == "byte"
+        vocabulary = byte_tokenizer().get_vocab() if byte else None
+        config, _, where = base_config(model_cfg, cache_dir)
+        return ModelDescription(where, config_architecture({**config, **({"vocab_size": len(vocabulary)}
+                                                                          if vocabulary else {})}), vocabulary)
+    found = base_config(model_cfg, cache_dir)
+    return folder_description(found[1], found[2]) if found else None
 
 
 def _converted_gguf(model_cfg: Mapping[str, Any], folder: Path, gguf_file: str, cache_dir: Path) -> Path:

@@ -28,7 +28,7 @@ from mipo.data.tasks.splits import split_size_problems
 from mipo.losses import loss_config_problems
 from mipo.model.adapters import lora_problems
 from mipo.model.generation import decode_problems
-from mipo.model.loading import device_problem, model_source_problem
+from mipo.model.loading import attention_problem, device_problem, model_source_problem
 from mipo.model.logprobs import scoring_problems
 from mipo.model.precision import precision_problems
 from mipo.negatives import negatives_problems
@@ -195,9 +195,11 @@ def with_type_problems(cfg: DictConfig, problems: list[str]) -> list[str]:
 
 
 def _model_problems(cfg: DictConfig) -> list[str]:
-    """The model's source, the dtypes and autocast."""
+    """The model's source, its attention implementation, the dtypes and autocast."""
     source_problem = model_source_problem(cfg.model, with_tokenizer=True)  # the run's tokenizer is the model's
-    return [*([f"{source_problem} (model={cfg.model.get('name')})"] if source_problem else []), *precision_problems(cfg)]
+    attention = None if source_problem else attention_problem(cfg.model, cfg.paths.cache_dir)
+    return [*([f"{source_problem} (model={cfg.model.get('name')})"] if source_problem else []),
+            *([attention] if attention else []), *precision_problems(cfg)]
 
 
 def check_config(cfg: DictConfig) -> None:

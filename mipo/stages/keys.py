@@ -32,6 +32,7 @@ from mipo.kernels.logprob import default_impl
 from mipo.model.adapters import lora_identity
 from mipo.model.generation import SEEDING
 from mipo.model.loading import (
+    model_class,
     model_identity,
     resolve_attn_implementation,
     resolve_device,
@@ -77,7 +78,8 @@ def pairs_key(cfg: DictConfig) -> dict[str, Any]:
                       "chat_template_kwargs": _plain(cfg.model.get("chat_template_kwargs") or {})},
         "inference": {"dtype": str(dtype).removeprefix("torch."), "device_type": device.type,
                       "attn_implementation": resolve_attn_implementation(
-                          str(cfg.model.get("attn_implementation") or "auto"), device, dtype)},
+                          str(cfg.model.get("attn_implementation") or "auto"), device, dtype,
+                          model_class(cfg.model, cfg.paths.cache_dir))},
         "task": _plain(cfg.task),
         "data": {k: cfg.data[k] for k in ("source", "num_train", "num_eval")},
         "negatives": {"num_negatives": 1, "prompt_set": "own", **_plain(cfg.negatives)},
@@ -184,7 +186,7 @@ def eval_key(cfg: DictConfig, evaluated_model: str, tokenizer, judged: bool = Fa
         "numerics": {"kernel": default_impl(device) if cfg.kernel == "auto" else str(cfg.kernel),
                      "attn_implementation": resolve_attn_implementation(
                          str(cfg.model.get("attn_implementation") or "auto"), device,
-                         resolve_dtype(str(cfg.eval.dtype), device))},
+                         resolve_dtype(str(cfg.eval.dtype), device), model_class(cfg.model, cfg.paths.cache_dir))},
         "seed": cfg.seed,
         "format": EVAL_FORMAT,
     }

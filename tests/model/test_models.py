@@ -10,7 +10,9 @@ import torch
 from omegaconf import OmegaConf
 
 from mipo.model.loading import (
+    attention_problem,
     byte_tokenizer,
+    causal_lm_class,
     load_model,
     load_tokenizer,
     model_identity,
@@ -229,6 +231,37 @@ def test_resolve_attn_implementation():
     assert resolve_attn_implementation("auto", CPU) == "sdpa"
     assert resolve_attn_implementation("eager", CPU) == "eager"
     assert resolve_attn_implementation("sdpa", torch.device("cuda")) == "sdpa"
+
+
+def test_auto_attention_follows_what_the_model_class_supports():
+    """``auto`` is sdpa only for a class with an SDPA path: Gemma2 (softcapping) and Bloom (ALiBi) get eager, as
+    transformers picks for them itself; an unknown class keeps sdpa."""
+    for model_type, want in (("llama", "sdpa"), ("qwen2", "sdpa"), ("gemma2", "eager"), ("bloom", "eager")):
+        assert resolve_attn_implementation("auto", CPU, torch.float32, causal_lm_class(model_type)) == want, model_type
+    assert causal_lm_class("no_such_model_type") is None and causal_lm_class(None) is None
+    assert resolve_attn_implementation("auto", CPU, None, None) == "sdpa"
+    assert resolve_attn_implementation("eager", CPU, None, causal_lm_class("llama")) == "eager"
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "bloom"])
+def test_models_without_sdpa_load_with_auto_and_are_refused_sdpa(model_type):
+    """``attn_implementation=auto`` loads them with eager (sdpa made transformers raise); an explicit sdpa is a
+    config problem naming the class, before anything loads."""
+    config = {"model_type": model_type, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "n_layer": 2, "n_head": 4}
+    cfg = OmegaConf.create({"name": model_type, "random_init": True, "config": config, "tokenizer": "byte",
+                            "dtype": "float32", "attn_implementation": "auto"})
+    model = load_model(cfg, CPU, vocab_size=300)
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7, 8]])).logits).all()
+    assert attention_problem(cfg, None) is None
+    cls = type(model).__name__
+    want = f"model.attn_implementation=sdpa: {cls} has no sdpa attention; use auto (here: eager) or eager"
+    assert attention_problem({**cfg, "attn_implementation": "sdpa"}, None) == want
+    assert attention_problem({**cfg, "attn_implementation": "eager"}, None) is None
+    assert attention_problem({**cfg, "config": {**config, "model_type": "llama"}, "attn_implementation": "sdpa"},
+                             None) is None
 
 
 def test_flash_attention_only_for_half_precision_on_gpu(monkeypatch):

@@ -414,3 +414,14 @@ def test_resume_must_without_a_checkpoint_through_train_py(world):
     assert_clean(proc)
     assert f"trainer.resume=must: no checkpoint in {fresh / 'checkpoints'} (hydra.run.dir={fresh})" in proc.stderr
     assert not fresh.exists()  # refused before Hydra made the folder
+
+
+def test_an_attention_the_model_class_lacks_through_train_py(world):
+    """``model.attn_implementation=sdpa`` on a class without an SDPA path (Gemma2: softcapped attention) is refused
+    up front, naming the class and what ``auto`` picks there; transformers would refuse it only while loading."""
+    proc = fails_cleanly(world, "train.py", [*base_overrides(world), f"data.pairs_path={world['cache'] / 'pairs' / 'earlier.jsonl'}",
+                                            "model.config.model_type=gemma2", "+model.config.head_dim=16",
+                                            "model.attn_implementation=sdpa"], world["root"] / "gemma2-sdpa")
+    assert_clean(proc)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "  - model.attn_implementation=sdpa: Gemma2ForCausalLM has no sdpa attention; use auto (here: eager) or eager")
