@@ -8,7 +8,8 @@
    run's outputs is never written into again unless ``overwrite=true``; ``train.py`` continues its own
    unfinished run with ``trainer.resume=true``, and ``trainer.resume=must`` refuses a directory without a
    checkpoint (``run_dir_problems``, which the Hydra callback ``mipo.stages.cli.RunDirGuard`` also runs before
-   Hydra writes ``.hydra/`` into the directory);
+   Hydra writes ``.hydra/`` into the directory); a job of a submitit sweep (``hydra/launcher=slurm|local``)
+   always continues its own directory's unfinished training, as a requeued job must (``job_resume``);
 3. the data the entry point is about to read, where it applies:
 
    ==========  ====================================================================================
@@ -29,6 +30,8 @@ Every problem found is reported together, one line each, in one ``ConfigError``.
 
 from __future__ import annotations
 
+import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +67,7 @@ from mipo.training.checkpoint import checkpoints_dir, latest_checkpoint
 ENTRIES = ("sample", "train", "evaluate", "pipeline")
 RUN_OUTPUTS = ("train.json", "eval.json", "metrics.jsonl", "model", "checkpoints")
 UNFINISHED_TRAINING = ("metrics.jsonl", "model", "checkpoints")  # what a killed train.py leaves
+log = logging.getLogger(__name__)
 # the settings that name a file or folder: a leading ~ is expanded (``expand_path_settings``)
 PATH_SETTINGS = ("paths.cache_dir", "data.pairs_path", "data.source", "model.name_or_path", "eval.model_path",
                  "judge.model.name_or_path")
@@ -84,6 +88,8 @@ def check_inputs(cfg: DictConfig, entry: str, run_dir: str | Path) -> Inputs:
         raise ValueError(f"unknown entry point {entry!r}; expected one of {ENTRIES}")
     expand_path_settings(cfg)
     check_config(cfg)  # the values first: the checks below assume them
+    if entry == "train":
+        job_resume(cfg, Path(run_dir))
     path = pairs_path(cfg)
     inputs = Inputs(Path(run_dir), path)
     problems = run_dir_problems(cfg, entry, inputs.run_dir)
@@ -99,6 +105,23 @@ def check_inputs(cfg: DictConfig, entry: str, run_dir: str | Path) -> Inputs:
         problems += _data_problems(cfg, entry, sample=entry != "evaluate" and will_sample)
     raise_problems("these inputs", problems)
     return inputs
+
+
+def job_resume(cfg: DictConfig, run_dir: Path) -> None:
+    """``trainer.resume=false`` reads as ``true`` in a job of a submitit sweep (``SUBMITIT_EXECUTOR`` set), in place.
+
+    Such a job's directory is its own (the same overrides name it on every attempt): a job requeued after the
+    checkpoint signal (``mipo.runtime.preemption``) or a lost node finds its own unfinished training there
+    and continues it from the newest checkpoint, whose inputs are checked against the run's
+    (``check_same_inputs``); without a checkpoint it starts at step 0 as ``false`` would. ``overwrite=true``
+    still starts again; a finished run is still refused. One INFO line when there is training to continue.
+    """
+    if not os.environ.get("SUBMITIT_EXECUTOR") or cfg.trainer.get("resume") is not False or cfg.get("overwrite") is True:
+        return
+    with open_dict(cfg):
+        cfg.trainer.resume = True
+    if latest_checkpoint(run_dir) is not None:
+        log.info("a submitit job continues its own run directory's training (trainer.resume=true): %s", run_dir)
 
 
 def run_dir_problems(cfg: DictConfig, entry: str, run_dir: Path) -> list[str]:

@@ -12,8 +12,8 @@ through submitit's local executor (docs/cluster.md). ``JobStates`` (``conf/confi
   ``hydra.mode``) when the launcher is submitit's. A requeued job is the same Hydra job (same
   overrides, same job directory): ``pipeline.py``'s train stage always continues from the newest
   checkpoint of its content-addressed ``<cache>/runs/<key>.partial`` (and skips every stage whose
-  outputs exist); ``train.py`` jobs need ``trainer.resume=true`` on the command line (a requeued one
-  without it stops with the run directory's message, and no work is lost).
+  outputs exist); a ``train.py`` job continues its own directory's newest checkpoint
+  (``mipo.stages.inputs.job_resume``).
 * **Preemption.** ``on_job_start`` exports torchrun's variables from submitit's job environment
   (``mipo.runtime.distributed.export_launch_environment``: a job of ``tasks_per_node=N`` is N ranks)
   and installs the deferring handler of the checkpoint signal (``mipo.runtime.preemption``).

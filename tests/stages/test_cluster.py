@@ -3,8 +3,8 @@
 * a 2x2 pipeline multirun gives every job the eval.json numbers the basic launcher gives it, in one sweep
   directory pinned by the launching process, and a status.json per job;
 * a job of 2 tasks (tasks_per_node=2, gloo, DDP) trains to the weights of one process;
-* a job sent submitit's checkpoint signal mid-training checkpoints, is requeued, resumes, and ends bitwise
-  equal (fp32) to an uninterrupted run.
+* a job sent submitit's checkpoint signal mid-training checkpoints, is requeued, resumes (a bare train.py job,
+  without trainer.resume=true), and ends bitwise equal (fp32) to an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 
 from tests.helpers import (
@@ -114,7 +113,7 @@ def test_a_preempted_job_is_requeued_and_ends_bitwise_equal(tmp_path: Path) -> N
     overrides = train_overrides(tmp_path, epochs=40)  # 160 steps: time to send the signal mid-training
     run_entry("train.py", overrides, tmp_path / "uninterrupted")
     sweep = tmp_path / "sweep"
-    command = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local", "trainer.resume=true",
+    command = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=local",  # no trainer.resume: the job's own
                *overrides, f"hydra.sweep.dir={sweep}"]
     launcher = subprocess.Popen(command, cwd=ROOT, env=entry_env(), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)

@@ -15,7 +15,12 @@ from mipo.model.sources import model_folder_problem
 from mipo.runtime.errors import describe_changes
 from mipo.runtime.files import folder_problem
 from mipo.stages.evaluate import model_metrics
-from mipo.stages.inputs import evaluated_model_problems, expand_path_settings
+from mipo.stages.inputs import (
+    evaluated_model_problems,
+    expand_path_settings,
+    job_resume,
+    run_dir_problems,
+)
 from mipo.stages.train import RESUME_MUST, resume_point
 from mipo.training.checkpoint import CheckpointError
 from tests.helpers import (
@@ -137,3 +142,32 @@ def test_train_py_counts_and_warns_what_truncation_cut_and_says_resume_found_not
     assert summary["truncation_prompt_tokens_cut"] > 0 and summary["truncation_responses_cut"] > 0
     assert f"no checkpoint in {run_dir / 'checkpoints'}: starting at step 0" in proc.stdout
     assert f"[WARNING] - training on {pairs}: the truncation rule cut 8 of 8 prompts" in proc.stdout
+
+
+def test_a_submitit_job_continues_its_own_training(tmp_path, monkeypatch, caplog):
+    """In a submitit job, trainer.resume=false reads as true (a requeued job finds its own checkpoints); elsewhere,
+    with overwrite=true, or with resume=must it is left as given. A finished run is still refused."""
+    run = tmp_path / "job"
+    (run / "checkpoints" / "step-00000003").mkdir(parents=True)
+    (run / "checkpoints" / "step-00000003" / "state.pt").write_bytes(b"x")
+    (run / "metrics.jsonl").write_text("{}\n")
+
+    def resume(*overrides: str, env: bool = True):
+        cfg = compose_config(*tiny_overrides(tmp_path), *overrides)
+        if env:
+            monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+        else:
+            monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+        job_resume(cfg, run)
+        return cfg
+
+    assert resume(env=False).trainer.resume is False
+    assert "trainer.resume=true to continue" in run_dir_problems(resume(env=False), "train", run)[0]
+    with caplog.at_level(logging.INFO, logger="mipo.stages.inputs"):
+        cfg = resume()
+    assert cfg.trainer.resume is True and run_dir_problems(cfg, "train", run) == []
+    assert any("continues its own run directory" in r.getMessage() for r in caplog.records)
+    assert resume("overwrite=true").trainer.resume is False
+    assert resume("trainer.resume=must").trainer.resume == RESUME_MUST
+    (run / "train.json").write_text("{}")
+    assert "holds a finished run" in run_dir_problems(resume(), "train", run)[0]
