@@ -218,21 +218,44 @@ def enable_input_gradients(policy: torch.nn.Module) -> None:
 # Outputs: the adapter folder and the merged model
 # --------------------------------------------------------------------------------------------
 
-def _trained_peft_model(policy: torch.nn.Module, state: Mapping[str, torch.Tensor] | None):
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Weights loaded quantized by transformers (QLoRA's 4-bit base: ``lora.load_in_4bit``)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+                or getattr(model, "hf_quantizer", None) is not None)
+
+
+def _trained_peft_model(policy: torch.nn.Module, state: Mapping[str, torch.Tensor] | None,
+                        load_base: Callable[[], torch.nn.Module] | None = None):
     """A CPU fp32 PeftModel of ``policy``'s architecture and adapters holding ``state`` (default: the policy's
-    own state dict, copied): the weights are never merged into the live policy."""
+    own state dict, copied): the weights are never merged into the live policy.
+
+    A quantized base (QLoRA) has no fp32 state to rebuild from (packed 4-bit weights and their constants):
+    its trained tensors (the adapters, ``modules_to_save``) go onto ``load_base()``, the base loaded again
+    unquantized in fp32 on the CPU, as QLoRA's adapters are merged (Dettmers et al. 2023).
+    """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     state = policy.state_dict() if state is None else state
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(policy.config), dtype=torch.float32)
+    quantized = is_quantized(policy)
+    if quantized:
+        if load_base is None:
+            raise ValueError("a policy on a quantized base is saved with load_base (its base, unquantized)")
+        trained = {name for name, parameter in policy.named_parameters() if parameter.requires_grad}
+        state = {name: value for name, value in state.items() if name in trained}
+        skeleton = load_base().to("cpu", torch.float32)
+    else:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(copy.deepcopy(policy.config), dtype=torch.float32)
     with _peft_calls():
         peft_model = get_peft_model(skeleton, copy.deepcopy(policy.peft_config[ADAPTER]), adapter_name=ADAPTER,
-                                    low_cpu_mem_usage=True)
+                                    low_cpu_mem_usage=not quantized)
     inner = peft_model.get_base_model()
     cpu_state = {name: value.detach().to("cpu", torch.float32, copy=True) for name, value in state.items()}
-    inner.load_state_dict(cpu_state, strict=False, assign=True)
+    unexpected = inner.load_state_dict(cpu_state, strict=False, assign=True).unexpected_keys
+    if quantized and unexpected:
+        raise RuntimeError(f"{len(unexpected)} trained tensors have no place in the unquantized base, "
+                           f"e.g. {unexpected[:3]}")
     inner.tie_weights()
     missing = [name for name, p in inner.named_parameters() if p.is_meta]
     if missing:
@@ -241,13 +264,15 @@ def _trained_peft_model(policy: torch.nn.Module, state: Mapping[str, torch.Tenso
 
 
 def save_adapter_and_merged(policy: torch.nn.Module, state: Mapping[str, torch.Tensor] | None, tokenizer: Any,
-                            adapter_dir: Path, model_dir: Path, base_model: Mapping[str, Any]) -> None:
+                            adapter_dir: Path, model_dir: Path, base_model: Mapping[str, Any],
+                            load_base: Callable[[], torch.nn.Module] | None = None) -> None:
     """Write ``adapter_dir`` (peft's format, plus ``mipo_base_model.json``: ``base_model``, the config the base
     loads from) and ``model_dir`` (the merged model in fp32, and the tokenizer); call on one rank.
 
     ``state``: the policy's full state dict (FSDP2: gathered on this rank's CPU); None: ``policy.state_dict()``.
+    ``load_base``: the base model unquantized, for a policy on a quantized base (``_trained_peft_model``).
     """
-    peft_model = _trained_peft_model(policy, state)
+    peft_model = _trained_peft_model(policy, state, load_base)
     peft_model.save_pretrained(adapter_dir)
     base_model = dict(base_model)
     if base_model.get("random_init"):  # its vocabulary was the tokenizer's: the base must load with that size

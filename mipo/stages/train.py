@@ -312,9 +312,11 @@ def finish(run: TrainingRun) -> dict[str, Any]:
         # one consolidated Hugging Face folder, written by rank 0 (FSDP: the shards gathered first); with LoRA
         # also adapter/ (peft's format), and model/ is the merged model (what the next round loads)
         adapter_dir = run.output_dir / "adapter" if adapters.lora_enabled(run.cfg.get("lora")) else None
+        base_model = OmegaConf.to_container(run.cfg.model, resolve=True)
         parallel.save_consolidated(final_weights(run.model.policy, run.model.optimizer), run.tokenizer, model_dir,
-                                   run.strategy, adapter_dir=adapter_dir,
-                                   base_model=OmegaConf.to_container(run.cfg.model, resolve=True))
+                                   run.strategy, adapter_dir=adapter_dir, base_model=base_model,
+                                   load_base=partial(load_model, base_model, "cpu", torch.float32,
+                                                     run.cfg.paths.cache_dir))
         summary["model_dir"] = str(model_dir)
         if adapter_dir is not None:
             summary["adapter_dir"] = str(adapter_dir)

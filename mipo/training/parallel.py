@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -210,14 +210,15 @@ def grad_norm_value(norm: torch.Tensor) -> float:
 
 
 def save_consolidated(policy: torch.nn.Module, tokenizer: Any, model_dir: Path, strategy: str,
-                      adapter_dir: Path | None = None, base_model: Mapping[str, Any] | None = None) -> None:
+                      adapter_dir: Path | None = None, base_model: Mapping[str, Any] | None = None,
+                      load_base: Callable[[], torch.nn.Module] | None = None) -> None:
     """Write the policy as one Hugging Face folder, once (rank 0), with every rank taking part in the gather.
 
     Under FSDP2 the full state dict is all-gathered to rank 0's CPU
     (``get_model_state_dict(full_state_dict=True, cpu_offload=True)``) and saved from there.
     A policy with LoRA adapters (``mipo.model.adapters``) writes ``adapter_dir`` in peft's format (its base named by
     ``base_model``, the model config it loaded from) and ``model_dir`` as the merged model
-    (``save_adapter_and_merged``).
+    (``save_adapter_and_merged``; ``load_base`` loads that base unquantized, for a QLoRA policy).
     """
     state = None
     if strategy == "fsdp":
@@ -235,7 +236,8 @@ def save_consolidated(policy: torch.nn.Module, tokenizer: Any, model_dir: Path, 
         if adapters.has_adapters(policy):
             if adapter_dir is None or base_model is None:
                 raise ValueError("a policy with LoRA adapters is saved with its adapter_dir and base_model")
-            adapters.save_adapter_and_merged(policy, state, tokenizer, adapter_dir, model_dir, base_model)
+            adapters.save_adapter_and_merged(policy, state, tokenizer, adapter_dir, model_dir, base_model,
+                                            load_base)
         else:
             policy.save_pretrained(model_dir, state_dict=state)
             tokenizer.save_pretrained(model_dir)

@@ -144,6 +144,38 @@ def test_merged_model_scores_what_the_adapter_scores(tmp_path: Path) -> None:
     assert torch.equal(logits(policy), logits(perturbed_lora(tokenizer)))  # the live policy was not merged
 
 
+def test_a_quantized_base_is_saved_onto_the_base_loaded_again(tmp_path: Path, monkeypatch) -> None:
+    """QLoRA's save path (``is_quantized``: a 4-bit base has no fp32 state to rebuild from): the trained tensors
+    alone go onto ``load_base()``'s unquantized base. Forced here on a bf16 base (no bitsandbytes on CPU), whose
+    frozen weights in the state dict must not be used: the merged folder equals the fp32 base plus the adapters,
+    as QLoRA merges, within 1e-5 of the adapters on the fp32 base in memory; without ``load_base`` it refuses."""
+    tokenizer = tiny_tokenizer()
+    policy = perturbed_lora(tokenizer, dtype=torch.bfloat16)  # the "quantized" base: its weights are not fp32's
+    reference = perturbed_lora(tokenizer)  # the same adapters on the fp32 base
+    with torch.no_grad():
+        for (name, theirs), (_, ours) in zip(reference.named_parameters(), policy.named_parameters()):
+            if "lora_" in name:
+                theirs.copy_(ours.float())
+    monkeypatch.setattr(adapters, "is_quantized", lambda model: model is policy)
+    with pytest.raises(ValueError, match="load_base"):
+        adapters.save_adapter_and_merged(policy, None, tokenizer, tmp_path / "a0", tmp_path / "m0", TINY_CONFIG)
+    loads = []
+    adapters.save_adapter_and_merged(policy, None, tokenizer, tmp_path / "adapter", tmp_path / "model", TINY_CONFIG,
+                                     load_base=lambda: loads.append(1) or tiny_model(tokenizer))
+    assert loads == [1]
+    merged = load_model({"name_or_path": str(tmp_path / "model")}, device="cpu")
+    assert next(merged.parameters()).dtype == torch.float32
+    want = score_responses(reference, tokenizer, PROMPTS, RESPONSES, desc=None)
+    torch.testing.assert_close(score_responses(merged, tokenizer, PROMPTS, RESPONSES, desc=None), want,
+                               atol=1e-5, rtol=0)
+    via_adapter = load_model({"name_or_path": str(tmp_path / "adapter")}, device="cpu", vocab_size=len(tokenizer))
+    torch.testing.assert_close(score_responses(via_adapter, tokenizer, PROMPTS, RESPONSES, desc=None), want,
+                               atol=1e-5, rtol=0)
+    bf16_merged = score_responses(perturbed_lora(tokenizer, dtype=torch.bfloat16).float(), tokenizer, PROMPTS,
+                                  RESPONSES, desc=None)
+    assert (bf16_merged - want).abs().max() > 1e-4  # the bf16 base's weights would have shown
+
+
 def test_lora_group_checks_and_sweeps() -> None:
     assert config_problems(compose_config("model=tiny-llama", "lora=default")) == []
     assert compose_config().lora.enabled is False and adapters.lora_identity(compose_config().lora) is None
