@@ -32,7 +32,13 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from mipo.data.chat import Messages
 from mipo.runtime.errors import InputError, is_number, type_name
-from mipo.runtime.files import atomic_path, read_jsonl, sha256_file, write_json
+from mipo.runtime.files import (
+    atomic_path,
+    file_problem,
+    read_jsonl,
+    sha256_file,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -230,12 +236,16 @@ def max_identical_fraction(data: Mapping[str, Any]) -> float:
 
 
 def pairs_config_problems(data: Mapping[str, Any]) -> list[str]:
-    """``data.max_identical_fraction``: a number in [0, 1] (absent: the default, 0.5)."""
+    """``data.pairs_path``: a path where a file can be (not a folder, not under a file); ``data.max_identical_fraction``:
+    a number in [0, 1] (absent: the default, 0.5)."""
+    pairs_path = data.get("pairs_path")
+    where = file_problem(pairs_path, "data.pairs_path", "a pairs JSONL file") if isinstance(pairs_path, str) else None
     value = data.get("max_identical_fraction", DEFAULT_MAX_IDENTICAL_FRACTION)
     if is_number(value) and 0.0 <= value <= 1.0:
-        return []
-    return [(f"data.max_identical_fraction={value}: expected a number in [0, 1] (the largest fraction of pairs whose "
-            f"chosen equals rejected that a run accepts){'' if is_number(value) else ', got ' + type_name(value)}")]
+        return [where] if where else []
+    return [*([where] if where else []),
+            (f"data.max_identical_fraction={value}: expected a number in [0, 1] (the largest fraction of pairs whose "
+             f"chosen equals rejected that a run accepts){'' if is_number(value) else ', got ' + type_name(value)}")]
 
 
 def _check_extra_negatives(value: Any, where: str) -> None:

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from mipo.runtime.errors import failed, is_int, is_number
+from mipo.runtime.errors import ConfigError, failed, is_int, is_number
 
 log = logging.getLogger(__name__)
 
@@ -170,8 +170,16 @@ def apply_lora(policy: torch.nn.Module, lora_cfg: Mapping[str, Any]) -> torch.nn
         from peft import prepare_model_for_kbit_training
 
         policy = prepare_model_for_kbit_training(policy, use_gradient_checkpointing=False)
-    with _peft_calls():
-        peft_model = get_peft_model(policy, lora_config(lora_cfg), adapter_name=ADAPTER)
+    try:
+        with _peft_calls():
+            peft_model = get_peft_model(policy, lora_config(lora_cfg), adapter_name=ADAPTER)
+    except ValueError as error:  # peft: "Target modules {...} not found in the base model"
+        if "not found in the base model" not in str(error):
+            raise
+        linear = sorted({name.rsplit(".", 1)[-1] for name, module in policy.named_modules()
+                         if isinstance(module, torch.nn.Linear)})
+        raise ConfigError(f"lora.target_modules={lora_cfg.get('target_modules')}: no such module in "
+                          f"{type(policy).__name__}; its linear layers: {', '.join(linear)} (or all-linear)") from None
     trained = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     total = sum(p.numel() for p in policy.parameters())
     log.info("LoRA rank %s on %s: %d of %d parameters train (%.2f%%)", lora_cfg["rank"], lora_cfg["target_modules"],

@@ -219,6 +219,25 @@ def folder_problem(path: str | os.PathLike, setting: str) -> str | None:
     return None
 
 
+def file_problem(path: str | os.PathLike, setting: str, expected: str) -> str | None:
+    """Why no file can be read or written at ``path`` (the override ``setting`` names it), or None.
+
+    ``path`` is a folder; a path component above it is a file; a component is a literal ``~``. ``expected``
+    says what the file holds ("a pairs JSONL file"). Whether it must exist is the reader's question.
+    """
+    path = Path(path)
+    if any(part.startswith("~") for part in path.parts):
+        return f"{setting}={path} contains a literal ~ (a quoted path is not expanded): write the path unquoted or in full"
+    if path.is_dir():
+        return f"{setting}={path} is a folder, not a file: expected {expected}"
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{setting}={path}: {ancestor} is a file, so {path} cannot be a file under it (expected {expected})"
+    return None
+
+
 def expand_home(value: Any) -> Any:
     """A path setting with a leading ``~`` expanded (``os.path.expanduser``); any other value as it is."""
     return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value

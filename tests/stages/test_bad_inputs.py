@@ -425,3 +425,34 @@ def test_an_attention_the_model_class_lacks_through_train_py(world):
     assert_clean(proc)
     assert proc.stderr.strip().splitlines()[-1] == (
         "  - model.attn_implementation=sdpa: Gemma2ForCausalLM has no sdpa attention; use auto (here: eager) or eager")
+
+
+def test_pairs_paths_where_no_file_can_be_through_sample_py(world):
+    """data.pairs_path naming a folder, or a path under a file: refused up front (sampling would have run first and
+    failed at the write); one job each."""
+    folder, under_a_file = world["inputs"] / "models", world["inputs"] / "a_file" / "pairs.jsonl"
+    proc = fails_cleanly(world, "sample.py", [*base_overrides(world), f"data.pairs_path={folder},{under_a_file}"],
+                         sweep_dir=world["root"] / "sweep-pairs-paths")
+    errors = job_errors(proc, "sample.py")
+    assert len(errors) == 2, proc.stderr[-3000:]
+    assert f"  - data.pairs_path={folder} is a folder, not a file: expected a pairs JSONL file" in errors[0]
+    assert (f"  - data.pairs_path={under_a_file}: {world['inputs'] / 'a_file'} is a file, so {under_a_file} cannot be "
+            "a file under it (expected a pairs JSONL file)") in errors[1]
+    assert_clean(proc)
+
+
+def test_lora_target_modules_the_model_lacks_through_train_py(world, tmp_path):
+    """A module name the model does not have: one line naming the model's linear layers (peft raised a traceback).
+    Known only once the model is built, so the run directory exists; nothing is trained or written beside it."""
+    pytest.importorskip("peft")
+    run = tmp_path / "lora-run"
+    before = tree_hashes(world["inputs"], world["cache"], world["earlier"])
+    proc = run_entry("train.py", [*base_overrides(world), f"data.pairs_path={world['cache'] / 'pairs' / 'earlier.jsonl'}",
+                                  "lora=default", "lora.target_modules=[qkv_proj]"], run, expect_ok=False,
+                     merge_stderr=False)
+    assert_clean(proc)
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "train.py: error: lora.target_modules=['qkv_proj']: no such module in LlamaForCausalLM; its linear layers: "
+        "down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or all-linear)")
+    assert tree_hashes(world["inputs"], world["cache"], world["earlier"]) == before
+    assert not (run / "model").exists() and not (run / "train.json").exists()

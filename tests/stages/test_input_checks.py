@@ -13,7 +13,7 @@ import pytest
 
 from mipo.model.sources import model_folder_problem
 from mipo.runtime.errors import describe_changes
-from mipo.runtime.files import folder_problem
+from mipo.runtime.files import file_problem, folder_problem
 from mipo.stages.evaluate import model_metrics
 from mipo.stages.inputs import (
     evaluated_model_problems,
@@ -51,6 +51,16 @@ def test_folder_problem(tmp_path):
     assert "is a file, not a folder" in folder_problem(tmp_path / "file", "hydra.run.dir")
     assert f"{tmp_path / 'file'} is a file, so no folder" in folder_problem(tmp_path / "file" / "x", "paths.cache_dir")
     assert "contains a literal ~" in folder_problem(Path("~/runs/a"), "hydra.run.dir")
+
+
+def test_file_problem(tmp_path):
+    (tmp_path / "file").write_text("")
+    assert file_problem(tmp_path / "file", "data.pairs_path", "a pairs JSONL file") is None  # exists: the reader's
+    assert file_problem(tmp_path / "new" / "p.jsonl", "data.pairs_path", "a pairs JSONL file") is None  # can be made
+    assert file_problem(tmp_path, "data.pairs_path", "a pairs JSONL file") == (
+        f"data.pairs_path={tmp_path} is a folder, not a file: expected a pairs JSONL file")
+    assert f"{tmp_path / 'file'} is a file, so" in file_problem(tmp_path / "file" / "x" / "p.jsonl", "data.pairs_path", "x")
+    assert "contains a literal ~" in file_problem(Path("~/p.jsonl"), "data.pairs_path", "x")
 
 
 def test_quoted_home_paths_are_expanded(monkeypatch, tmp_path):
