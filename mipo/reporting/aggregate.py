@@ -53,6 +53,7 @@ from mipo.reporting.sweep import (
     swept_keys,
 )
 from mipo.runtime.errors import is_number
+from mipo.runtime.files import folder_problem
 
 MI_METRIC = "trained/mi_mean"
 MI_PER_TOKEN_METRIC = "trained/mi_per_token_mean"
@@ -80,6 +81,9 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None, x: str |
     sweep has no results yet or a requested column does not exist.
     """
     sweep_dir = Path(sweep_dir)
+    out_dir = Path(out_dir) if out_dir is not None else sweep_dir
+    if problem := folder_problem(out_dir, "--out"):
+        raise AggregateError(problem)
     runs = collect_runs(sweep_dir)
     missing = missing_jobs(sweep_dir, runs)
     jobs_text = failure_report(runs, missing, sweep_dir)
@@ -94,7 +98,6 @@ def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None, x: str |
     group = resolve_group(key_columns(rows), x, group) if group and x else None
     if x is not None:  # checks that every row lands on one line, before anything is written
         plot_lines(rows, x, y, group if group is not None else resolve_group(key_columns(rows), x, None))
-    out_dir = Path(out_dir) if out_dir is not None else sweep_dir
     out_dir.mkdir(parents=True, exist_ok=True)
 
     title = sweep_title(runs)

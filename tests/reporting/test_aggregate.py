@@ -555,3 +555,12 @@ def test_plot_identity_of_one_run(tmp_path: Path):
     assert identity_summary(identity) == ("slope 0.800 ± 0.100 · Spearman undefined (0 prompts, 2 undefined) · "
                                           "held-out pair accuracy 0.750 · 6 candidates")
     assert plot_identity({**identity, "slope_demeaned": None}, tmp_path / "none.png").exists()  # no fit line
+
+
+def test_cli_error_for_an_output_folder_that_is_a_file(sweep: Path, tmp_path: Path):
+    (tmp_path / "report").write_text("a file where the report's folder goes\n")
+    result = run_cli(str(sweep), "--out", str(tmp_path / "report"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (f"aggregate.py: error: --out={tmp_path / 'report'} is a file, not a folder: "
+                                      "expected a folder (or a path where one can be made)")
+    assert (tmp_path / "report").read_text() == "a file where the report's folder goes\n"
