@@ -148,19 +148,29 @@ def _leaves(node: Any, key: str = "") -> Iterator[tuple[str, Any]]:
         yield key, node
 
 
+INTERPOLATION = re.compile(r"\$\{([\w.]+)\}")  # ``${model.gradient_checkpointing}``
+
+
 @functools.cache
 def shipped_kinds() -> dict[str, str]:
     """Dotted key -> "a number" or "true or false" for every key to which the shipped configs (``conf/**.yaml``)
     give values of that kind only (nulls aside): a string there is the wrong type, whatever it reads as."""
     seen: dict[str, set[str]] = {}
+    links: dict[str, set[str]] = {}  # a key shipped as ``${other.key}`` only: the kind of what it reads
     for path in sorted(CONF.glob("*/*.yaml")) + [CONF / "config.yaml"]:
         text = path.read_text()
         group = "" if path.parent == CONF or "@package _global_" in text.split("\n", 1)[0] else path.parent.name
         for key, value in _leaves(OmegaConf.to_container(OmegaConf.create(text)), group):
+            if isinstance(value, str) and (link := INTERPOLATION.fullmatch(value)):
+                links.setdefault(key, set()).add(link.group(1))
+                continue
             kind = next((k for k, types in KINDS.items() if isinstance(value, types) and
                          not (k == "a number" and isinstance(value, bool))), "other" if value is not None else None)
             if kind:
                 seen.setdefault(key, set()).add(kind)
+    for key, targets in links.items():
+        for target in targets:
+            seen.setdefault(key, set()).update(seen.get(target, {"other"}))
     return {key: kinds.pop() for key, kinds in seen.items() if len(kinds) == 1 and "other" not in kinds}
 
 

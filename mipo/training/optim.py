@@ -173,6 +173,8 @@ def optimizer_problems(trainer: Mapping[str, Any]) -> list[str]:
     max_steps = trainer["max_steps"]
     return failed([
         (is_number(trainer["lr"]) and trainer["lr"] > 0, f"trainer.lr={trainer['lr']}: expected a learning rate > 0"),
+        (is_number(decay := trainer.get("weight_decay", 0.0)) and decay >= 0,
+         f"trainer.weight_decay={decay}: expected a number >= 0 (AdamW's decoupled decay)"),
         (is_number(trainer["warmup_ratio"]) and 0 <= trainer["warmup_ratio"] <= 1,
          f"trainer.warmup_ratio={trainer['warmup_ratio']}: expected a fraction in [0, 1]"),
         (is_number(trainer["max_grad_norm"]) and trainer["max_grad_norm"] > 0,

@@ -150,6 +150,10 @@ def test_config_values_are_all_reported_at_once_through_train_py(world):
         "model.random_init=false model.name_or_path=./no/such/model":
             "model.name_or_path='./no/such/model': no such file or directory",
         "trainer.checkpoint_every=0": "trainer.checkpoint_every=0: expected null or an int > 0",
+        "trainer.weight_decay=-0.1": "trainer.weight_decay=-0.1: expected a number >= 0",
+        # shipped as ${model.gradient_checkpointing}: the kind of what it reads
+        "trainer.gradient_checkpointing=maybe": "trainer.gradient_checkpointing=maybe: expected true or false, got the "
+                                                "string 'maybe'",
     }
     overrides = [o for case in cases for o in case.split()]
     proc = fails_cleanly(world, "train.py", [*base_overrides(world), *overrides], world["root"] / "run-config")
