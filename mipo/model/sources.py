@@ -160,7 +160,9 @@ def model_folder_problem(folder: Path, setting: str, needs_tokenizer: bool = Fal
          not needs_tokenizer or any((folder / name).is_file() for name in TOKENIZER_FILES)),
     ) if not found]
     if missing:
-        return f"{setting}={folder} holds no {' and no '.join(missing)}: {expected}"
+        inside = [name for name in ("model", "adapter") if model_folder_problem(folder / name, setting) is None]
+        hint = f" (a run directory? its {inside[0]} folder is one: {setting}={folder / inside[0]})" if inside else ""
+        return f"{setting}={folder} holds no {' and no '.join(missing)}: {expected}{hint}"
     return None
 
 

@@ -84,6 +84,9 @@ def saved_tiny_model(tmp_path_factory) -> Path:
 
 def test_model_folders(tmp_path, saved_tiny_model):
     assert model_folder_problem(saved_tiny_model, "eval.model_path", needs_tokenizer=True) is None
+    run = saved_tiny_model.parent  # a run directory, whose model/ is the model folder
+    assert model_folder_problem(run, "eval.model_path").endswith(
+        f"(a run directory? its model folder is one: eval.model_path={saved_tiny_model})")
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
