@@ -36,7 +36,8 @@ from bench.gpu_report import Report
 from bench.mfu import flops_rate, matmul_rate
 from mipo.data.chat import TEMPLATE_KWARGS_ATTRIBUTE
 from mipo.data.pairs import PairsFile, PreferencePair, write_pairs
-from mipo.model.loading import BYTE_CHAT_TEMPLATE, load_model
+from mipo.model.loading import load_model
+from mipo.model.tokenizer import BYTE_CHAT_TEMPLATE
 from mipo.training.forward import TrainingForward, TrainingRows, encode_training_rows
 
 
@@ -112,7 +113,7 @@ SPECIAL_TOKENS = ("<|end|>", "<|pad|>", "<|user|>", "<|assistant|>", "<|system|>
 
 
 def sized_tokenizer(vocab: int):
-    """mipo's byte-level tokenizer (``mipo.model.loading.byte_tokenizer``) with exactly ``vocab`` tokens.
+    """mipo's byte-level tokenizer (``mipo.model.tokenizer.byte_tokenizer``) with exactly ``vocab`` tokens.
 
     The 256 byte characters, then filler tokens (strings of 2 or 3 byte characters, never produced:
     there are no merges, so a text encodes one token per character) up to ``vocab`` less the 5

@@ -37,9 +37,9 @@ from mipo.model.loading import (
     resolve_attn_implementation,
     resolve_device,
     resolve_dtype,
-    tokenizer_identity,
 )
 from mipo.model.precision import train_dtype
+from mipo.model.tokenizer import tokenizer_identity
 from mipo.model.vllm_backend import resolve_backend
 from mipo.runtime.files import stable_hash
 

@@ -20,8 +20,9 @@ from mipo.mi import (
     estimate_pmi,
     pointwise_mi,
 )
-from mipo.model.loading import byte_tokenizer, load_model
+from mipo.model.loading import load_model
 from mipo.model.logprobs import Scorer, ScoringSettings
+from mipo.model.tokenizer import byte_tokenizer
 from tests.helpers import score_responses
 
 KS = (1, 4, 16, 64, 256)

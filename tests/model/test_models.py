@@ -11,15 +11,14 @@ from omegaconf import OmegaConf
 
 from mipo.model.loading import (
     attention_problem,
-    byte_tokenizer,
     causal_lm_class,
     load_model,
     load_tokenizer,
     model_identity,
     resolve_attn_implementation,
     resolve_dtype,
-    tokenizer_identity,
 )
+from mipo.model.tokenizer import byte_tokenizer, tokenizer_identity
 from tests.helpers import TINY_CONFIG, tiny_config, tiny_model, tiny_tokenizer
 
 CPU = torch.device("cpu")
@@ -312,7 +311,8 @@ def test_dated_chat_templates_render_the_same_every_day_by_default(monkeypatch, 
     from transformers.utils import chat_template_utils
 
     from mipo.data.encoding import encode_prompt
-    from mipo.model.loading import load_tokenizer, tokenizer_identity
+    from mipo.model.loading import load_tokenizer
+    from mipo.model.tokenizer import tokenizer_identity
 
     tokenizer = load_tokenizer({"tokenizer": "byte", "random_init": True, "chat_template_kwargs": kwargs})
     tokenizer.chat_template = DATED_TEMPLATE

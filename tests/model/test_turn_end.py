@@ -14,7 +14,8 @@ import torch
 from mipo.data.chat import STOP_IDS_ATTRIBUTE, stop_token_ids, turn_end
 from mipo.data.encoding import encode_rows
 from mipo.model.generation import DecodeSettings, generate, plan_generation
-from mipo.model.loading import load_model, load_tokenizer, tokenizer_identity
+from mipo.model.loading import load_model, load_tokenizer
+from mipo.model.tokenizer import tokenizer_identity
 from mipo.model.vllm_backend import VLLMGenerator
 from tests.data.chat_families import FAMILIES, conversation, model_cfg, save_family
 from tests.helpers import tiny_tokenizer
