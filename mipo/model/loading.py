@@ -11,7 +11,7 @@ A model is described by the ``model`` config group (``conf/model/*.yaml``):
     tokenizer:     ``null`` (load with the model) or ``"byte"`` (a built-in byte-level tokenizer)
     dtype:         ``auto`` (fp32 on CPU, bf16 on GPU), ``float32``, ``bfloat16``, ``float16``
     attn_implementation: ``auto`` (flash_attention_2 if flash-attn imports and a GPU is present, else sdpa;
-                   each only where the model's class has it: eager for Gemma2, Bloom)
+                   each only where the model's class has it: eager for Bloom)
 
 GGUF checkpoints take ~25 s to dequantise, so the first load converts the checkpoint once to a
 safetensors folder under ``<cache_dir>/models/`` keyed by the package version and the transformers
@@ -84,7 +84,7 @@ def resolve_attn_implementation(requested: str, device: torch.device, dtype: tor
 
     ``auto``: ``flash_attention_2`` when flash-attn imports, a GPU is present, the weights are bf16/fp16
     (flash-attn has no fp32 kernels: fp32 master weights use ``sdpa``) and the model class supports it; else
-    ``sdpa``, or ``eager`` for a class without an SDPA path (Gemma2, softcapped; Bloom, ALiBi), as
+    ``sdpa``, or ``eager`` for a class without an SDPA path (Bloom, ALiBi; Gemma2 in transformers 5.25), as
     transformers itself picks. ``model_class``: ``causal_lm_class`` of the model (None: unknown, assumed
     to support both). An explicit value is returned as is (``attention_problem`` checks it up front).
     """

@@ -421,14 +421,14 @@ def test_resume_must_without_a_checkpoint_through_train_py(world):
 
 
 def test_an_attention_the_model_class_lacks_through_train_py(world):
-    """``model.attn_implementation=sdpa`` on a class without an SDPA path (Gemma2: softcapped attention) is refused
+    """``model.attn_implementation=sdpa`` on a class without an SDPA path (Bloom: ALiBi) is refused
     up front, naming the class and what ``auto`` picks there; transformers would refuse it only while loading."""
     proc = fails_cleanly(world, "train.py", [*base_overrides(world), f"data.pairs_path={world['cache'] / 'pairs' / 'earlier.jsonl'}",
-                                            "model.config.model_type=gemma2", "+model.config.head_dim=16",
-                                            "model.attn_implementation=sdpa"], world["root"] / "gemma2-sdpa")
+                                            "model.config.model_type=bloom", "model.attn_implementation=sdpa"],
+                         world["root"] / "bloom-sdpa")
     assert_clean(proc)
     assert proc.stderr.strip().splitlines()[-1] == (
-        "  - model.attn_implementation=sdpa: Gemma2ForCausalLM has no sdpa attention; use auto (here: eager) or eager")
+        "  - model.attn_implementation=sdpa: BloomForCausalLM has no sdpa attention; use auto (here: eager) or eager")
 
 
 def test_pairs_paths_where_no_file_can_be_through_sample_py(world):

@@ -106,10 +106,10 @@ def test_pairs_path_changes_with_every_sampling_setting(tmp_path: Path) -> None:
             assert path not in seen, override
             seen.add(path)
     assert pairs_key(base)["seeding"] == "per-prompt-v1"
-    # the attention a model actually runs: auto is eager for a class without sdpa (Gemma2), as load_model picks
-    gemma2 = composed("model=tiny-llama", f"paths.cache_dir={tmp_path}", "model.attn_implementation=auto",
-                      "model.config.model_type=gemma2", "+model.config.head_dim=16")
-    assert pairs_key(gemma2)["inference"]["attn_implementation"] == "eager"
+    # the attention a model actually runs: auto is eager for a class without sdpa (Bloom), as load_model picks
+    bloom = composed("model=tiny-llama", f"paths.cache_dir={tmp_path}", "model.attn_implementation=auto",
+                     "model.config.model_type=bloom")
+    assert pairs_key(bloom)["inference"]["attn_implementation"] == "eager"
     assert pairs_key(base)["inference"]["attn_implementation"] == "sdpa"
 
 

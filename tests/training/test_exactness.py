@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from mipo.data.pairs import PairsFile
-from mipo.stages.train import setup, train
+from mipo.stages.train import setup as setup_training  # as `setup`, pytest 8.0 calls it before the tests
+from mipo.stages.train import train
 from mipo.training import parallel
 from tests.helpers import compose_config, write_pairs_file
 
@@ -70,7 +71,7 @@ def test_every_pair_has_reward_0_at_step_0(tmp_path: Path, pairs: Path, layout: 
     micro-batch to its longest row, which moves bf16 log-probs by up to ~1e-4 nats: the reference is scored in
     the micro-batches the first epoch trains (``training_micro_batches``), not in file order."""
     cfg = compose_config(*step1_overrides(pairs, tmp_path / "cache"), *LAYOUTS[layout], "trainer.micro_batch_size=4")
-    run = setup(cfg, tmp_path / "run", PairsFile.hashed(pairs))
+    run = setup_training(cfg, tmp_path / "run", PairsFile.hashed(pairs))
     reference = run.data.reference.stacked()  # (N, 2), scored in file order, 2 pairs per forward
     order = [i for batch in run.state.order for i in batch]  # shuffled: other micro-batches than the reference's
     assert order != sorted(order)
@@ -84,7 +85,7 @@ def test_every_pair_has_reward_0_at_step_0(tmp_path: Path, pairs: Path, layout: 
 
 def test_the_reference_key_is_the_resolved_forward(tmp_path: Path, pairs: Path) -> None:
     cfg = compose_config(*step1_overrides(pairs, tmp_path / "cache"))
-    run = setup(cfg, tmp_path / "run", PairsFile.hashed(pairs))
+    run = setup_training(cfg, tmp_path / "run", PairsFile.hashed(pairs))
     stored = torch.load(run.data.reference.path, weights_only=True)["inputs"]["forward"]
     assert len(stored.pop("micro_batches")) == 16  # the hash of the micro-batches the pairs were scored in
     assert stored == {"weights": "float32", "layout": "prompt_tree", "attention": "mipo_segments", "kernel": "torch", "fused_lm_head": True,

@@ -20,7 +20,8 @@ from mipo.model import adapters
 from mipo.model.loading import load_model
 from mipo.stages.config import config_problems
 from mipo.stages.keys import train_key
-from mipo.stages.train import setup, train
+from mipo.stages.train import setup as setup_training  # as `setup`, pytest 8.0 calls it before the tests
+from mipo.stages.train import train
 from mipo.training.optim import MasterWeightAdamW, build_optimizer, final_weights
 from mipo.training.step import optimizer_step
 from tests.helpers import (
@@ -223,7 +224,7 @@ def test_step_1_is_log_2_with_adapters(tmp_path: Path, pairs: Path, autocast: st
 def test_the_frozen_base_stays_the_reference_after_training(tmp_path: Path, pairs: Path) -> None:
     """After steps that moved the adapters, the forward with adapters off is the step-0 reference, bit for bit."""
     cfg = compose_config(*lora_overrides(pairs, tmp_path / "cache", "trainer.lr=1e-2"))
-    run = setup(cfg, tmp_path / "run", PairsFile.hashed(pairs))
+    run = setup_training(cfg, tmp_path / "run", PairsFile.hashed(pairs))
     for step in (1, 2):
         optimizer_step(step, run.model, run.data, run.settings, run.state)
     index = list(range(4))
