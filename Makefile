@@ -148,12 +148,13 @@ $(BENCH_STAMP): pyproject.toml constraints.txt requirements-bench.lock
 	$(BENCH_PY) -m pip install -q --no-deps -e .
 	touch $(BENCH_STAMP)
 
-# requirements-bench.lock from a scratch environment: pyproject's ranges and trl==1.16.0, torch first.
+# requirements-bench.lock from a scratch environment: pyproject's ranges with peft (bench/lora.py) and
+# trl==1.16.0, torch first.
 lock-bench:
 	rm -rf $(BENCH_VENV)-lock && $(PYTHON) -m venv $(BENCH_VENV)-lock
 	$(BENCH_VENV)-lock/bin/python -m pip install -q --upgrade pip
 	$(BENCH_VENV)-lock/bin/python -m pip install -q -c constraints.txt torch==2.13.0
-	$(BENCH_VENV)-lock/bin/python -m pip install -q -c constraints.txt . trl==1.16.0
+	$(BENCH_VENV)-lock/bin/python -m pip install -q -c constraints.txt ".[lora]" trl==1.16.0
 	$(BENCH_VENV)-lock/bin/python -m pip install -q --no-deps $(ASSETS)
 	$(BENCH_VENV)-lock/bin/python tools/lock.py freeze > requirements-bench.lock
 	rm -rf $(BENCH_VENV)-lock
