@@ -59,12 +59,14 @@ def test_pipeline_on_smollm2(tmp_path: Path) -> None:
     assert len(metrics) == 2
 
 
-def test_reference_in_the_policy_precision_on_smollm2(tmp_path: Path, model_cfg) -> None:
-    """Issue: with bf16 autocast on the policy and an fp32 reference, step-0 log-probs of SmolLM2
-    differ by tenths of a nat; computed in the policy's precision the gap is at most 1/5 of that."""
-    from mipo.data.pairs import PreferencePair, write_pairs
-    from mipo.stages.reference import FP32
-    from tests.stages.test_reference import BF16_AUTOCAST, step0_gap
+def test_step_1_is_log_2_on_smollm2_with_bf16_autocast(tmp_path: Path) -> None:
+    """With bf16 autocast on the policy and an fp32 reference, SmolLM2's step-0 log-probs once differed by tenths
+    of a nat. The reference is now the policy's own forward (``mipo.stages.reference.ReferencePass``), so on the
+    real model too step 1 is log 2 with rewards 0, the tree layout and the rows layout alike."""
+    from mipo.data.pairs import PairsFile, PreferencePair, write_pairs
+    from mipo.stages.train import train
+    from tests.helpers import compose_config
+    from tests.training.test_exactness import LAYOUTS, assert_step0, step1_metrics
 
     questions = ["What is the boiling point of water at sea level?", "Name three primary colours.",
                  "Why is the sky blue? Answer in two sentences.", "What is 12 times 7?"]
@@ -77,10 +79,11 @@ def test_reference_in_the_policy_precision_on_smollm2(tmp_path: Path, model_cfg)
              for i, q in enumerate(questions)]
     pairs_file = tmp_path / "pairs.jsonl"
     write_pairs(pairs_file, pairs)
-    tokenizer = load_tokenizer(model_cfg, tmp_path)
-    policy = load_model(model_cfg, device="cpu", dtype=torch.float32, cache_dir=tmp_path, vocab_size=len(tokenizer))
-    fp32 = step0_gap(model_cfg, policy, tokenizer, pairs_file, tmp_path / "a", FP32)
-    same = step0_gap(model_cfg, policy, tokenizer, pairs_file, tmp_path / "b", BF16_AUTOCAST)
-    print(f"mean |log pi - log pi_ref| at step 0 under bf16 autocast: fp32 reference {fp32:.4f} nats, "
-          f"reference in the policy's precision {same:.4f} nats")
-    assert fp32 > 0.01 and same <= fp32 / 5, (same, fp32)
+    for name in ("tree", "rows"):
+        cfg = compose_config("model=smollm2-135m-instruct", f"data.pairs_path={pairs_file}",
+                             f"paths.cache_dir={tmp_path / 'cache'}", "trainer.autocast=bfloat16",
+                             "trainer.batch_size=4", "trainer.micro_batch_size=2", "trainer.lr=1e-9",
+                             "trainer.max_steps=1", "trainer.warmup_ratio=0", "trainer.save_model=false",
+                             *LAYOUTS[name])
+        train(cfg, tmp_path / name, PairsFile.hashed(pairs_file))
+        assert_step0(step1_metrics(tmp_path / name), name)
