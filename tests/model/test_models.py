@@ -247,10 +247,10 @@ def test_auto_attention_follows_what_the_model_class_supports():
 
 @pytest.mark.parametrize("model_type", ["gemma2", "bloom"])
 def test_models_without_sdpa_load_with_auto_and_are_refused_sdpa(model_type):
-    if getattr(causal_lm_class(model_type), "_supports_sdpa", False):
-        pytest.skip(f"transformers {transformers.__version__} gives {model_type} an SDPA path")
     """``attn_implementation=auto`` loads them with eager (sdpa made transformers raise); an explicit sdpa is a
     config problem naming the class, before anything loads."""
+    if getattr(causal_lm_class(model_type), "_supports_sdpa", False):
+        pytest.skip(f"transformers {transformers.__version__} gives {model_type} an SDPA path")
     config = {"model_type": model_type, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "n_layer": 2, "n_head": 4}
     cfg = OmegaConf.create({"name": model_type, "random_init": True, "config": config, "tokenizer": "byte",

@@ -66,7 +66,7 @@ def test_step_1_is_log_2_on_smollm2_with_bf16_autocast(tmp_path: Path) -> None:
     from mipo.data.pairs import PairsFile, PreferencePair, write_pairs
     from mipo.stages.train import train
     from tests.helpers import compose_config
-    from tests.training.test_exactness import LAYOUTS, assert_step0, step1_metrics
+    from tests.training.test_exactness import LAYOUTS, assert_step0, step1_metrics, step1_overrides
 
     questions = ["What is the boiling point of water at sea level?", "Name three primary colours.",
                  "Why is the sky blue? Answer in two sentences.", "What is 12 times 7?"]
@@ -80,10 +80,7 @@ def test_step_1_is_log_2_on_smollm2_with_bf16_autocast(tmp_path: Path) -> None:
     pairs_file = tmp_path / "pairs.jsonl"
     write_pairs(pairs_file, pairs)
     for name in ("tree", "rows"):
-        cfg = compose_config("model=smollm2-135m-instruct", f"data.pairs_path={pairs_file}",
-                             f"paths.cache_dir={tmp_path / 'cache'}", "trainer.autocast=bfloat16",
-                             "trainer.batch_size=4", "trainer.micro_batch_size=2", "trainer.lr=1e-9",
-                             "trainer.max_steps=1", "trainer.warmup_ratio=0", "trainer.save_model=false",
-                             *LAYOUTS[name])
+        cfg = compose_config(*step1_overrides(pairs_file, tmp_path / "cache", model="smollm2-135m-instruct",
+                                              batch_size=4), *LAYOUTS[name])
         train(cfg, tmp_path / name, PairsFile.hashed(pairs_file))
         assert_step0(step1_metrics(tmp_path / name), name)

@@ -30,10 +30,11 @@ LAYOUTS = {"tree": ["trainer.share_prompt=auto"], "rows": ["trainer.share_prompt
            "dense": ["trainer.share_prompt=true", "trainer.shared_attention=dense"]}
 
 
-def step1_overrides(pairs: Path, cache: Path, autocast: str = "bfloat16") -> list[str]:
-    """One step of 8 pairs (micro-batches of 2) at lr 1e-9: the step-1 metrics are step 0's."""
-    return ["model=tiny-llama", f"data.pairs_path={pairs}", f"paths.cache_dir={cache}", f"trainer.autocast={autocast}",
-            "trainer.batch_size=8", "trainer.micro_batch_size=2", "trainer.lr=1e-9", "trainer.max_steps=1",
+def step1_overrides(pairs: Path, cache: Path, autocast: str = "bfloat16", model: str = "tiny-llama",
+                    batch_size: int = 8) -> list[str]:
+    """One step of ``batch_size`` pairs (micro-batches of 2) at lr 1e-9: the step-1 metrics are step 0's."""
+    return [f"model={model}", f"data.pairs_path={pairs}", f"paths.cache_dir={cache}", f"trainer.autocast={autocast}",
+            f"trainer.batch_size={batch_size}", "trainer.micro_batch_size=2", "trainer.lr=1e-9", "trainer.max_steps=1",
             "trainer.warmup_ratio=0", "trainer.save_model=false", "data.max_length=256", "data.max_prompt_length=128"]
 
 
